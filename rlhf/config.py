@@ -1,0 +1,248 @@
+"""Recipe schemas: one dataclass per concern, composed into one recipe per stage.
+
+A YAML recipe is an instance of a stage recipe class below. Every field has a docstring (the
+string under it) that says what it does; `config_loader` turns YAML + `key=value` overrides into
+these, rejecting unknown keys and wrong types. Cross-field checks live in `__post_init__` so
+that a recipe built in Python is checked the same way as one loaded from YAML.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rlhf.config_loader import ConfigError, dump_yaml, load_recipe, to_dict
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass
+class ModelConfig:
+    """Which model and tokenizer a stage starts from, and how to load them."""
+
+    name_or_path: str = ""
+    """Local HuggingFace directory of the starting model (the base model for SFT)."""
+    tokenizer: str | None = None
+    """Tokenizer directory when it differs from `name_or_path`."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+    attn_implementation: str | None = "sdpa"
+    """Attention kernel passed to `from_pretrained` (sdpa, eager, flash_attention_2, ...)."""
+    trust_remote_code: bool = False
+    """Allow model code shipped inside the model directory."""
+
+    def __post_init__(self) -> None:
+        if not self.name_or_path:
+            raise ConfigError("model.name_or_path is required (a local HuggingFace model directory)")
+
+
+@dataclass
+class DataSource:
+    """One data file or directory in a (possibly weighted) mixture."""
+
+    path: str = ""
+    """A .jsonl / .json / .csv / .parquet file, or a `datasets.save_to_disk` directory."""
+    weight: float = 1.0
+    """Relative share of this source in the mixed training set (weights need not sum to 1)."""
+    split: str = "train"
+    """Which split to read from a saved DatasetDict directory."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("data source needs a 'path'")
+        if self.weight <= 0:
+            raise ConfigError(f"data source {self.path!r}: weight must be > 0, got {self.weight}")
+
+
+@dataclass
+class DataConfig:
+    """Where the examples come from and how they are cleaned and split."""
+
+    sources: list[DataSource] = field(default_factory=list)
+    """One or more sources; with several, `weight` sets each one's share of the training set."""
+    validation_fraction: float = 0.05
+    """Share of each source held out for validation (split before mixing, so never upsampled)."""
+    test_fraction: float = 0.0
+    """Share of each source held out as a test split, never trained or early-stopped on."""
+    split_seed: int = 0
+    """Seed of the deterministic shuffle behind the splits and the mixture."""
+    max_length: int = 512
+    """Examples longer than this many tokens are dropped and counted (never silently truncated)."""
+    deduplicate: bool = True
+    """Drop exact duplicate examples (counted in the log and manifest)."""
+    bad_rows: Literal["drop", "error"] = "drop"
+    """A malformed row is dropped and counted ('drop') or stops the run before training ('error')."""
+    mixture_size: int | None = None
+    """Rows in the mixed training set; default: the sum of the sources' training rows."""
+    max_samples: int | None = None
+    """Cap on the training rows after mixing (handy for smoke tests)."""
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise ConfigError("data.sources needs at least one source")
+        for name in ("validation_fraction", "test_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"data.{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.validation_fraction + self.test_fraction >= 1.0:
+            raise ConfigError("data.validation_fraction + data.test_fraction must leave rows to train on")
+        if self.max_length < 8:
+            raise ConfigError(f"data.max_length must be at least 8 tokens, got {self.max_length}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation: how long, how fast, how batched."""
+
+    learning_rate: float = 1e-4
+    """Peak learning rate of AdamW."""
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
+    """Learning-rate schedule after warm-up."""
+    warmup_ratio: float = 0.03
+    """Share of the steps spent warming the learning rate up from zero."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    num_epochs: float = 1.0
+    """Passes over the training set (ignored when max_steps > 0)."""
+    max_steps: int = -1
+    """Optimizer steps to run; -1 means `num_epochs` decides."""
+    micro_batch_size: int = 8
+    """Examples per process per forward/backward pass."""
+    gradient_accumulation_steps: int = 1
+    """Micro batches per optimizer step; global batch = micro * accumulation * processes."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping threshold (0 disables clipping)."""
+    precision: Precision = "fp32"
+    """fp32 everywhere on CPU; bf16 on Ampere+ GPUs; fp16 with loss scaling on older GPUs."""
+    seed: int = 42
+    """Seed for model init of new heads, dropout and data order."""
+    logging_steps: int = 10
+    """Log training metrics every this many steps."""
+    eval_steps: int = 50
+    """Evaluate on the validation split every this many steps (0 disables evaluation)."""
+    save_steps: int = 50
+    """Save a resumable checkpoint every this many steps."""
+    save_total_limit: int = 2
+    """Keep only the newest this many checkpoints (the best is always kept with early stopping)."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without improvement of the validation metric (0: off)."""
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0:
+            raise ConfigError(f"train.learning_rate must be > 0, got {self.learning_rate}")
+        for name in ("micro_batch_size", "gradient_accumulation_steps", "logging_steps", "save_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"train.max_steps must be -1 (use num_epochs) or >= 1, got {self.max_steps}")
+        if self.max_steps == -1 and self.num_epochs <= 0:
+            raise ConfigError(f"train.num_epochs must be > 0, got {self.num_epochs}")
+        if self.early_stopping_patience and not self.eval_steps:
+            raise ConfigError("train.early_stopping_patience needs train.eval_steps > 0")
+        if self.early_stopping_patience and self.save_steps % self.eval_steps:
+            raise ConfigError(
+                f"train.save_steps ({self.save_steps}) must be a multiple of train.eval_steps "
+                f"({self.eval_steps}) with early stopping, so that the best evaluation has a checkpoint"
+            )
+
+
+@dataclass
+class DeepSpeedConfig:
+    """What DeepSpeed does with the trainable model(s); see `rlhf.distributed.build_deepspeed_config`."""
+
+    enabled: bool = True
+    """Run under a DeepSpeed engine; false trains with plain PyTorch (DDP when launched on several ranks)."""
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """ZeRO stage: 0 off, 1 optimizer states, 2 + gradients, 3 + parameters sharded across ranks."""
+    offload_optimizer: bool = False
+    """Keep optimizer states (and the step) on CPU memory; ZeRO 1-3."""
+    offload_params: bool = False
+    """Keep parameters on CPU memory between uses; ZeRO-3 only."""
+    config_file: str | None = None
+    """Your own DeepSpeed JSON; its values win over the ones built from this recipe."""
+
+    def __post_init__(self) -> None:
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("deepspeed.offload_optimizer needs deepspeed.zero_stage >= 1")
+        if self.offload_params and self.zero_stage != 3:
+            raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage: 3")
+
+
+@dataclass
+class LoraConfig:
+    """Parameter-efficient fine-tuning with LoRA (QLoRA with `quantization`)."""
+
+    enabled: bool = False
+    """Train low-rank adapters instead of all weights."""
+    r: int = 16
+    """Rank of the adapters."""
+    alpha: int = 32
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names to adapt, or 'all-linear'."""
+    quantization: Literal["none", "4bit", "8bit"] = "none"
+    """Load the frozen base in 4 or 8 bit (QLoRA); needs a CUDA GPU and bitsandbytes."""
+    merge_on_export: bool = True
+    """Write a merged standalone model; false writes the adapter with its base recorded."""
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ConfigError(f"peft.r must be >= 1, got {self.r}")
+        if self.quantization != "none" and not self.enabled:
+            raise ConfigError("peft.quantization needs peft.enabled: true (QLoRA trains adapters)")
+
+
+@dataclass
+class TrackingConfig:
+    """Experiment tracking: wandb (offline unless an API key is set) plus a local JSONL log."""
+
+    wandb: bool = True
+    """Log to wandb; the JSONL log in the output directory is always written."""
+    wandb_mode: Literal["auto", "offline", "online", "disabled"] = "auto"
+    """'auto' is online when WANDB_API_KEY is set, else offline (sync later with `wandb sync`)."""
+    project: str = "rlhf"
+    """wandb project."""
+    group: str | None = None
+    """wandb group; default: the output directory's name, so all stages of one run group together."""
+    run_name: str | None = None
+    """wandb run name; default: '<group>-<stage>'."""
+
+
+@dataclass
+class SFTRecipe:
+    """Supervised fine-tuning on demonstrations (prompt/completion or chat messages)."""
+
+    model: ModelConfig
+    """The base model to fine-tune."""
+    data: DataConfig
+    """Demonstrations."""
+    output_dir: str = "runs/demo"
+    """Run directory; this stage writes `<output_dir>/sft/`."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed engine settings."""
+    peft: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA / QLoRA; off by default (full fine-tuning)."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """wandb and the local metrics log."""
+    packing: bool = False
+    """Pack several examples into each row of `data.max_length` tokens (no cross-attention between them)."""
+    loss_on: Literal["completion", "all"] = "completion"
+    """Train on the assistant / completion tokens only, or on every token."""
+    resume: str = "auto"
+    """'auto' continues from the newest checkpoint in the output directory, 'never' starts over,
+    or a path to a specific checkpoint."""
+    demo_assets: str | None = None
+    """If set, build the demo tokenizer, base model and task data into this directory first
+    (deterministic, skipped when already built). Only the demo recipes set it."""
+
+
+STAGES: dict[str, type] = {"sft": SFTRecipe}
+
+
+__all__ = [
+    "ConfigError", "ModelConfig", "DataSource", "DataConfig", "TrainConfig", "DeepSpeedConfig",
+    "LoraConfig", "TrackingConfig", "SFTRecipe", "STAGES", "load_recipe", "to_dict", "dump_yaml",
+]

@@ -1,0 +1,110 @@
+"""Read rows from the files people already have, keeping each row's position for error messages.
+
+JSONL is parsed line by line by hand (not through `datasets.load_dataset("json")`) because a
+broken line must be reported with its file and line number, and Arrow's JSON reader stops at
+the first bad line without saying where it is. CSV and Parquet go through pandas, saved
+datasets through `datasets.load_from_disk`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+
+
+class DataError(ValueError):
+    """Data that cannot be used; the message names the file (and row where there is one)."""
+
+
+@dataclass(frozen=True)
+class Row:
+    """One raw example and where it came from."""
+
+    where: str  # "path:line N" / "path:row N", for messages
+    data: dict[str, Any] | None  # None when the row could not even be parsed
+    error: str | None = None  # why it could not be parsed
+
+
+def _read_jsonl(path: Path) -> list[Row]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:line {n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                rows.append(Row(where, None, f"not valid JSON ({e.msg})"))
+                continue
+            rows.append(Row(where, obj, None) if isinstance(obj, dict) else Row(where, None, "not a JSON object"))
+    return rows
+
+
+def _read_json(path: Path) -> list[Row]:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); for one object per line use .jsonl")
+    if isinstance(obj, dict) and isinstance(obj.get("data"), list):
+        obj = obj["data"]
+    if not isinstance(obj, list):
+        raise DataError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}})")
+    return [Row(f"{path}:item {i}", o, None) if isinstance(o, dict) else Row(f"{path}:item {i}", None, "not an object")
+            for i, o in enumerate(obj, start=1)]
+
+
+def _records(frame, path: Path, label: str) -> list[Row]:
+    # keep_default_na=False keeps empty CSV cells as "" (empty) rather than NaN (a float).
+    return [Row(f"{path}:{label} {i}", rec, None) for i, rec in enumerate(frame.to_dict(orient="records"), start=1)]
+
+
+def read_rows(path: str | Path, split: str = "train") -> list[Row]:
+    """All rows of one source, in file order. File-level problems raise `DataError`."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"data source {str(path)!r} does not exist")
+    if path.is_dir():
+        import datasets
+
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:  # datasets raises several types for "not a saved dataset"
+            raise DataError(f"{path}: not a `datasets.save_to_disk` directory ({e})") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{path}: has splits {sorted(ds)}, not {split!r} (set the source's 'split')")
+            ds = ds[split]
+        return [Row(f"{path}[{split}]:row {i}", rec, None) for i, rec in enumerate(ds, start=1)]
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path)
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".csv":
+        import pandas as pd
+
+        return _records(pd.read_csv(path, keep_default_na=False, dtype=str), path, "row")
+    if suffix == ".parquet":
+        import pandas as pd
+
+        return _records(pd.read_parquet(path), path, "row")
+    raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)} or a saved dataset dir")
+
+
+def fingerprint(path: str | Path) -> str:
+    """sha256 of a file, or of every file under a directory (names and bytes), for manifests."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for p in files:
+        h.update(str(p.relative_to(path) if path.is_dir() else p.name).encode())
+        with p.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,145 @@
+"""Rank helpers and the ONE DeepSpeed-config builder every stage uses.
+
+Scale-out is DeepSpeed's job: we only translate a recipe into a DeepSpeed config dict and read
+the environment the `deepspeed` launcher sets (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT).
+This module must stay cheap to import: no deepspeed or torch.distributed at module level.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import ConfigError, DeepSpeedConfig, TrainConfig
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def launched_by_launcher() -> bool:
+    """True under `deepspeed`/`torchrun`, which export RANK and WORLD_SIZE to every process."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_process_group_env() -> None:
+    """Give a single process (`rlhf sft ...` without a launcher) the env a launcher would set.
+
+    DeepSpeed always builds a process group, even for one rank; without these variables it tries
+    MPI discovery and fails with an unhelpful message.
+    """
+    if launched_by_launcher():
+        return
+    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return False
+
+
+def _merge_user_config(built: dict, user: dict) -> dict:
+    """User values win; a user "auto" takes the value built from the recipe (HF convention)."""
+    out = copy.deepcopy(built)
+    for key, value in user.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge_user_config(out[key], value)
+        elif value == "auto" and key in out:
+            continue
+        else:
+            out[key] = value
+    return out
+
+
+def build_deepspeed_config(
+    ds: DeepSpeedConfig,
+    train: TrainConfig,
+    num_processes: int,
+    optimizer: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Translate the recipe's DeepSpeed and batch settings into a DeepSpeed config dict.
+
+    Args:
+        ds: ZeRO stage, offload and an optional user JSON whose values win.
+        train: micro batch, gradient accumulation, clipping and precision.
+        num_processes: data-parallel world size (the launcher's WORLD_SIZE).
+        optimizer: AdamW params ({"lr":..., "weight_decay":...}) to let DeepSpeed build the
+            optimizer itself. Needed with optimizer offload, where DeepSpeed's CPU Adam does the
+            step; otherwise the caller's torch optimizer is used.
+    """
+    pin = _cuda_available()  # pinned host memory only helps (and only works) with a GPU
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        zero.update({"overlap_comm": pin, "contiguous_gradients": True, "reduce_bucket_size": 5e7})
+    if ds.zero_stage == 3:
+        # Gather full weights when saving, so `save_pretrained` writes a usable model from shards.
+        zero.update({"stage3_gather_16bit_weights_on_model_save": True, "stage3_prefetch_bucket_size": 5e7,
+                     "stage3_param_persistence_threshold": 1e5})
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.gradient_accumulation_steps,
+        "train_batch_size": train.micro_batch_size * train.gradient_accumulation_steps * num_processes,
+        "gradient_clipping": train.max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
+                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "steps_per_print": 10**9,  # we log ourselves; DeepSpeed's own prints only add noise
+        "wall_clock_breakdown": False,
+    }
+    if optimizer is not None:
+        config["optimizer"] = {"type": "AdamW", "params": {"betas": [0.9, 0.999], "eps": 1e-8, **optimizer}}
+        config["zero_force_ds_cpu_optimizer"] = ds.offload_optimizer
+    if ds.config_file:
+        path = Path(ds.config_file)
+        if not path.is_file():
+            raise ConfigError(f"deepspeed.config_file {ds.config_file!r} does not exist")
+        try:
+            user = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"deepspeed.config_file {ds.config_file!r} is not valid JSON: {e}") from None
+        config = _merge_user_config(config, user)
+        if "train_batch_size" not in user:  # keep the three batch numbers consistent
+            config["train_batch_size"] = (config["train_micro_batch_size_per_gpu"]
+                                          * config["gradient_accumulation_steps"] * num_processes)
+    return config

@@ -1,0 +1,124 @@
+"""Load tokenizers and models the same way in every stage, and check them before training."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from rlhf.checkpoint import HandoffError
+from rlhf.config import ConfigError, LoraConfig, ModelConfig, Precision
+
+log = logging.getLogger(__name__)
+
+TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _require_dir(path: str, what: str) -> None:
+    # Only local directories: nothing may be downloaded at run time, and a typo should say so
+    # here instead of surfacing as a hub connection error.
+    if not Path(path).is_dir():
+        raise HandoffError(f"{what} {path!r} is not a directory (expected a local HuggingFace model directory)")
+
+
+def load_tokenizer(path: str, *, needs_chat_template: bool = False):
+    """Load a tokenizer and check what training needs: eos, pad (defaulting to eos), template."""
+    from transformers import AutoTokenizer
+
+    _require_dir(path, "tokenizer")
+    tok = AutoTokenizer.from_pretrained(path)
+    if tok.eos_token is None:
+        raise HandoffError(f"tokenizer at {path!r} has no eos token; generation could never stop")
+    if tok.pad_token is None:
+        log.warning("tokenizer at %s has no pad token; using its eos token %r for padding", path, tok.eos_token)
+        tok.pad_token = tok.eos_token
+    if needs_chat_template and not tok.chat_template:
+        raise HandoffError(f"the data is conversational (messages), but the tokenizer at {path!r} has no chat "
+                           "template; add one to tokenizer_config.json or use prompt/completion strings")
+    return tok
+
+
+def tokenizer_signature(tok) -> dict[str, Any]:
+    """What must match between models that exchange token ids (policy, reference, reward, critic)."""
+    return {"vocab_size": len(tok), "eos_token": tok.eos_token, "pad_token": tok.pad_token,
+            "bos_token": tok.bos_token, "chat_template": tok.chat_template,
+            "vocab_sha256": hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()}
+
+
+def check_tokenizers_match(a, a_name: str, b, b_name: str) -> None:
+    sa, sb = tokenizer_signature(a), tokenizer_signature(b)
+    diffs = [k for k in sa if sa[k] != sb[k]]
+    if diffs:
+        shown = "; ".join(f"{k}: {a_name}={sa[k]!r:.60} vs {b_name}={sb[k]!r:.60}" for k in diffs)
+        raise HandoffError(f"tokenizers of {a_name} and {b_name} differ ({shown}); token ids would not mean "
+                           "the same text in both models")
+
+
+def quantization_config(lora: LoraConfig):
+    """BitsAndBytes config for QLoRA, with a clear error where it cannot run."""
+    if lora.quantization == "none":
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ConfigError(f"peft.quantization={lora.quantization} (QLoRA) needs a CUDA GPU; none is available. "
+                          "Set peft.quantization=none to train LoRA adapters in full precision.")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ConfigError("peft.quantization needs the bitsandbytes package: pip install bitsandbytes") from None
+    from transformers import BitsAndBytesConfig
+
+    if lora.quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def model_kwargs(model: ModelConfig, precision: Precision, lora: LoraConfig) -> dict[str, Any]:
+    import torch
+
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, TORCH_DTYPES[precision]),
+                              "trust_remote_code": model.trust_remote_code}
+    if model.attn_implementation:
+        kwargs["attn_implementation"] = model.attn_implementation
+    quant = quantization_config(lora)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    return kwargs
+
+
+def load_causal_lm(model: ModelConfig, precision: Precision, lora: LoraConfig):
+    from transformers import AutoModelForCausalLM
+
+    _require_dir(model.name_or_path, "model.name_or_path")
+    m = AutoModelForCausalLM.from_pretrained(model.name_or_path, **model_kwargs(model, precision, lora))
+    if lora.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=model.gradient_checkpointing)
+    return m
+
+
+def load_unquantized(path: str, precision: Precision, kind: str, **kwargs: Any):
+    """Plain `from_pretrained` of a causal LM or a 1-label scorer, e.g. the base for a LoRA merge
+    (merging into a 4-bit base would bake its quantisation error into the export)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    _require_dir(path, "model")
+    cls = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
+    return cls.from_pretrained(path, dtype=getattr(torch, TORCH_DTYPES[precision]), **kwargs)
+
+
+def peft_config(lora: LoraConfig, task_type: str, modules_to_save: list[str] | None = None):
+    """A peft.LoraConfig from the recipe, or None when LoRA is off."""
+    if not lora.enabled:
+        return None
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                          target_modules=lora.target_modules, task_type=task_type,
+                          modules_to_save=modules_to_save)

@@ -1,0 +1,153 @@
+"""What every HF-trainer stage (SFT, reward) does the same way: set up, build arguments, export.
+
+The stages compose TRL trainers; this module holds the glue they share so that a change to,
+say, checkpoint selection or LoRA export happens once.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from rlhf import distributed
+from rlhf.checkpoint import latest_checkpoint, now
+from rlhf.config import ConfigError, DeepSpeedConfig, LoraConfig, ModelConfig, TrackingConfig, TrainConfig
+from rlhf.tracking import METRICS_FILE, metrics_callback, setup_wandb_env
+
+log = logging.getLogger("rlhf")
+
+
+@dataclass
+class StageDirs:
+    """Where one stage of a run reads and writes."""
+
+    run: Path  # the recipe's output_dir, shared by every stage of a run
+    out: Path  # <run>/<stage>: the final HF directory + manifest
+    checkpoints: Path  # <run>/<stage>/checkpoints: resumable trainer states
+    started_at: str
+
+
+def setup_logging() -> None:
+    level = logging.INFO if distributed.is_main() else logging.WARNING
+    logging.basicConfig(level=level, stream=sys.stdout, format="[rlhf %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("rlhf").setLevel(level)
+
+
+def start_stage(output_dir: str, stage: str, demo_assets: str | None) -> StageDirs:
+    """Logging, demo assets (if the recipe asks), output directories."""
+    setup_logging()
+    if demo_assets:
+        from rlhf.demo.assets import build_demo_assets
+
+        build_demo_assets(demo_assets)  # file-locked: concurrent ranks wait for the first
+    run = Path(output_dir)
+    dirs = StageDirs(run=run, out=run / stage, checkpoints=run / stage / "checkpoints", started_at=now())
+    dirs.checkpoints.mkdir(parents=True, exist_ok=True)
+    return dirs
+
+
+def resume_from(resume: str, checkpoints: Path) -> str | None:
+    """'auto' -> newest complete checkpoint or None; 'never' -> None; else a checkpoint path."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        found = latest_checkpoint(checkpoints)
+        if found:
+            log.info("resuming from %s", found)
+        return str(found) if found else None
+    if not Path(resume, "trainer_state.json").is_file():
+        raise ConfigError(f"resume={resume!r} is not a checkpoint directory (no trainer_state.json in it)")
+    return resume
+
+
+def training_arguments(
+    *, train: TrainConfig, ds: DeepSpeedConfig, model: ModelConfig, tracking: TrackingConfig,
+    dirs: StageDirs, stage: str, has_validation: bool, best_metric: str, greater_is_better: bool,
+) -> dict[str, Any]:
+    """Keyword arguments shared by trl.SFTConfig and trl.RewardConfig (both TrainingArguments)."""
+    import torch
+
+    report_to = setup_wandb_env(tracking, dirs.run, stage)
+    evaluate = bool(train.eval_steps) and has_validation
+    ds_config = None
+    if ds.enabled:
+        distributed.ensure_process_group_env()
+        optimizer = ({"lr": train.learning_rate, "weight_decay": train.weight_decay}
+                     if ds.offload_optimizer else None)
+        ds_config = distributed.build_deepspeed_config(ds, train, distributed.world_size(), optimizer)
+    early = bool(train.early_stopping_patience) and evaluate
+    return dict(
+        output_dir=str(dirs.checkpoints),
+        per_device_train_batch_size=train.micro_batch_size,
+        per_device_eval_batch_size=train.micro_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler,
+        warmup_steps=train.warmup_ratio,  # a float < 1 is a ratio of the total steps
+        weight_decay=train.weight_decay,
+        num_train_epochs=train.num_epochs,
+        max_steps=train.max_steps,
+        max_grad_norm=train.max_grad_norm,
+        bf16=train.precision == "bf16",
+        fp16=train.precision == "fp16",
+        seed=train.seed,
+        data_seed=train.seed,
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=train.eval_steps if evaluate else None,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        load_best_model_at_end=early,
+        metric_for_best_model=best_metric if early else None,
+        greater_is_better=greater_is_better if early else None,
+        gradient_checkpointing=model.gradient_checkpointing,
+        report_to=report_to,
+        run_name=tracking.run_name,
+        deepspeed=ds_config,
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0,
+    )
+
+
+def callbacks(train: TrainConfig, dirs: StageDirs, has_validation: bool) -> list:
+    from transformers import EarlyStoppingCallback
+
+    out = [metrics_callback(dirs.out / METRICS_FILE)]
+    if train.early_stopping_patience and train.eval_steps and has_validation:
+        out.append(EarlyStoppingCallback(early_stopping_patience=train.early_stopping_patience))
+    return out
+
+
+def export(trainer, tokenizer, out: Path, lora: LoraConfig, base_path: str,
+           load_base: Callable[[], Any]) -> dict[str, Any]:
+    """Write the trained model to `out` as a standalone HF directory (or a LoRA adapter).
+
+    Every rank must call this: under ZeRO-3 `save_model` gathers the sharded weights. A merged
+    LoRA export reloads base + adapter on the main rank's CPU, so it works at any ZeRO stage.
+    Returns what the manifest should record about the export.
+    """
+    info: dict[str, Any] = {"peft": None}
+    if lora.enabled and lora.merge_on_export:
+        adapter = out / "adapter"
+        trainer.save_model(str(adapter))
+        distributed.barrier()
+        if distributed.is_main():
+            from peft import PeftModel
+
+            merged = PeftModel.from_pretrained(load_base(), str(adapter)).merge_and_unload()
+            merged.save_pretrained(out)
+        info["peft"] = {"type": "lora", "merged": True, "base": str(base_path), "adapter": str(adapter)}
+    else:
+        trainer.save_model(str(out))
+        if lora.enabled:
+            info["peft"] = {"type": "lora", "merged": False, "base": str(base_path)}
+    if distributed.is_main():
+        tokenizer.save_pretrained(out)
+    distributed.barrier()
+    return info
+

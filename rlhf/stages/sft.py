@@ -1,0 +1,135 @@
+"""Stage 1: supervised fine-tuning on demonstrations, by composition around `trl.SFTTrainer`.
+
+TRL does the loss masking (assistant / completion tokens only), packing and PEFT wrapping; we
+own what it does not: data cleaning and splits with a report, the DeepSpeed config, resume
+selection, export (LoRA merge) and the manifest the reward and PPO stages check.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from rlhf import distributed
+from rlhf.checkpoint import write_manifest
+from rlhf.config import SFTRecipe, to_dict
+from rlhf.data.formats import Messages, normalize_sft, to_plain_text
+from rlhf.data.prepare import Splits, prepare_splits
+from rlhf.models import load_causal_lm, load_tokenizer, load_unquantized, peft_config
+from rlhf.stages import common
+
+log = logging.getLogger("rlhf")
+
+
+def _has_messages(recipe: SFTRecipe) -> bool:
+    """Whether any source is conversational, to require a chat template up front."""
+    from rlhf.data.io import read_rows
+
+    for src in recipe.data.sources:
+        rows = read_rows(src.path, src.split)[:50]
+        if any(r.data and ("messages" in r.data or isinstance(r.data.get("prompt"), list)) for r in rows):
+            return True
+    return False
+
+
+def prepare_sft_data(recipe: SFTRecipe, tokenizer) -> Splits:
+    """Normalise every source to chat messages (or plain prompt/completion without a template)."""
+    chat = bool(tokenizer.chat_template)
+    if chat:
+        def normalize(row: dict) -> Any:
+            return normalize_sft(row)
+
+        def length_of(messages: Messages) -> int:
+            return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
+    else:
+        def normalize(row: dict) -> Any:
+            return to_plain_text(normalize_sft(row))
+
+        def length_of(ex: dict) -> int:
+            return len(tokenizer(ex["prompt"] + ex["completion"] + tokenizer.eos_token)["input_ids"])
+
+    splits = prepare_splits(recipe.data, normalize, length_of)
+    for src in splits.sources:
+        log.info("data %s", src.summary())
+        for example in src.bad_examples[:3]:
+            log.warning("dropped bad row %s", example)
+    return splits
+
+
+def _to_dataset(rows: list, chat: bool):
+    from datasets import Dataset
+
+    return Dataset.from_list([{"messages": r} for r in rows] if chat else rows) if rows else None
+
+
+def _final_metrics(trainer, result, train_seconds: float) -> dict[str, Any]:
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    tokens = trainer.state.num_input_tokens_seen or sum(h.get("num_tokens", 0) for h in history[-1:])
+    return {
+        "train_loss": result.training_loss,
+        "first_logged_loss": history[0]["loss"] if history else None,
+        "last_logged_loss": history[-1]["loss"] if history else None,
+        "eval_loss": evals[-1]["eval_loss"] if evals else None,
+        "best_eval_loss": min((e["eval_loss"] for e in evals), default=None),
+        "global_step": trainer.state.global_step,
+        "train_seconds": round(train_seconds, 2),
+        "tokens_seen": tokens,
+    }
+
+
+def run_sft(recipe: SFTRecipe, extra_callbacks: list | None = None) -> Path:
+    """Train and export; returns `<output_dir>/sft`. `extra_callbacks` are HF TrainerCallbacks."""
+    from trl import SFTConfig, SFTTrainer
+
+    # 1. Directories, demo assets, tokenizer checks: everything that can fail cheaply, first.
+    dirs = common.start_stage(recipe.output_dir, "sft", recipe.demo_assets)
+    tok_path = recipe.model.tokenizer or recipe.model.name_or_path
+    tokenizer = load_tokenizer(tok_path, needs_chat_template=_has_messages(recipe))
+    chat = bool(tokenizer.chat_template)
+
+    # 2. Data: cleaned, split and mixed before any model is loaded.
+    splits = prepare_sft_data(recipe, tokenizer)
+    train_ds, eval_ds = _to_dataset(splits.train, chat), _to_dataset(splits.validation, chat)
+
+    # 3. Model and trainer.
+    model = load_causal_lm(recipe.model, recipe.train.precision, recipe.peft)
+    args = SFTConfig(
+        **common.training_arguments(train=recipe.train, ds=recipe.deepspeed, model=recipe.model,
+                                    tracking=recipe.tracking, dirs=dirs, stage="sft",
+                                    has_validation=eval_ds is not None, best_metric="eval_loss",
+                                    greater_is_better=False),
+        max_length=recipe.data.max_length,
+        packing=recipe.packing,
+        assistant_only_loss=chat and recipe.loss_on == "completion",
+        completion_only_loss=(not chat) and recipe.loss_on == "completion",
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+        peft_config=peft_config(recipe.peft, "CAUSAL_LM"),
+        callbacks=common.callbacks(recipe.train, dirs, eval_ds is not None) + list(extra_callbacks or []),
+    )
+
+    # 4. Train, resuming from the newest checkpoint when there is one.
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=common.resume_from(recipe.resume, dirs.checkpoints))
+    seconds = time.perf_counter() - start
+    if trainer.control.should_training_stop and trainer.state.global_step < trainer.state.max_steps:
+        if not recipe.train.early_stopping_patience:  # stopped by a callback: leave it resumable
+            log.info("training stopped at step %d; rerun to resume", trainer.state.global_step)
+            return dirs.out
+    metrics = _final_metrics(trainer, result, seconds)
+
+    # 5. Export the model, then the manifest last: its presence means "complete".
+    export = common.export(trainer, tokenizer, dirs.out, recipe.peft, recipe.model.name_or_path,
+                           lambda: load_unquantized(recipe.model.name_or_path, recipe.train.precision, "causal-lm"))
+    if distributed.is_main():
+        write_manifest(dirs.out, stage="sft", recipe=to_dict(recipe), started_at=dirs.started_at,
+                       parents=[], datasets=splits.report(), metrics=metrics, base_model=recipe.model.name_or_path,
+                       world_size=distributed.world_size(), **export)
+        log.info("SFT done in %.0fs: train loss %.4f, eval loss %s -> %s", seconds, metrics["train_loss"],
+                 metrics["eval_loss"], dirs.out)
+    distributed.barrier()
+    return dirs.out

@@ -1,7 +1,7 @@
 """The `rlhf` command: one sub-command per stage plus helpers.
 
     rlhf sft --config recipes/demo/sft.yaml train.max_steps=20 output_dir=runs/try1
-    rlhf config sft --config recipes/demo/sft.yaml          # print the resolved recipe
+    rlhf sft --config recipes/demo/sft.yaml --dry-run       # print the resolved recipe, run nothing
     rlhf demo build --out runs/demo/assets                  # tokenizer, tiny model, task data
 
 Recipes are validated before anything heavy is imported, so a typo fails in about a second.
@@ -28,6 +28,7 @@ def _run_stage(stage: str) -> Callable[[object], object]:
 def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML recipe")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe values to override")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved recipe (defaults filled in) and exit")
     # The deepspeed launcher appends --local_rank=N; the rank also arrives in LOCAL_RANK.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
@@ -37,9 +38,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for stage, cls in STAGES.items():
         _add_recipe_args(sub.add_parser(stage, help=(cls.__doc__ or "").split("\n")[0]))
-    show = sub.add_parser("config", help="print a recipe with overrides applied and defaults filled in")
-    show.add_argument("stage", choices=sorted(STAGES))
-    _add_recipe_args(show)
     demo = sub.add_parser("demo", help="demo helpers")
     demo_sub = demo.add_subparsers(dest="demo_command", required=True)
     build = demo_sub.add_parser("build", help="build the demo tokenizer, tiny base model and task data")
@@ -51,11 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command in STAGES:
         recipe = load_recipe(STAGES[args.command], args.config, args.overrides)
+        if args.dry_run:
+            print(dump_yaml(recipe), end="")
+            return 0
         out = _run_stage(args.command)(recipe)
         print(f"[rlhf] {args.command} output: {out}")
-        return 0
-    if args.command == "config":
-        print(dump_yaml(load_recipe(STAGES[args.stage], args.config, args.overrides)), end="")
         return 0
     if args.command == "demo" and args.demo_command == "build":
         from rlhf.demo.assets import build_demo_assets

@@ -56,10 +56,12 @@ class Splits(Generic[T]):
     test: list[T]
     sources: list[SourceReport]
     train_fingerprint: str = ""
+    train_tokens: int | None = None  # set by the stage, which knows the tokenizer
 
     def report(self) -> dict[str, Any]:
         return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test),
-                "train_fingerprint": self.train_fingerprint, "sources": [asdict(s) for s in self.sources]}
+                "train_tokens": self.train_tokens, "train_fingerprint": self.train_fingerprint,
+                "sources": [asdict(s) for s in self.sources]}
 
 
 def _key(row: Any) -> str:

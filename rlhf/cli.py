@@ -1,6 +1,7 @@
 """The `rlhf` command: one sub-command per stage plus helpers.
 
     rlhf sft --config recipes/demo/sft.yaml train.max_steps=20 output_dir=runs/try1
+    rlhf reward --config recipes/demo/reward.yaml
     rlhf sft --config recipes/demo/sft.yaml --dry-run       # print the resolved recipe, run nothing
     rlhf demo build --out runs/demo/assets                  # tokenizer, tiny model, task data
 
@@ -22,6 +23,10 @@ def _run_stage(stage: str) -> Callable[[object], object]:
         from rlhf.stages.sft import run_sft
 
         return run_sft
+    if stage == "reward":
+        from rlhf.stages.reward import run_reward
+
+        return run_reward
     raise ConfigError(f"unknown stage {stage!r}")  # pragma: no cover - argparse limits the choices
 
 

@@ -72,6 +72,8 @@ class DataConfig:
     """Drop exact duplicate examples (counted in the log and manifest)."""
     bad_rows: Literal["drop", "error"] = "drop"
     """A malformed row is dropped and counted ('drop') or stops the run before training ('error')."""
+    too_long: Literal["drop", "error"] = "drop"
+    """A row over `max_length` tokens is dropped and counted, or stops the run naming file and row."""
     mixture_size: int | None = None
     """Rows in the mixed training set; default: the sum of the sources' training rows."""
     max_samples: int | None = None
@@ -125,6 +127,9 @@ class TrainConfig:
     """Keep only the newest this many checkpoints (the best is always kept with early stopping)."""
     early_stopping_patience: int = 0
     """Stop after this many evaluations without improvement of the validation metric (0: off)."""
+    load_best_at_end: bool = False
+    """Export the checkpoint with the best validation metric instead of the last (always on with
+    early stopping)."""
 
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:
@@ -138,11 +143,16 @@ class TrainConfig:
             raise ConfigError(f"train.num_epochs must be > 0, got {self.num_epochs}")
         if self.early_stopping_patience and not self.eval_steps:
             raise ConfigError("train.early_stopping_patience needs train.eval_steps > 0")
-        if self.early_stopping_patience and self.save_steps % self.eval_steps:
+        if (self.early_stopping_patience or self.load_best_at_end) and self.eval_steps and \
+                self.save_steps % self.eval_steps:
             raise ConfigError(
                 f"train.save_steps ({self.save_steps}) must be a multiple of train.eval_steps "
-                f"({self.eval_steps}) with early stopping, so that the best evaluation has a checkpoint"
+                f"({self.eval_steps}) to keep the best checkpoint, so that every evaluation has one"
             )
+
+    @property
+    def keep_best(self) -> bool:
+        return bool(self.eval_steps) and (self.load_best_at_end or self.early_stopping_patience > 0)
 
 
 @dataclass
@@ -239,10 +249,53 @@ class SFTRecipe:
     (deterministic, skipped when already built). Only the demo recipes set it."""
 
 
-STAGES: dict[str, type] = {"sft": SFTRecipe}
+@dataclass
+class RewardRecipe:
+    """Reward model: a scalar head on the SFT model, trained on preference pairs (Bradley-Terry)."""
+
+    model: ModelConfig
+    """`name_or_path` is the SFT stage's output directory (it must have its rlhf manifest)."""
+    data: DataConfig
+    """Preference pairs: prompt / chosen / rejected (strings or messages), optional margin and tie."""
+    output_dir: str = "runs/demo"
+    """Run directory; this stage writes `<output_dir>/reward/`."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimisation."""
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    """DeepSpeed engine settings."""
+    peft: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA / QLoRA; the scalar head is always trained in full and saved."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """wandb and the local metrics log."""
+    ties: Literal["drop", "soft"] = "drop"
+    """Pairs marked as ties: dropped and counted, or trained towards equal rewards (each tie enters
+    training in both orders, which is the Bradley-Terry loss with target 1/2). Never validated on."""
+    use_margin: bool = True
+    """Use the rows' `margin` column in the loss, -log sigmoid(r_chosen - r_rejected - margin)."""
+    center_rewards_coefficient: float | None = None
+    """Penalty on the mean reward squared, keeping rewards centred on zero (Eisenstein et al. 2023)."""
+    best_metric: Literal["accuracy", "loss"] = "accuracy"
+    """Validation metric for early stopping and for keeping the best checkpoint."""
+    calibration_bins: int = 5
+    """Bins of predicted confidence in the calibration table."""
+    stats_max_samples: int = 4096
+    """Chosen responses of the training split scored for the reward mean/std used by PPO."""
+    labelled: DataSource | None = None
+    """Optional single responses with a 0/1 `label` (bad/good): precision and recall are reported."""
+    resume: str = "auto"
+    """'auto', 'never' or a checkpoint path, as in SFT."""
+    demo_assets: str | None = None
+    """Build the demo assets into this directory first (demo recipes only)."""
+
+    def __post_init__(self) -> None:
+        if self.calibration_bins < 1:
+            raise ConfigError(f"calibration_bins must be >= 1, got {self.calibration_bins}")
+
+
+STAGES: dict[str, type] = {"sft": SFTRecipe, "reward": RewardRecipe}
 
 
 __all__ = [
     "ConfigError", "ModelConfig", "DataSource", "DataConfig", "TrainConfig", "DeepSpeedConfig",
-    "LoraConfig", "TrackingConfig", "SFTRecipe", "STAGES", "load_recipe", "to_dict", "dump_yaml",
+    "LoraConfig", "TrackingConfig", "SFTRecipe", "RewardRecipe", "STAGES", "load_recipe", "to_dict", "dump_yaml",
 ]

@@ -80,3 +80,80 @@ def to_plain_text(messages: Messages) -> dict[str, str]:
     if len(messages) != 2 or messages[0]["role"] != "user":
         raise RowError("multi-turn or system messages need a tokenizer with a chat template")
     return {"prompt": messages[0]["content"], "completion": messages[1]["content"]}
+
+
+def _as_float(value: Any, name: str) -> float | None:
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise RowError(f"'{name}' must be a number, got {value!r}")
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise RowError(f"'{name}' must be a number, got {value!r}") from None
+    if out != out or out in (float("inf"), float("-inf")):
+        raise RowError(f"'{name}' must be finite, got {value!r}")
+    return out
+
+
+def _as_bool(value: Any, name: str) -> bool:
+    if value is None or value == "":
+        return False
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+        return value.strip().lower() in ("true", "1", "yes")
+    raise RowError(f"'{name}' must be true or false, got {value!r}")
+
+
+def _split_implicit_prompt(chosen: Messages, rejected: Messages) -> tuple[Messages, Messages, Messages]:
+    """Full conversations without a `prompt` column: the shared leading turns are the prompt."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def normalize_preference(data: dict[str, Any]) -> dict[str, Any]:
+    """One preference pair as {"prompt", "chosen", "rejected": messages, "margin": float, "tie": bool}.
+
+    Accepts explicit prompts (strings or messages) and implicit ones (chosen / rejected are whole
+    conversations sharing their first turns). Identical or empty sides are malformed pairs: they
+    carry no preference signal and are reported like any bad row.
+    """
+    if "chosen" not in data or "rejected" not in data:
+        raise _missing(data, "'chosen' and 'rejected' (and usually 'prompt')")
+    try:
+        if data.get("prompt") not in (None, ""):
+            prompt = as_messages(data["prompt"], "prompt", "user")
+            chosen = as_messages(data["chosen"], "chosen", "assistant")
+            rejected = as_messages(data["rejected"], "rejected", "assistant")
+        else:
+            # A bare string is a reply with no prompt; message lists are whole conversations.
+            prompt, chosen, rejected = _split_implicit_prompt(as_messages(data["chosen"], "chosen", "assistant"),
+                                                              as_messages(data["rejected"], "rejected", "assistant"))
+    except EmptyRow as e:
+        raise RowError(f"empty side: {e}") from None
+    for name, side in (("chosen", chosen), ("rejected", rejected)):
+        if not side or side[-1]["role"] != "assistant":
+            raise RowError(f"'{name}' must end with an assistant reply")
+        if not side[-1]["content"].strip():
+            raise RowError(f"empty side: the '{name}' reply is empty")
+    if chosen == rejected:
+        raise RowError("chosen and rejected are identical")
+    margin = _as_float(data.get("margin"), "margin")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+            "margin": 0.0 if margin is None else margin, "tie": _as_bool(data.get("tie"), "tie")}
+
+
+def normalize_labelled(data: dict[str, Any]) -> dict[str, Any]:
+    """A single response with a 0/1 quality label, for reward-model precision / recall."""
+    if "response" not in data or "label" not in data:
+        raise _missing(data, "'response' and 'label' (and usually 'prompt')")
+    prompt = as_messages(data["prompt"], "prompt", "user") if data.get("prompt") not in (None, "") else []
+    label = _as_float(data["label"], "label")
+    if label not in (0.0, 1.0):
+        raise RowError(f"'label' must be 0 (bad) or 1 (good), got {data['label']!r}")
+    return {"prompt": prompt, "response": as_messages(data["response"], "response", "assistant"), "label": int(label)}

@@ -137,6 +137,9 @@ def _load_source(
             filtered[reason] += 1
             continue
         if length_of is not None and length_of(example) > cfg.max_length:
+            if cfg.too_long == "error":
+                raise DataError(f"{row.where}: {length_of(example)} tokens, over data.max_length={cfg.max_length} "
+                                "(data.too_long: error); raise max_length or set data.too_long=drop")
             report.too_long += 1
             continue
         if cfg.deduplicate:

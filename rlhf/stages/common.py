@@ -78,7 +78,7 @@ def training_arguments(
         optimizer = ({"lr": train.learning_rate, "weight_decay": train.weight_decay}
                      if ds.offload_optimizer else None)
         ds_config = distributed.build_deepspeed_config(ds, train, distributed.world_size(), optimizer)
-    early = bool(train.early_stopping_patience) and evaluate
+    keep_best = train.keep_best and evaluate
     return dict(
         output_dir=str(dirs.checkpoints),
         per_device_train_batch_size=train.micro_batch_size,
@@ -102,9 +102,9 @@ def training_arguments(
         save_strategy="steps",
         save_steps=train.save_steps,
         save_total_limit=train.save_total_limit,
-        load_best_model_at_end=early,
-        metric_for_best_model=best_metric if early else None,
-        greater_is_better=greater_is_better if early else None,
+        load_best_model_at_end=keep_best,
+        metric_for_best_model=best_metric if keep_best else None,
+        greater_is_better=greater_is_better if keep_best else None,
         gradient_checkpointing=model.gradient_checkpointing,
         report_to=report_to,
         run_name=tracking.run_name,
@@ -112,6 +112,26 @@ def training_arguments(
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
     )
+
+
+def sources_are_conversational(sources, keys: tuple[str, ...]) -> bool:
+    """Whether the first rows of any source carry message lists under `keys` (a chat template is then required)."""
+    from rlhf.data.formats import _decode
+    from rlhf.data.io import read_rows
+
+    for src in sources:
+        for row in read_rows(src.path, src.split)[:50]:
+            if row.data and any(isinstance(_decode(row.data.get(k)), list) for k in keys):
+                return True
+    return False
+
+
+def interrupted(trainer, train: TrainConfig) -> bool:
+    """Stopped before max_steps by something other than early stopping (a callback, a signal):
+    the stage must stay resumable and write no manifest."""
+    state = trainer.state
+    return (trainer.control.should_training_stop and state.global_step < state.max_steps
+            and not train.early_stopping_patience)
 
 
 def callbacks(train: TrainConfig, dirs: StageDirs, has_validation: bool) -> list:

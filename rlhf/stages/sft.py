@@ -23,17 +23,6 @@ from rlhf.stages import common
 log = logging.getLogger("rlhf")
 
 
-def _has_messages(recipe: SFTRecipe) -> bool:
-    """Whether any source is conversational, to require a chat template up front."""
-    from rlhf.data.io import read_rows
-
-    for src in recipe.data.sources:
-        rows = read_rows(src.path, src.split)[:50]
-        if any(r.data and ("messages" in r.data or isinstance(r.data.get("prompt"), list)) for r in rows):
-            return True
-    return False
-
-
 def prepare_sft_data(recipe: SFTRecipe, tokenizer) -> Splits:
     """Normalise every source to chat messages (or plain prompt/completion without a template)."""
     chat = bool(tokenizer.chat_template)
@@ -114,7 +103,8 @@ def run_sft(recipe: SFTRecipe, extra_callbacks: list | None = None) -> Path:
     # 1. Directories, demo assets, tokenizer checks: everything that can fail cheaply, first.
     dirs = common.start_stage(recipe.output_dir, "sft", recipe.demo_assets)
     tok_path = recipe.model.tokenizer or recipe.model.name_or_path
-    tokenizer = load_tokenizer(tok_path, needs_chat_template=_has_messages(recipe))
+    tokenizer = load_tokenizer(tok_path, needs_chat_template=common.sources_are_conversational(
+        recipe.data.sources, ("messages", "prompt", "completion")))
     chat = bool(tokenizer.chat_template)
 
     # 2. Data: cleaned, split and mixed before any model is loaded.
@@ -146,10 +136,9 @@ def run_sft(recipe: SFTRecipe, extra_callbacks: list | None = None) -> Path:
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=common.resume_from(recipe.resume, dirs.checkpoints))
     seconds = time.perf_counter() - start
-    if trainer.control.should_training_stop and trainer.state.global_step < trainer.state.max_steps:
-        if not recipe.train.early_stopping_patience:  # stopped by a callback: leave it resumable
-            log.info("training stopped at step %d; rerun to resume", trainer.state.global_step)
-            return dirs.out
+    if common.interrupted(trainer, recipe.train):
+        log.info("training stopped at step %d; rerun the same command to resume", trainer.state.global_step)
+        return dirs.out
     metrics = _final_metrics(trainer, result, seconds, splits.train_tokens)
 
     # 5. Export the model, then the manifest last: its presence means "complete".

@@ -1,0 +1,220 @@
+"""Stage 2: a scalar reward model on preference pairs, by composition around `trl.RewardTrainer`.
+
+TRL does the Bradley-Terry loss (with margin and optional centring) and the PEFT wrapping. We
+own the hand-off checks on the SFT output, preference cleaning with counts (ties, identical or
+empty sides, over-long pairs), exact validation metrics and calibration on the full validation
+split, the reward statistics PPO normalises with, export and the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf import distributed
+from rlhf.checkpoint import HandoffError, parent_ref, read_manifest, write_manifest
+from rlhf.config import RewardRecipe, to_dict
+from rlhf.data.formats import Messages, RowError, normalize_labelled, normalize_preference
+from rlhf.data.io import DataError, read_rows
+from rlhf.data.prepare import Splits, prepare_splits
+from rlhf.models import load_tokenizer, load_unquantized, model_kwargs, peft_config
+from rlhf.reward_metrics import (bradley_terry_loss, calibration_table, format_calibration, mean_margin,
+                                 pairwise_accuracy, precision_recall)
+from rlhf.scoring import score_sequences
+from rlhf.stages import common
+
+log = logging.getLogger("rlhf")
+
+
+def encode(tokenizer, messages: Messages) -> list[int]:
+    """Token ids of a whole conversation, exactly as TRL's RewardTrainer tokenizes a side."""
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
+    text = "".join(m["content"] for m in messages)
+    return tokenizer(text + tokenizer.eos_token)["input_ids"]
+
+
+def _side(pair: dict, name: str) -> Messages:
+    return pair["prompt"] + pair[name]
+
+
+def split_ties(pairs: list[dict], policy: str) -> tuple[list[dict], int]:
+    """Apply the tie policy: drop ties, or keep each tie in both orders (BT with target 1/2)."""
+    plain = [p for p in pairs if not p["tie"]]
+    ties = [p for p in pairs if p["tie"]]
+    if policy == "soft":
+        for p in ties:
+            plain += [{**p, "margin": 0.0}, {**p, "chosen": p["rejected"], "rejected": p["chosen"], "margin": 0.0}]
+    return plain, len(ties)
+
+
+def prepare_reward_data(recipe: RewardRecipe, tokenizer) -> tuple[Splits, dict[str, Any]]:
+    def length_of(pair: dict) -> int:
+        return max(len(encode(tokenizer, _side(pair, "chosen"))), len(encode(tokenizer, _side(pair, "rejected"))))
+
+    splits = prepare_splits(recipe.data, normalize_preference, length_of)
+    splits.train, ties_train = split_ties(splits.train, recipe.ties)
+    splits.validation, ties_val = split_ties(splits.validation, "drop")  # a tie has no right answer
+    splits.test, ties_test = split_ties(splits.test, "drop")
+    ties = {"policy": recipe.ties, "train": ties_train, "validation_dropped": ties_val, "test_dropped": ties_test}
+    for src in splits.sources:
+        log.info("data %s", src.summary())
+        for example in src.bad_examples[:3]:
+            log.warning("dropped bad pair %s", example)
+    log.info("ties: %d in training (%s), %d dropped from validation", ties_train, recipe.ties, ties_val)
+    if not splits.train:
+        raise DataError("no training pairs left after the tie policy")
+    return splits, ties
+
+
+def _to_dataset(pairs: list[dict], use_margin: bool):
+    """TRL rows with implicit prompts: each side is the whole conversation (what TRL builds anyway)."""
+    from datasets import Dataset
+
+    if not pairs:
+        return None
+    rows = []
+    for p in pairs:
+        row: dict[str, Any] = {"chosen": _side(p, "chosen"), "rejected": _side(p, "rejected")}
+        if use_margin:
+            row["margin"] = p["margin"]
+        rows.append(row)
+    return Dataset.from_list(rows)
+
+
+def load_reward_model(recipe: RewardRecipe, tokenizer):
+    """AutoModelForSequenceClassification with one label: the SFT body plus a fresh scalar head."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        recipe.model.name_or_path, num_labels=1, **model_kwargs(recipe.model, recipe.train.precision, recipe.peft))
+    model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
+    if recipe.peft.quantization != "none":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.model.gradient_checkpointing)
+    return model
+
+
+def check_sft_parent(recipe: RewardRecipe) -> dict:
+    """Hand-off: the starting directory must be a finished SFT output."""
+    manifest = read_manifest(recipe.model.name_or_path, expect_stage="sft", needed_by="the reward stage")
+    if manifest.get("peft") and not manifest["peft"].get("merged", True):
+        raise HandoffError(f"{recipe.model.name_or_path} holds an unmerged LoRA adapter; export the SFT stage "
+                           "with peft.merge_on_export=true so the reward model starts from full weights")
+    return manifest
+
+
+def _scores(model, tokenizer, conversations: list[Messages], device, batch_size: int) -> torch.Tensor:
+    return score_sequences(model, [encode(tokenizer, c) for c in conversations], tokenizer.pad_token_id, device,
+                           batch_size)
+
+
+def evaluate_reward_model(model, tokenizer, recipe: RewardRecipe, splits: Splits, device) -> dict[str, Any]:
+    """Exact metrics over whole splits with the final model. Every rank computes the same numbers
+    (under ZeRO-3 every rank must take part in each forward)."""
+    bs = recipe.train.micro_batch_size * 2
+    out: dict[str, Any] = {}
+    val = splits.validation
+    if val:
+        rc = _scores(model, tokenizer, [_side(p, "chosen") for p in val], device, bs)
+        rr = _scores(model, tokenizer, [_side(p, "rejected") for p in val], device, bs)
+        margins = torch.tensor([p["margin"] for p in val]) if recipe.use_margin else None
+        out["validation"] = {"pairs": len(val), "accuracy": pairwise_accuracy(rc, rr), "mean_margin": mean_margin(rc, rr),
+                             "loss": bradley_terry_loss(rc, rr, margins),
+                             "mean_chosen": rc.mean().item(), "mean_rejected": rr.mean().item()}
+        out["calibration"] = calibration_table(rc, rr, recipe.calibration_bins)
+    # Reward statistics over the training prompts' chosen responses: PPO normalises with them.
+    chosen = [_side(p, "chosen") for p in splits.train[: recipe.stats_max_samples]]
+    r = _scores(model, tokenizer, chosen, device, bs)
+    out["reward_stats"] = {"mean": r.mean().item(), "std": r.std().item() if r.numel() > 1 else 0.0, "n": r.numel()}
+    if recipe.labelled is not None:
+        out["labelled"] = _labelled_metrics(model, tokenizer, recipe, out, device, bs)
+    return out
+
+
+def _labelled_metrics(model, tokenizer, recipe: RewardRecipe, out: dict, device, bs: int) -> dict[str, Any]:
+    rows, bad = [], 0
+    for row in read_rows(recipe.labelled.path, recipe.labelled.split):
+        try:
+            if row.data is None:
+                raise RowError(row.error or "unreadable")
+            rows.append(normalize_labelled(row.data))
+        except (RowError, ValueError):
+            bad += 1
+    if not rows:
+        raise DataError(f"{recipe.labelled.path}: no usable labelled responses ({bad} bad)")
+    scores = _scores(model, tokenizer, [r["prompt"] + r["response"] for r in rows], device, bs)
+    labels = torch.tensor([r["label"] for r in rows])
+    # Threshold halfway between the mean chosen and mean rejected reward on validation: the
+    # natural "good vs bad" boundary the model learned from pairs (its raw scale is arbitrary).
+    v = out.get("validation")
+    threshold = (v["mean_chosen"] + v["mean_rejected"]) / 2 if v else out["reward_stats"]["mean"]
+    return {**precision_recall(scores, labels, threshold), "bad_rows": bad}
+
+
+def run_reward(recipe: RewardRecipe, extra_callbacks: list | None = None) -> Path:
+    """Train the reward model and export it; returns `<output_dir>/reward`."""
+    from trl import RewardConfig, RewardTrainer
+
+    # 1. Hand-off checks and data, before any model is loaded.
+    dirs = common.start_stage(recipe.output_dir, "reward", recipe.demo_assets)
+    check_sft_parent(recipe)
+    tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.name_or_path,
+                               needs_chat_template=common.sources_are_conversational(
+                                   recipe.data.sources, ("prompt", "chosen", "rejected")))
+    splits, ties = prepare_reward_data(recipe, tokenizer)
+    train_ds, eval_ds = _to_dataset(splits.train, recipe.use_margin), _to_dataset(splits.validation, recipe.use_margin)
+
+    # 2. Model and trainer.
+    model = load_reward_model(recipe, tokenizer)
+    accuracy = recipe.best_metric == "accuracy"
+    args = RewardConfig(
+        **common.training_arguments(train=recipe.train, ds=recipe.deepspeed, model=recipe.model,
+                                    tracking=recipe.tracking, dirs=dirs, stage="reward",
+                                    has_validation=eval_ds is not None,
+                                    best_metric="eval_accuracy" if accuracy else "eval_loss",
+                                    greater_is_better=accuracy),
+        max_length=recipe.data.max_length,
+        center_rewards_coefficient=recipe.center_rewards_coefficient,
+    )
+    trainer = RewardTrainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+        peft_config=peft_config(recipe.peft, "SEQ_CLS"),  # SEQ_CLS trains and saves the head in full
+        callbacks=common.callbacks(recipe.train, dirs, eval_ds is not None) + list(extra_callbacks or []),
+    )
+
+    # 3. Train (resuming when a checkpoint exists).
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=common.resume_from(recipe.resume, dirs.checkpoints))
+    seconds = time.perf_counter() - start
+    if common.interrupted(trainer, recipe.train):
+        log.info("training stopped at step %d; rerun the same command to resume", trainer.state.global_step)
+        return dirs.out
+
+    # 4. Exact metrics with the final (or best) weights, on every rank.
+    evaluation = evaluate_reward_model(trainer.model, tokenizer, recipe, splits, trainer.args.device)
+    metrics = {"train_loss": result.training_loss, "global_step": trainer.state.global_step,
+               "train_seconds": round(seconds, 2), "best_checkpoint": trainer.state.best_model_checkpoint,
+               **evaluation}
+
+    # 5. Export, then the manifest last.
+    export = common.export(trainer, tokenizer, dirs.out, recipe.peft, recipe.model.name_or_path,
+                           lambda: load_unquantized(recipe.model.name_or_path, recipe.train.precision, "scorer",
+                                                    num_labels=1, pad_token_id=tokenizer.pad_token_id))
+    if distributed.is_main():
+        write_manifest(dirs.out, stage="reward", recipe=to_dict(recipe), started_at=dirs.started_at,
+                       parents=[parent_ref(recipe.model.name_or_path)],
+                       datasets={**splits.report(), "ties": ties}, metrics=metrics,
+                       reward_stats=evaluation["reward_stats"], world_size=distributed.world_size(), **export)
+        v = evaluation.get("validation", {})
+        log.info("reward model done in %.0fs: validation accuracy %s, mean margin %s -> %s", seconds,
+                 v.get("accuracy"), v.get("mean_margin"), dirs.out)
+        if "calibration" in evaluation:
+            log.info("calibration on the validation split:\n%s", format_calibration(evaluation["calibration"]))
+    distributed.barrier()
+    return dirs.out

@@ -36,3 +36,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+SFT_QUICK = ["train.max_steps=60", "train.micro_batch_size=16", "train.logging_steps=1", "train.eval_steps=10",
+             "train.save_steps=10", "train.warmup_ratio=0.0"]
+
+
+@pytest.fixture(scope="session")
+def sft_dir(demo_assets, tmp_path_factory) -> Path:
+    """A quickly trained SFT output (60 steps) for the stages that start from one."""
+    from rlhf.config import SFTRecipe, load_recipe
+    from rlhf.stages.sft import run_sft
+
+    out = tmp_path_factory.mktemp("sft_for_reward")
+    recipe = load_recipe(SFTRecipe, REPO / "recipes/demo/sft.yaml", demo_overrides(demo_assets, out) + SFT_QUICK)
+    return run_sft(recipe)
+
+
+def reward_overrides(assets: Path, sft: Path, out: Path) -> list[str]:
+    return [
+        f"demo_assets={assets}",
+        f"model.name_or_path={sft}",
+        f"data.sources.0.path={assets / 'data' / 'preferences.jsonl'}",
+        f"output_dir={out}",
+        "tracking.wandb=false",
+    ]

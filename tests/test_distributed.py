@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, demo_overrides, free_port
+from conftest import REPO, demo_overrides, free_port, reward_overrides
 from rlhf.checkpoint import MANIFEST
 
 pytestmark = pytest.mark.distributed
@@ -51,3 +51,22 @@ def test_sft_under_deepspeed_launcher(demo_assets, tmp_path, zero):
                            base.state_dict()["model.layers.0.mlp.up_proj.weight"])
     ckpt = out / "sft" / "checkpoints" / "checkpoint-8"
     assert ckpt.is_dir() and any(ckpt.glob("global_step*")), "DeepSpeed engine state missing from the checkpoint"
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_reward_under_deepspeed_launcher(demo_assets, sft_dir, tmp_path, zero):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "run"
+    launch("scripts/train_reward.py", "recipes/demo/reward.yaml",
+           reward_overrides(demo_assets, sft_dir, out) + [f"deepspeed.zero_stage={zero}", "train.max_steps=8",
+                                                          "train.micro_batch_size=8", "train.save_steps=4",
+                                                          "train.eval_steps=4", "train.logging_steps=1"],
+           tmp_path / "log.txt")
+    manifest = json.loads((out / "reward" / MANIFEST).read_text())
+    assert manifest["world_size"] == 2 and manifest["recipe"]["deepspeed"]["zero_stage"] == zero
+    assert manifest["parents"][0]["stage"] == "sft"
+    v = manifest["metrics"]["validation"]
+    assert v["pairs"] > 150 and 0.0 <= v["accuracy"] <= 1.0
+    model = AutoModelForSequenceClassification.from_pretrained(out / "reward")
+    assert model.score.weight.shape == (1, model.config.hidden_size)

@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, demo_overrides
+from conftest import REPO, SFT_QUICK, demo_overrides
 from rlhf.checkpoint import MANIFEST
 from rlhf.config import SFTRecipe, load_recipe
 from rlhf.stages.sft import run_sft
 from rlhf.tracking import METRICS_FILE, read_jsonl
 
-QUICK = ["train.max_steps=60", "train.micro_batch_size=16", "train.logging_steps=1", "train.eval_steps=10",
-         "train.save_steps=10", "train.warmup_ratio=0.0"]
+QUICK = SFT_QUICK
 
 
 def recipe(assets: Path, out: Path, *extra: str) -> SFTRecipe:

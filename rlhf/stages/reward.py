@@ -88,8 +88,9 @@ def _to_dataset(pairs: list[dict], use_margin: bool):
 
 def load_reward_model(recipe: RewardRecipe, tokenizer):
     """AutoModelForSequenceClassification with one label: the SFT body plus a fresh scalar head."""
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, set_seed
 
+    set_seed(recipe.train.seed)  # the new head is randomly initialised: same seed, same head, same run
     model = AutoModelForSequenceClassification.from_pretrained(
         recipe.model.name_or_path, num_labels=1, **model_kwargs(recipe.model, recipe.train.precision, recipe.peft))
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token

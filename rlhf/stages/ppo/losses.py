@@ -1,0 +1,195 @@
+"""PPO maths as pure functions of tensors: masked statistics, KL estimators, GAE, clipped losses.
+
+Shapes: B rollouts, T response tokens. `mask` (B, T) is 1 on response tokens that count (up to
+and including the first eos) and 0 on padding. Nothing here imports deepspeed or touches a model,
+so each function is unit-tested against numbers worked out by hand.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of x where mask is 1; (B, T) x (B, T) -> scalar."""
+    return (x * mask).sum()
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over mask; an all-masked input gives 0, not NaN (an empty batch adds no gradient)."""
+    n = mask.sum()
+    return (x * mask).sum() / n.clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Unbiased variance of x over mask (0 for fewer than two masked elements); -> scalar."""
+    n = mask.sum()
+    if n < 2:
+        return torch.zeros((), dtype=x.dtype, device=x.device)
+    mean = masked_mean(x, mask)
+    return ((x - mean) ** 2 * mask).sum() / (n - 1)
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
+    """(x - mean) / std over the masked elements, (B, T) -> (B, T); masked-out positions become 0."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask
+
+
+def kl_penalty(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL(policy || reference) estimate from sampled tokens, (B, T) -> (B, T).
+
+    k1 = log p - log q (unbiased, can be negative per token); k3 = (r - 1) - log r with
+    r = q / p (unbiased and always >= 0, lower variance). Schulman, "Approximating KL divergence" (2020).
+    """
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r} (k1 or k3)")
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """Dense PPO rewards: -kl_coef * KL on every response token, plus the sequence score on the
+    last one (Ziegler et al. 2019; Ouyang et al. 2022). scores (B,), kl and mask (B, T) -> (B, T)."""
+    rewards = -kl_coef * kl * mask
+    last = (mask.sum(dim=1).long() - 1).clamp(min=0)
+    has_tokens = mask.sum(dim=1) > 0
+    rewards[torch.arange(len(scores)), last] += torch.where(has_tokens, scores, torch.zeros_like(scores))
+    return rewards
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016), (B, T) each -> advantages, returns.
+
+    delta_t = r_t + gamma * V_{t+1} - V_t, A_t = delta_t + gamma * lam * A_{t+1}, with V and A
+    taken as 0 past the last unmasked token (the episode ends at eos). returns = A + V.
+    """
+    B, T = rewards.shape
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
+    next_adv = torch.zeros_like(next_value)
+    for t in reversed(range(T)):
+        m = mask[:, t]
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        adv = delta + gamma * lam * next_adv
+        advantages[:, t] = adv * m
+        # Past the end of a sequence nothing flows back; inside it the next step's values do.
+        next_value = torch.where(m > 0, values[:, t], torch.zeros_like(next_value))
+        next_adv = torch.where(m > 0, adv, torch.zeros_like(next_adv))
+    returns = (advantages + values) * mask
+    return advantages, returns
+
+
+@dataclass
+class PolicyLossOut:
+    loss: torch.Tensor  # scalar, to minimise
+    clip_fraction: torch.Tensor  # share of tokens where the clipped branch was taken
+    approx_kl: torch.Tensor  # mean of k3(old, new): how far this update moved the policy
+    ratio_mean: torch.Tensor  # mean probability ratio new / old
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip: float) -> PolicyLossOut:
+    """Clipped surrogate objective (Schulman et al. 2017, eq. 7), (B, T) each -> PolicyLossOut."""
+    log_ratio = (logprobs - old_logprobs) * mask
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+        approx_kl = masked_mean(torch.expm1(-log_ratio) + log_ratio, mask)
+        ratio_mean = masked_mean(ratio, mask)
+    return PolicyLossOut(loss, clip_fraction, approx_kl, ratio_mean)
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss 0.5 * max((V - R)^2, (V_clip - R)^2) (PPO2 baselines); -> (loss, clip fraction)."""
+    err = (values - returns) ** 2
+    if clip is None:
+        return 0.5 * masked_mean(err, mask), torch.zeros(())
+    v_clipped = old_values + torch.clamp(values - old_values, -clip, clip)
+    err_clipped = (v_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(err, err_clipped), mask)
+    with torch.no_grad():
+        frac = masked_mean((err_clipped > err).float(), mask)
+    return loss, frac
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of the categorical distribution at each position, (B, T, V) -> (B, T)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) under the logits, (B, T, V) x (B, T) -> (B, T)."""
+    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """1 - Var[R - V] / Var[R] over the mask: 1 is a perfect critic, 0 no better than a constant."""
+    var_r = masked_var(returns, mask)
+    if var_r == 0:
+        return torch.tensor(float("nan"))
+    return 1 - masked_var(returns - values, mask) / var_r
+
+
+@dataclass
+class KLController:
+    """KL coefficient: fixed, or adaptive towards a target KL (Ziegler et al. 2019, sec. 2.2)."""
+
+    value: float
+    target: float | None = None  # None: fixed coefficient
+    horizon: int = 10000
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Proportional control: e = clip(KL / target - 1, -0.2, 0.2); beta *= 1 + e * n / horizon."""
+        if self.target is None:
+            return
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value, self.target, self.horizon = state["value"], state["target"], state["horizon"]
+
+
+class RunningMoments:
+    """Running mean/std of scalar rewards (Chan et al. parallel update), for reward normalisation."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, 0.0, 0.0
+
+    def update(self, x: torch.Tensor) -> None:
+        n = x.numel()
+        if n == 0:
+            return
+        batch_mean = x.double().mean().item()
+        batch_m2 = ((x.double() - batch_mean) ** 2).sum().item()
+        delta = batch_mean - self.mean
+        total = self.count + n
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta**2 * self.count * n / total
+        self.count = total
+
+    @property
+    def std(self) -> float:
+        return (self.m2 / (self.count - 1)) ** 0.5 if self.count > 1 else 1.0
+
+    def state_dict(self) -> dict:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.count, self.mean, self.m2 = state["count"], state["mean"], state["m2"]

@@ -2,6 +2,7 @@
 
     rlhf sft --config recipes/demo/sft.yaml train.max_steps=20 output_dir=runs/try1
     rlhf reward --config recipes/demo/reward.yaml
+    rlhf ppo --config recipes/demo/ppo.yaml
     rlhf sft --config recipes/demo/sft.yaml --dry-run       # print the resolved recipe, run nothing
     rlhf demo build --out runs/demo/assets                  # tokenizer, tiny model, task data
 
@@ -27,6 +28,10 @@ def _run_stage(stage: str) -> Callable[[object], object]:
         from rlhf.stages.reward import run_reward
 
         return run_reward
+    if stage == "ppo":
+        from rlhf.stages.ppo.trainer import run_ppo
+
+        return run_ppo
     raise ConfigError(f"unknown stage {stage!r}")  # pragma: no cover - argparse limits the choices
 
 
@@ -76,6 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except (ConfigError, DataError, HandoffError) as e:
+        print(f"rlhf: error: {e}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if type(e).__name__ != "PPOAborted":
+            raise
+
         print(f"rlhf: error: {e}", file=sys.stderr)
         return 2
 

@@ -23,6 +23,12 @@ def _require_dir(path: str, what: str) -> None:
         raise HandoffError(f"{what} {path!r} is not a directory (expected a local HuggingFace model directory)")
 
 
+def require_chat_template(tok, path: str) -> None:
+    if not tok.chat_template:
+        raise HandoffError(f"the data is conversational (messages), but the tokenizer at {path!r} has no chat "
+                           "template; add one to tokenizer_config.json or use prompt/completion strings")
+
+
 def load_tokenizer(path: str, *, needs_chat_template: bool = False):
     """Load a tokenizer and check what training needs: eos, pad (defaulting to eos), template."""
     from transformers import AutoTokenizer
@@ -34,9 +40,8 @@ def load_tokenizer(path: str, *, needs_chat_template: bool = False):
     if tok.pad_token is None:
         log.warning("tokenizer at %s has no pad token; using its eos token %r for padding", path, tok.eos_token)
         tok.pad_token = tok.eos_token
-    if needs_chat_template and not tok.chat_template:
-        raise HandoffError(f"the data is conversational (messages), but the tokenizer at {path!r} has no chat "
-                           "template; add one to tokenizer_config.json or use prompt/completion strings")
+    if needs_chat_template:
+        require_chat_template(tok, path)
     return tok
 
 

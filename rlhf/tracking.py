@@ -85,3 +85,33 @@ def metrics_callback(path: Path):
                 log.write({"step": state.global_step, "epoch": state.epoch, **logs})
 
     return JsonlMetrics()
+
+
+class Tracker:
+    """For loops we own (PPO): metrics to the JSONL log always, to wandb when enabled; main rank only."""
+
+    def __init__(self, tracking: TrackingConfig, run_dir: Path, stage: str, out_dir: Path, config: dict):
+        self.jsonl = JsonlLog(Path(out_dir) / METRICS_FILE)
+        self.samples = JsonlLog(Path(out_dir) / "samples.jsonl")
+        self.run = None
+        if is_main() and setup_wandb_env(tracking, Path(run_dir), stage):
+            import wandb
+
+            self.run = wandb.init(config=config, reinit="finish_previous")
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        self.jsonl.write({"step": step, **metrics})
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def table(self, name: str, columns: list[str], rows: list[list[Any]], step: int) -> None:
+        for row in rows:
+            self.samples.write({"step": step, "table": name, **dict(zip(columns, row))})
+        if self.run is not None:
+            import wandb
+
+            self.run.log({name: wandb.Table(columns=columns, data=rows)}, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()

@@ -157,3 +157,20 @@ def normalize_labelled(data: dict[str, Any]) -> dict[str, Any]:
     if label not in (0.0, 1.0):
         raise RowError(f"'label' must be 0 (bad) or 1 (good), got {data['label']!r}")
     return {"prompt": prompt, "response": as_messages(data["response"], "response", "assistant"), "label": int(label)}
+
+
+def normalize_prompt(data: dict[str, Any]) -> Messages:
+    """A PPO prompt as chat messages ending with a user turn (a `messages` row drops trailing replies)."""
+    if data.get("prompt") not in (None, ""):
+        messages = as_messages(data["prompt"], "prompt", "user")
+    elif "messages" in data:
+        messages = as_messages(data["messages"], "messages", "user")
+        while messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+    else:
+        raise _missing(data, "'prompt' (or 'messages')")
+    if not messages or messages[-1]["role"] != "user":
+        raise RowError("a prompt must end with a user message")
+    if not messages[-1]["content"].strip():
+        raise EmptyRow("the prompt is empty")
+    return messages

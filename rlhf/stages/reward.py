@@ -21,7 +21,7 @@ from rlhf.config import RewardRecipe, to_dict
 from rlhf.data.formats import Messages, RowError, normalize_labelled, normalize_preference
 from rlhf.data.io import DataError, read_rows
 from rlhf.data.prepare import Splits, prepare_splits
-from rlhf.models import load_tokenizer, load_unquantized, model_kwargs, peft_config
+from rlhf.models import load_tokenizer, load_unquantized, model_kwargs, peft_config, require_chat_template
 from rlhf.reward_metrics import (bradley_terry_loss, calibration_table, format_calibration, mean_margin,
                                  pairwise_accuracy, precision_recall)
 from rlhf.scoring import score_sequences
@@ -165,9 +165,10 @@ def run_reward(recipe: RewardRecipe, extra_callbacks: list | None = None) -> Pat
     # 1. Hand-off checks and data, before any model is loaded.
     dirs = common.start_stage(recipe.output_dir, "reward", recipe.demo_assets)
     check_sft_parent(recipe)
-    tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.name_or_path,
-                               needs_chat_template=common.sources_are_conversational(
-                                   recipe.data.sources, ("prompt", "chosen", "rejected")))
+    tok_path = recipe.model.tokenizer or recipe.model.name_or_path
+    tokenizer = load_tokenizer(tok_path)
+    if common.sources_are_conversational(recipe.data.sources, ("prompt", "chosen", "rejected")):
+        require_chat_template(tokenizer, tok_path)
     splits, ties = prepare_reward_data(recipe, tokenizer)
     train_ds, eval_ds = _to_dataset(splits.train, recipe.use_margin), _to_dataset(splits.validation, recipe.use_margin)
 

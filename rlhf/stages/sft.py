@@ -17,7 +17,7 @@ from rlhf.checkpoint import write_manifest
 from rlhf.config import SFTRecipe, to_dict
 from rlhf.data.formats import Messages, normalize_sft, to_plain_text
 from rlhf.data.prepare import Splits, prepare_splits
-from rlhf.models import load_causal_lm, load_tokenizer, load_unquantized, peft_config
+from rlhf.models import load_causal_lm, load_tokenizer, load_unquantized, peft_config, require_chat_template
 from rlhf.stages import common
 
 log = logging.getLogger("rlhf")
@@ -103,8 +103,9 @@ def run_sft(recipe: SFTRecipe, extra_callbacks: list | None = None) -> Path:
     # 1. Directories, demo assets, tokenizer checks: everything that can fail cheaply, first.
     dirs = common.start_stage(recipe.output_dir, "sft", recipe.demo_assets)
     tok_path = recipe.model.tokenizer or recipe.model.name_or_path
-    tokenizer = load_tokenizer(tok_path, needs_chat_template=common.sources_are_conversational(
-        recipe.data.sources, ("messages", "prompt", "completion")))
+    tokenizer = load_tokenizer(tok_path)
+    if common.sources_are_conversational(recipe.data.sources, ("messages", "prompt", "completion")):
+        require_chat_template(tokenizer, tok_path)
     chat = bool(tokenizer.chat_template)
 
     # 2. Data: cleaned, split and mixed before any model is loaded.

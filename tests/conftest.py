@@ -61,3 +61,26 @@ def reward_overrides(assets: Path, sft: Path, out: Path) -> list[str]:
         f"output_dir={out}",
         "tracking.wandb=false",
     ]
+
+
+@pytest.fixture(scope="session")
+def reward_dir(demo_assets, sft_dir, tmp_path_factory) -> Path:
+    """A quickly trained reward model (60 steps) on top of `sft_dir`."""
+    from rlhf.config import RewardRecipe, load_recipe
+    from rlhf.stages.reward import run_reward
+
+    out = tmp_path_factory.mktemp("reward_for_ppo")
+    recipe = load_recipe(RewardRecipe, REPO / "recipes/demo/reward.yaml",
+                         reward_overrides(demo_assets, sft_dir, out) +
+                         ["train.max_steps=60", "train.eval_steps=30", "train.save_steps=30"])
+    return run_reward(recipe)
+
+
+def ppo_overrides(assets: Path, sft: Path, reward: Path, out: Path) -> list[str]:
+    return [
+        f"demo_assets={assets}", f"sft_dir={sft}", f"reward_dir={reward}",
+        f"prompts.sources.0.path={assets / 'data' / 'prompts.jsonl'}",
+        f"output_dir={out}", "tracking.wandb=false",
+        "train.max_steps=6", "train.save_steps=3", "train.micro_batch_size=8", "ppo.rollout_batch_size=16",
+        "generation.max_new_tokens=16", "sample_every=3",
+    ]

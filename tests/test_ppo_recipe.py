@@ -1,0 +1,158 @@
+"""PPO end to end on the demo task in one process: metrics, export, resume, guards, hand-off."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, ppo_overrides
+from rlhf.checkpoint import MANIFEST, HandoffError
+from rlhf.config import PPORecipe, load_recipe
+from rlhf.stages.ppo import trainer as ppo
+from rlhf.stages.ppo.trainer import PPOAborted, run_ppo
+from rlhf.tracking import METRICS_FILE, read_jsonl
+
+LOGGED = ["reward_mean", "reward_std", "kl", "entropy", "response_length", "clip_fraction", "approx_kl",
+          "value_loss", "policy_loss", "explained_variance", "kl_coef", "time/generation", "time/scoring",
+          "time/training", "tokens_per_second"]
+
+
+def recipe(assets, sft, reward, out, *extra) -> PPORecipe:
+    return load_recipe(PPORecipe, REPO / "recipes/demo/ppo.yaml", ppo_overrides(assets, sft, reward, out) + list(extra))
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path).state_dict()
+
+
+@pytest.fixture(scope="module")
+def ppo_run(demo_assets, sft_dir, reward_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ppo")
+    return run_ppo(recipe(demo_assets, sft_dir, reward_dir, out))
+
+
+def test_metrics_are_logged_and_finite(ppo_run):
+    rows = read_jsonl(ppo_run / METRICS_FILE)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    for r in rows:
+        for key in LOGGED:
+            assert key in r and math.isfinite(r[key]), (r["step"], key, r.get(key))
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4), "actor == reference before the first update"
+    assert rows[-1]["kl"] != 0.0
+    samples = read_jsonl(ppo_run / "samples.jsonl")
+    assert {s["step"] for s in samples} == {3, 6} and all({"prompt", "response", "reward"} <= set(s) for s in samples)
+
+
+def test_export_changed_actor_reloads_and_generates(ppo_run, sft_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    before, after = weights(sft_dir), weights(ppo_run)
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "PPO did not change the actor"
+    assert all(torch.isfinite(v).all() for v in after.values())
+    tok = AutoTokenizer.from_pretrained(ppo_run)
+    model = AutoModelForCausalLM.from_pretrained(ppo_run)
+    ids = tok.apply_chat_template([{"role": "user", "content": "tell me about the pizza ."}],
+                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    assert model.generate(**ids, max_new_tokens=8, do_sample=False).shape[1] > ids["input_ids"].shape[1]
+    m = json.loads((ppo_run / MANIFEST).read_text())
+    assert [p["stage"] for p in m["parents"]] == ["sft", "reward"]
+    assert m["metrics"]["steps"] == 6
+
+
+def test_states_are_complete_and_pruned(ppo_run):
+    states = sorted(p.name for p in (ppo_run / "checkpoints").iterdir())
+    assert states == ["step-3", "step-6"]
+    assert (ppo_run / "checkpoints" / "step-6" / "trainer_state.json").is_file()
+
+
+def test_reference_frozen_actor_moves_in_one_update(demo_assets, sft_dir, reward_dir, tmp_path):
+    r = recipe(demo_assets, sft_dir, reward_dir, tmp_path)
+    tok, _ = ppo.check_handoff(r)
+    m = ppo.build_models(r, tok)
+    ref_before = {k: v.clone() for k, v in m.reference.state_dict().items()}
+    actor_before = {k: v.detach().clone() for k, v in m.actor.module.state_dict().items()}
+    prompts = ppo.encode_prompts(tok, [[{"role": "user", "content": "tell me about the pizza ."}]] * 16)
+    ro = ppo.make_rollout(m, r, prompts, (0.0, 1.0), 0.05, {})
+    stats = ppo.ppo_update(m, r, ro, step=0, ptx_rows=None)
+    assert stats["skipped_minibatches"] == 0
+    assert all(torch.equal(ref_before[k], v) for k, v in m.reference.state_dict().items())
+    assert any(not torch.equal(actor_before[k], v) for k, v in m.actor.module.state_dict().items())
+
+
+def test_exploding_ratio_and_all_masked_batches_never_reach_the_weights(demo_assets, sft_dir, reward_dir, tmp_path):
+    r = recipe(demo_assets, sft_dir, reward_dir, tmp_path)
+    tok, _ = ppo.check_handoff(r)
+    m = ppo.build_models(r, tok)
+    prompts = ppo.encode_prompts(tok, [[{"role": "user", "content": "tell me about the pizza ."}]] * 16)
+    ro = ppo.make_rollout(m, r, prompts, (0.0, 1.0), 0.05, {})
+    before = {k: v.detach().clone() for k, v in m.actor.module.state_dict().items()}
+    ro.logprobs = ro.logprobs - 50.0  # ratio = e^50 on every token
+    stats = ppo.ppo_update(m, r, ro, step=0, ptx_rows=None)
+    assert stats["skipped_minibatches"] == 2 * r.ppo.ppo_epochs
+    assert all(torch.equal(before[k], v) for k, v in m.actor.module.state_dict().items())
+    ro.logprobs = ro.logprobs + 50.0
+    ro.response_mask = torch.zeros_like(ro.response_mask)  # nothing to learn from
+    stats = ppo.ppo_update(m, r, ro, step=0, ptx_rows=None)
+    assert math.isfinite(stats["policy_loss"]) and stats["policy_loss"] == 0.0
+    assert all(torch.isfinite(v).all() for v in m.actor.module.state_dict().values())
+
+
+def test_nan_reward_skips_the_step_and_repeated_nans_abort(demo_assets, sft_dir, reward_dir, tmp_path, monkeypatch):
+    real = ppo.score_sequences
+    calls = {"n": 0}
+
+    def nan_on_second_call(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        return out * float("nan") if calls["n"] == 2 else out
+
+    monkeypatch.setattr(ppo, "score_sequences", nan_on_second_call)
+    out = run_ppo(recipe(demo_assets, sft_dir, reward_dir, tmp_path / "one", "train.max_steps=3"))
+    rows = read_jsonl(out / METRICS_FILE)
+    assert rows[1].get("skipped_step") == 1.0 and "skipped_step" not in rows[2]
+    assert all(torch.isfinite(v).all() for v in weights(out).values())
+
+    monkeypatch.setattr(ppo, "score_sequences", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(PPOAborted, match="2 consecutive PPO steps had NaN/inf"):
+        run_ppo(recipe(demo_assets, sft_dir, reward_dir, tmp_path / "two", "ppo.max_bad_steps=2"))
+
+
+def test_resume_continues_as_if_never_stopped(demo_assets, sft_dir, reward_dir, tmp_path):
+    clean = run_ppo(recipe(demo_assets, sft_dir, reward_dir, tmp_path / "clean"))
+    interrupted = recipe(demo_assets, sft_dir, reward_dir, tmp_path / "resumed")
+    out = run_ppo(interrupted, on_step_end=lambda step, _: step == 4)  # stop after step 4 (state saved)
+    assert not (out / MANIFEST).exists() and (out / "checkpoints" / "step-4").is_dir()
+    run_ppo(interrupted)
+    a = {r["step"]: r for r in read_jsonl(clean / METRICS_FILE)}
+    b = {r["step"]: r for r in read_jsonl(out / METRICS_FILE)}
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in (5, 6):
+        for key in ("reward_mean", "kl", "policy_loss", "value_loss", "approx_kl", "kl_coef"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-6), (step, key)
+    wa, wb = weights(clean), weights(out)
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+
+def test_handoff_refuses_mismatched_tokenizer(demo_assets, sft_dir, reward_dir, tmp_path):
+    import shutil
+
+    bad = tmp_path / "reward_bad_tok"
+    shutil.copytree(reward_dir, bad)
+    cfg = json.loads((bad / "tokenizer_config.json").read_text())
+    cfg["chat_template"] = "{{ messages }}"
+    (bad / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (bad / "chat_template.jinja").write_text("{{ messages }}")
+    with pytest.raises(HandoffError, match="tokenizers of actor/reference .* and reward model .* differ"):
+        run_ppo(recipe(demo_assets, sft_dir, bad, tmp_path / "out"))
+
+
+def test_handoff_refuses_a_policy_as_reward_model(demo_assets, sft_dir, tmp_path):
+    with pytest.raises(HandoffError, match="expects a 'reward' output, but .* is a 'sft' output"):
+        run_ppo(recipe(demo_assets, sft_dir, sft_dir, tmp_path))

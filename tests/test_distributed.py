@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, demo_overrides, free_port, reward_overrides
+from conftest import REPO, demo_overrides, free_port, ppo_overrides, reward_overrides
 from rlhf.checkpoint import MANIFEST
 
 pytestmark = pytest.mark.distributed
@@ -70,3 +70,27 @@ def test_reward_under_deepspeed_launcher(demo_assets, sft_dir, tmp_path, zero):
     assert v["pairs"] > 150 and 0.0 <= v["accuracy"] <= 1.0
     model = AutoModelForSequenceClassification.from_pretrained(out / "reward")
     assert model.score.weight.shape == (1, model.config.hidden_size)
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_ppo_under_deepspeed_launcher(demo_assets, sft_dir, reward_dir, tmp_path, zero):
+    from transformers import AutoModelForCausalLM
+    import torch
+
+    out = tmp_path / "run"
+    launch("scripts/train_ppo.py", "recipes/demo/ppo.yaml",
+           ppo_overrides(demo_assets, sft_dir, reward_dir, out) + [f"deepspeed.zero_stage={zero}", "train.max_steps=3",
+                                                                  "train.save_steps=2"], tmp_path / "log.txt")
+    manifest = json.loads((out / "ppo" / MANIFEST).read_text())
+    assert manifest["world_size"] == 2 and manifest["recipe"]["deepspeed"]["zero_stage"] == zero
+    rows = [json.loads(l) for l in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    model = AutoModelForCausalLM.from_pretrained(out / "ppo")
+    sft = AutoModelForCausalLM.from_pretrained(sft_dir)
+    for k, v in sft.state_dict().items():
+        got = model.state_dict()[k]
+        assert got.shape == v.shape and torch.isfinite(got).all(), k
+    assert any(not torch.equal(v, model.state_dict()[k]) for k, v in sft.state_dict().items())
+    # each rank wrote its RNG state into the complete checkpoint
+    assert sorted(p.name for p in (out / "ppo" / "checkpoints" / "step-3").glob("rng_rank*.pt")) == \
+        ["rng_rank0.pt", "rng_rank1.pt"]

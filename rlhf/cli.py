@@ -17,6 +17,7 @@ import sys
 from typing import Callable
 
 from rlhf.config import STAGES, ConfigError, dump_yaml, load_recipe
+from rlhf.config_run import RECIPES
 
 
 def _run_stage(stage: str) -> Callable[[object], object]:
@@ -32,6 +33,14 @@ def _run_stage(stage: str) -> Callable[[object], object]:
         from rlhf.stages.ppo.trainer import run_ppo
 
         return run_ppo
+    if stage == "eval":
+        from rlhf.eval.run import run_eval
+
+        return run_eval
+    if stage == "pipeline":
+        from rlhf.pipeline import run_pipeline
+
+        return run_pipeline
     raise ConfigError(f"unknown stage {stage!r}")  # pragma: no cover - argparse limits the choices
 
 
@@ -46,7 +55,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for stage, cls in STAGES.items():
+    for stage, cls in RECIPES.items():
         _add_recipe_args(sub.add_parser(stage, help=(cls.__doc__ or "").split("\n")[0]))
     demo = sub.add_parser("demo", help="demo helpers")
     demo_sub = demo.add_subparsers(dest="demo_command", required=True)
@@ -57,8 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    if args.command in STAGES:
-        recipe = load_recipe(STAGES[args.command], args.config, args.overrides)
+    if args.command in RECIPES:
+        recipe = load_recipe(RECIPES[args.command], args.config, args.overrides)
         if args.dry_run:
             print(dump_yaml(recipe), end="")
             return 0
@@ -84,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlhf: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        if type(e).__name__ != "PPOAborted":
+        # Failures with a message meant for the user (not bugs): the PPO guard and a failed pipeline stage.
+        if type(e).__name__ not in ("PPOAborted", "StageFailed"):
             raise
-
         print(f"rlhf: error: {e}", file=sys.stderr)
         return 2
 

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Set up .venv and run the demo on the tiny model (CPU is fine): SFT, then the reward model.
+# Set up .venv and run the whole demo pipeline on the tiny model (CPU is fine):
+# SFT -> reward model -> PPO -> evaluation report. Rerunning skips finished stages.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+export TOKENIZERS_PARALLELISM=false
 start=$(date +%s)
-.venv/bin/rlhf sft --config recipes/demo/sft.yaml "$@"
-.venv/bin/rlhf reward --config recipes/demo/reward.yaml "$@"
+.venv/bin/rlhf pipeline --config recipes/demo/pipeline.yaml "$@"
 echo "[demo] finished in $(( $(date +%s) - start ))s"
-echo "[demo] SFT model:    runs/demo/sft     (manifest: runs/demo/sft/rlhf_manifest.json)"
-echo "[demo] reward model: runs/demo/reward  (validation accuracy and calibration in its manifest)"
+echo "[demo] models: runs/demo/{sft,reward,ppo}   report: runs/demo/eval/report.md"

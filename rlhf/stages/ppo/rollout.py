@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf.config import GenerationSettings, PPOSettings
+from rlhf.data.formats import Messages
 from rlhf.stages.ppo import losses
 
 
@@ -40,6 +41,15 @@ class Rollout:
 
     def select(self, idx: torch.Tensor) -> "Rollout":
         return Rollout(**{k: getattr(self, k)[idx] for k in self.__dataclass_fields__})
+
+
+def encode_prompts(tokenizer, prompts: list[Messages]) -> list[list[int]]:
+    """Chat prompts -> token ids ending with the assistant header; without a chat template, the
+    turns' text joined by blank lines."""
+    if tokenizer.chat_template:
+        return [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
+                for p in prompts]
+    return [tokenizer("\n\n".join(m["content"] for m in p))["input_ids"] for p in prompts]
 
 
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

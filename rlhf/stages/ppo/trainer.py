@@ -27,8 +27,8 @@ from rlhf.models import check_tokenizers_match, load_tokenizer
 from rlhf.scoring import score_sequences
 from rlhf.stages import common
 from rlhf.stages.ppo import engines, losses
-from rlhf.stages.ppo.rollout import (Rollout, advantages_and_returns, generate, left_pad, policy_outputs, positions,
-                                     response_mask_of, shape_scores)
+from rlhf.stages.ppo.rollout import (Rollout, advantages_and_returns, encode_prompts, generate, left_pad,
+                                     policy_outputs, positions, response_mask_of, shape_scores)
 from rlhf.stages.ppo.state import complete_states, load_state, save_state
 from rlhf.tracking import Tracker
 
@@ -82,13 +82,6 @@ def build_models(recipe: PPORecipe, tokenizer) -> Models:
     reference = engines.inference_model(engines.load_policy(recipe.sft_dir, recipe), recipe, device)
     reward = engines.inference_model(engines.load_scorer(recipe.reward_dir, recipe, pad), recipe, device)
     return Models(actor, critic, reference, reward, tokenizer, device)
-
-
-def encode_prompts(tokenizer, prompts: list[Messages]) -> list[list[int]]:
-    if tokenizer.chat_template:
-        return [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
-                for p in prompts]
-    return [tokenizer(p[-1]["content"])["input_ids"] for p in prompts]
 
 
 def stream_batch(rows: list, step: int, batch: int, seed: int) -> list:

@@ -1,0 +1,146 @@
+"""Recipe schemas for what runs around the training stages: evaluation and the whole pipeline.
+
+Kept apart from `config.py` (the training stages) to keep each module small; the same loader
+checks them (unknown keys and wrong types are errors naming the key).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from rlhf.config import STAGES, ConfigError, DataConfig, DataSource, GenerationSettings, TrackingConfig
+
+
+@dataclass
+class PolicySpec:
+    """One more policy to evaluate beside base / SFT / PPO."""
+
+    name: str = ""
+    """Row label in the report."""
+    path: str = ""
+    """Local HF directory of the policy."""
+    few_shot: int = 0
+    """Demonstrations from `few_shot_data` put before each prompt (for base models)."""
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.path:
+            raise ConfigError("extra_policies entries need a 'name' and a 'path'")
+
+
+@dataclass
+class EvalRecipe:
+    """Compare policies on held-out prompts: reward, win rate, KL, length, diversity, reward hacking."""
+
+    sft_dir: str
+    """SFT output: the KL reference and the baseline of every win rate."""
+    reward_dir: str
+    """Reward model that scores each response and judges win rates."""
+    prompts: DataConfig
+    """Held-out prompts (rows with `prompt` or `messages`); every row is used (no split)."""
+    ppo_dir: str | None = None
+    """PPO output to evaluate (its metrics.jsonl also gives the reward / KL curves)."""
+    base_dir: str | None = None
+    """Base model before SFT, evaluated with `base_few_shot` demonstrations as a baseline."""
+    base_few_shot: int = 2
+    """Demonstrations before each prompt for the base model."""
+    few_shot_data: DataSource | None = None
+    """Demonstrations (prompt/completion or messages) for few-shot prompts."""
+    extra_policies: list[PolicySpec] = field(default_factory=list)
+    """Any other policies to put in the table."""
+    heldout_reward_dir: str | None = None
+    """A second reward model that PPO never optimised against: a drop under it while the training
+    reward rises is the signature of reward hacking."""
+    samples_per_prompt: int = 4
+    """Responses sampled per prompt and policy."""
+    generation: GenerationSettings = field(default_factory=GenerationSettings)
+    """Sampling settings; the same for every policy."""
+    batch_size: int = 64
+    """Sequences per forward pass when sampling and scoring."""
+    ground_truth: Literal["none", "demo"] = "none"
+    """'demo': also score responses with the demo task's ground-truth scorer (0-100)."""
+    side_by_side: int = 5
+    """Prompts shown with every policy's answer in the report."""
+    seed: int = 0
+    """Sampling seed (the same for every policy)."""
+    output_dir: str = "runs/demo"
+    """Run directory; the report goes to `<output_dir>/eval/`."""
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    """wandb (report table, plots) and nothing else: the report files are always written."""
+    demo_assets: str | None = None
+    """Build the demo assets into this directory first (demo recipes only)."""
+
+    def __post_init__(self) -> None:
+        if self.samples_per_prompt < 1 or self.batch_size < 1:
+            raise ConfigError("samples_per_prompt and batch_size must be >= 1")
+        if self.base_dir and self.base_few_shot and self.few_shot_data is None:
+            raise ConfigError("base_few_shot > 0 needs few_shot_data (demonstrations to show the base model)")
+        if any(p.few_shot for p in self.extra_policies) and self.few_shot_data is None:
+            raise ConfigError("extra_policies with few_shot > 0 need few_shot_data")
+
+
+@dataclass
+class LauncherConfig:
+    """How the pipeline launches each training stage: the `deepspeed` launcher's arguments."""
+
+    num_gpus: int = 1
+    """Processes per node (GPUs; on a CPU machine, processes on gloo)."""
+    num_nodes: int = 1
+    """Nodes to use from the hostfile."""
+    hostfile: str | None = None
+    """DeepSpeed hostfile ('host slots=N' per line) for multi-node runs."""
+    master_addr: str | None = None
+    """Address of the first node (multi-node)."""
+    master_port: int | None = None
+    """Rendezvous port; default: a free one per stage."""
+
+    def __post_init__(self) -> None:
+        if self.num_gpus < 1 or self.num_nodes < 1:
+            raise ConfigError("launcher.num_gpus and launcher.num_nodes must be >= 1")
+
+
+@dataclass
+class StageOverrides:
+    """Extra `key=value` overrides per stage, applied after the pipeline's own wiring."""
+
+    sft: list[str] = field(default_factory=list)
+    reward: list[str] = field(default_factory=list)
+    ppo: list[str] = field(default_factory=list)
+    eval: list[str] = field(default_factory=list)
+
+
+PIPELINE_STAGES = ("sft", "reward", "ppo", "eval")
+
+
+@dataclass
+class PipelineRecipe:
+    """SFT -> reward -> PPO -> evaluation, each stage consuming the previous stage's directory."""
+
+    sft: str
+    """Path of the SFT recipe."""
+    reward: str
+    """Path of the reward recipe (its model is wired to `<output_dir>/sft`)."""
+    ppo: str
+    """Path of the PPO recipe (wired to `<output_dir>/sft` and `<output_dir>/reward`)."""
+    eval: str | None = None
+    """Path of the evaluation recipe (null: no evaluation)."""
+    output_dir: str = "runs/demo"
+    """Run directory shared by every stage: `<output_dir>/{sft,reward,ppo,eval}/`."""
+    overrides: StageOverrides = field(default_factory=StageOverrides)
+    """Per-stage recipe overrides."""
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    """Processes, nodes and hostfile for the training stages."""
+    group: str | None = None
+    """wandb group of all stages; default: the output directory's name."""
+    stages: list[str] = field(default_factory=lambda: list(PIPELINE_STAGES))
+    """Stages to run, in pipeline order (a stage whose output is complete is skipped anyway)."""
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.stages if s not in PIPELINE_STAGES]
+        if unknown:
+            raise ConfigError(f"stages: unknown stage(s) {unknown}; choose from {list(PIPELINE_STAGES)}")
+        if "eval" in self.stages and self.eval is None:
+            self.stages = [s for s in self.stages if s != "eval"]
+
+
+RECIPES: dict[str, type] = {**STAGES, "eval": EvalRecipe, "pipeline": PipelineRecipe}

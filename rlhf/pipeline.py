@@ -1,0 +1,164 @@
+"""`rlhf pipeline`: SFT -> reward -> PPO -> evaluation, one command, resumable.
+
+Each training stage runs under the `deepspeed` launcher (processes, nodes, hostfile from the
+recipe), so the pipeline scales exactly as the stages do. Every stage recipe is loaded and
+checked before anything runs, so a typo in the last stage fails in a second, not after an hour.
+A stage whose output has a manifest made by the same resolved recipe is skipped; an interrupted
+one resumes from its checkpoints (each stage's `resume: auto`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlhf.checkpoint import MANIFEST, HandoffError
+from rlhf.config import load_recipe, to_dict
+from rlhf.config_run import RECIPES, LauncherConfig, PipelineRecipe
+from rlhf.distributed import _free_port
+
+TRAINING = ("sft", "reward", "ppo")
+# Recipe sections that do not change what a stage produces: a rerun with another wandb group or
+# resume policy still finds the stage complete.
+NOT_OUTCOME = ("tracking", "resume")
+
+
+class StageFailed(RuntimeError):
+    """A stage's process exited with an error; its log says why, and rerunning resumes it."""
+
+
+@dataclass
+class PlannedStage:
+    name: str
+    recipe_path: str
+    overrides: list[str]  # everything passed after --config, wiring first, then the user's
+    resolved: dict[str, Any]  # the stage recipe as the stage itself will see it
+
+    @property
+    def out(self) -> Path:
+        return Path(self.resolved["output_dir"]) / self.name
+
+
+def stage_overrides(p: PipelineRecipe, stage: str) -> list[str]:
+    """Wire each stage to the run directory and to the outputs of the stages before it."""
+    out, group = p.output_dir, p.group or Path(p.output_dir).resolve().name
+    wiring = {"sft": [], "reward": [f"model.name_or_path={out}/sft"],
+              "ppo": [f"sft_dir={out}/sft", f"reward_dir={out}/reward"],
+              "eval": [f"sft_dir={out}/sft", f"reward_dir={out}/reward"] +
+                      ([f"ppo_dir={out}/ppo"] if "ppo" in p.stages else [])}[stage]
+    user = {"sft": p.overrides.sft, "reward": p.overrides.reward, "ppo": p.overrides.ppo, "eval": p.overrides.eval}
+    return [f"output_dir={out}", f"tracking.group={group}", *wiring, *user[stage]]
+
+
+def plan(p: PipelineRecipe) -> list[PlannedStage]:
+    """Load and validate every stage recipe up front (errors name the stage and the key)."""
+    paths = {"sft": p.sft, "reward": p.reward, "ppo": p.ppo, "eval": p.eval}
+    out = []
+    for stage in p.stages:
+        overrides = stage_overrides(p, stage)
+        try:
+            recipe = load_recipe(RECIPES[stage], paths[stage], overrides)
+        except Exception as e:
+            raise type(e)(f"pipeline stage '{stage}' ({paths[stage]}): {e}") from None
+        out.append(PlannedStage(stage, str(paths[stage]), overrides, json.loads(json.dumps(to_dict(recipe)))))
+    return out
+
+
+def is_complete(stage: PlannedStage) -> bool:
+    """Complete = a manifest written by the same resolved recipe. A manifest from a different
+    recipe is refused rather than overwritten: that output may be worth keeping."""
+    path = stage.out / MANIFEST
+    if not path.is_file():
+        return False
+    made_by = _outcome(json.loads(path.read_text()).get("recipe", {}))
+    if made_by == _outcome(stage.resolved):
+        return True
+    diffs = sorted(_diff(made_by, _outcome(stage.resolved)))
+    shown = "; ".join(diffs[:5]) + (f"; ... {len(diffs) - 5} more" if len(diffs) > 5 else "")
+    raise HandoffError(f"{stage.out} is complete but was made by a different '{stage.name}' recipe ({shown}). "
+                       f"Delete {stage.out} to redo it, or choose another output_dir.")
+
+
+def _outcome(recipe: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in recipe.items() if k not in NOT_OUTCOME}
+
+
+def _diff(a: Any, b: Any, where: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{where}.{k}" if where else k)]
+    return [] if a == b else [f"{where}: {a!r} then, {b!r} now"]
+
+
+def launch_command(stage: PlannedStage, launcher: LauncherConfig) -> list[str]:
+    """Training stages: the `deepspeed` launcher running `python -m rlhf.cli`; evaluation: plain python."""
+    args = ["-m", "rlhf.cli", stage.name, "--config", stage.recipe_path, *stage.overrides]
+    if stage.name not in TRAINING:
+        return [sys.executable, *args]
+    found = Path(sys.executable).parent / "deepspeed"
+    exe = str(found) if found.exists() else shutil.which("deepspeed")
+    if exe is None:
+        raise StageFailed("the 'deepspeed' launcher is not on PATH (pip install deepspeed)")
+    # --no_local_rank: the rank arrives in LOCAL_RANK; a --local_rank flag would land before the sub-command.
+    cmd = [exe, "--no_local_rank", "--num_gpus", str(launcher.num_gpus), "--num_nodes", str(launcher.num_nodes),
+           "--master_port", str(launcher.master_port or _free_port())]
+    if launcher.hostfile:
+        cmd += ["--hostfile", launcher.hostfile]
+    if launcher.master_addr:
+        cmd += ["--master_addr", launcher.master_addr]
+    return [*cmd, "--module", *args[1:]]
+
+
+def run_logged(cmd: list[str], log_path: Path) -> int:
+    """Run `cmd`, streaming its output to the terminal and to `log_path` as it comes."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("ab") as log:
+        log.write(f"\n$ {' '.join(cmd)}\n".encode())
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy())
+        assert proc.stdout is not None
+        while chunk := os.read(proc.stdout.fileno(), 65536):
+            sys.stdout.buffer.write(chunk), sys.stdout.flush()
+            log.write(chunk)
+        return proc.wait()
+
+
+def run_pipeline(p: PipelineRecipe) -> Path:
+    """Run (or skip, or resume) each stage in order; returns the run directory."""
+    stages = plan(p)
+    run_dir = Path(p.output_dir)
+    record: dict[str, Any] = {}
+    for stage in stages:
+        if is_complete(stage):
+            print(f"[pipeline] {stage.name}: complete in {stage.out}, skipped", flush=True)
+            record[stage.name] = {"status": "skipped"}
+            continue
+        print(f"[pipeline] {stage.name}: running ({stage.recipe_path})", flush=True)
+        t0 = time.perf_counter()
+        log_path = run_dir / "logs" / f"{stage.name}.log"
+        rc = run_logged(launch_command(stage, p.launcher), log_path)
+        if rc != 0 or not (stage.out / MANIFEST).is_file():
+            raise StageFailed(f"stage '{stage.name}' failed (exit code {rc}); see {log_path}. "
+                              "Rerun the same command to resume it from its last checkpoint.")
+        record[stage.name] = {"status": "ran", "seconds": round(time.perf_counter() - t0, 1)}
+        print(f"[pipeline] {stage.name}: done in {record[stage.name]['seconds']:.0f}s -> {stage.out}", flush=True)
+    (run_dir / "pipeline.json").write_text(json.dumps({"stages": record, "recipe": to_dict(p)}, indent=2))
+    print_summary(run_dir)
+    return run_dir
+
+
+def print_summary(run_dir: Path) -> None:
+    report = run_dir / "eval" / "report.json"
+    if not report.is_file():
+        return
+    summary = json.loads(report.read_text())["summary"]
+    print(f"\n[pipeline] report: {run_dir / 'eval' / 'report.md'}")
+    cols = [c for c in ("reward_mean", "win_rate_vs_sft", "ground_truth", "kl_to_sft") if c in summary.get("sft", {})]
+    print(f"{'model':<8}" + "".join(f"{c:>18}" for c in cols))
+    for name, row in summary.items():
+        print(f"{name:<8}" + "".join(f"{row[c]:>18.3f}" for c in cols))

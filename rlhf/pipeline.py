@@ -9,6 +9,7 @@ one resumes from its checkpoints (each stage's `resume: auto`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -77,13 +78,27 @@ def is_complete(stage: PlannedStage) -> bool:
     path = stage.out / MANIFEST
     if not path.is_file():
         return False
-    made_by = _outcome(json.loads(path.read_text()).get("recipe", {}))
+    manifest = json.loads(path.read_text())
+    made_by = _outcome(manifest.get("recipe", {}))
     if made_by == _outcome(stage.resolved):
-        return True
+        return not _stale(stage, manifest)
     diffs = sorted(_diff(made_by, _outcome(stage.resolved)))
     shown = "; ".join(diffs[:5]) + (f"; ... {len(diffs) - 5} more" if len(diffs) > 5 else "")
     raise HandoffError(f"{stage.out} is complete but was made by a different '{stage.name}' recipe ({shown}). "
                        f"Delete {stage.out} to redo it, or choose another output_dir.")
+
+
+def _stale(stage: PlannedStage, manifest: dict[str, Any]) -> bool:
+    """Whether a parent output changed since this stage consumed it (its manifest hash differs).
+    Evaluation is cheap and keeps no state: it is redone. A training stage is refused, because its
+    checkpoints were trained from the old parent and resuming them would mix the two."""
+    changed = [p["path"] for p in manifest.get("parents", [])
+               if not Path(p["path"], MANIFEST).is_file()
+               or hashlib.sha256(Path(p["path"], MANIFEST).read_bytes()).hexdigest() != p["manifest_sha256"]]
+    if changed and stage.name in TRAINING:
+        raise HandoffError(f"{stage.out} was made from an earlier version of {', '.join(changed)}; "
+                           f"delete {stage.out} to redo it from the current one.")
+    return bool(changed)
 
 
 def _outcome(recipe: dict[str, Any]) -> dict[str, Any]:

@@ -73,6 +73,19 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def truncate_after(path: Path, step: int) -> None:
+    """Drop rows logged after `step`: a run resumed from the state of `step` logs them again, and
+    a metrics log with each step once plots and compares cleanly. Main rank only."""
+    path = Path(path)
+    if not is_main() or not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
 def metrics_callback(path: Path):
     """A transformers TrainerCallback that mirrors every logged dict into the JSONL log."""
     from transformers import TrainerCallback

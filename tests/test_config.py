@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from rlhf.config import STAGES, ConfigError, SFTRecipe, load_recipe, to_dict
+from rlhf.config_run import RECIPES
 from rlhf.config_loader import apply_override
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,7 +101,7 @@ def test_override_keeps_other_list_entries(tmp_path):
 
 def _stage_of(path: Path) -> str:
     stem = path.stem
-    for stage in STAGES:
+    for stage in RECIPES:
         if stem == stage or stem.startswith(stage + "_") or stem.endswith("_" + stage):
             return stage
     raise AssertionError(f"{path}: cannot tell which stage this recipe is for; name it <stage>.yaml")
@@ -115,5 +116,5 @@ def test_recipes_exist():
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
 def test_every_shipped_recipe_loads(path):
-    recipe = load_recipe(STAGES[_stage_of(path)], path)
+    recipe = load_recipe(RECIPES[_stage_of(path)], path)
     assert to_dict(recipe)["output_dir"]

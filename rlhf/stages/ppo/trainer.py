@@ -30,7 +30,7 @@ from rlhf.stages.ppo import engines, losses
 from rlhf.stages.ppo.rollout import (Rollout, advantages_and_returns, encode_prompts, generate, left_pad,
                                      policy_outputs, positions, response_mask_of, shape_scores)
 from rlhf.stages.ppo.state import complete_states, load_state, save_state
-from rlhf.tracking import Tracker
+from rlhf.tracking import METRICS_FILE, Tracker, truncate_after
 
 log = logging.getLogger("rlhf")
 
@@ -255,6 +255,8 @@ def run_ppo(recipe: PPORecipe, on_step_end: Callable[[int, dict], bool] | None =
         start_step, bad_steps = saved["step"], saved["bad_steps"]
         kl_ctl.load_state_dict(saved["kl_controller"]), running.load_state_dict(saved["reward_normaliser"])
         log.info("resumed PPO from %s (step %d)", states[-1][1], start_step)
+    for name in (METRICS_FILE, "samples.jsonl"):
+        truncate_after(dirs.out / name, start_step)
     tracker = Tracker(recipe.tracking, dirs.run, "ppo", dirs.out, to_dict(recipe))
     from tqdm.auto import tqdm
 

@@ -52,11 +52,81 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory (a stage output, or a LoRA adapter)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=1.0)
+
+
+def _add_tool_args(sub) -> None:
+    gen = sub.add_parser("generate", help="answer every prompt of a prompts file with a model")
+    _add_generation_args(gen)
+    gen.add_argument("--prompts", required=True, help="prompts file (.jsonl/.json/.csv/.parquet) with 'prompt'")
+    gen.add_argument("--out", required=True, help="JSONL file to write")
+    gen.add_argument("--samples", type=int, default=1, help="responses per prompt")
+    gen.add_argument("--seed", type=int, default=0)
+    chat = sub.add_parser("chat", help="talk to a model in the terminal")
+    _add_generation_args(chat)
+    chat.add_argument("--system", default=None, help="system message")
+    exp = sub.add_parser("export", help="write a standalone HF directory (merges a LoRA adapter into its base)")
+    exp.add_argument("src", help="stage output or adapter directory")
+    exp.add_argument("out", help="new directory to write")
+    data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)
+    prep = data.add_parser("prepare", help="clean and split raw data into the files the stages read")
+    prep.add_argument("inputs", nargs="+", help="data files or save_to_disk directories")
+    prep.add_argument("--kind", required=True, choices=["sft", "preference", "prompt"])
+    prep.add_argument("--out", required=True, help="directory for train/validation/test.jsonl and report.json")
+    prep.add_argument("--validation", type=float, default=0.05)
+    prep.add_argument("--test", type=float, default=0.0)
+    prep.add_argument("--seed", type=int, default=0)
+    prep.add_argument("--max-length", type=int, default=None, help="drop longer rows (tokens, or words without --tokenizer)")
+    prep.add_argument("--tokenizer", default=None, help="tokenizer directory to count lengths with")
+    prep.add_argument("--bad-rows", choices=["drop", "error"], default="drop")
+
+
+def _run_tool(args: argparse.Namespace) -> int:
+    from rlhf.config import GenerationSettings
+
+    if args.command in ("generate", "chat"):
+        gen = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p)
+        if args.command == "chat":
+            from rlhf.generate import chat
+
+            chat(args.model, gen, system=args.system)
+            return 0
+        from rlhf.generate import generate_file
+
+        n = generate_file(args.model, args.prompts, args.out, gen, args.samples, args.seed)
+        print(f"[rlhf] wrote {n} responses to {args.out}")
+        return 0
+    if args.command == "export":
+        from rlhf.export import export
+
+        print(f"[rlhf] standalone model: {export(args.src, args.out)}")
+        return 0
+    from rlhf.data.export_splits import prepare_files
+
+    report = prepare_files(args.inputs, args.kind, args.out, validation=args.validation, test=args.test,
+                           seed=args.seed, max_length=args.max_length, tokenizer=args.tokenizer,
+                           bad_rows=args.bad_rows)
+    from rlhf.data.prepare import SourceReport
+
+    for src in report["sources"]:
+        print("[rlhf] " + SourceReport(**src).summary())
+        for line in src["bad_examples"]:
+            print(f"         dropped {line}")
+    print(f"[rlhf] wrote {args.out}/train.jsonl ({report['train']}), validation.jsonl ({report['validation']}), "
+          f"test.jsonl ({report['test']}) and report.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for stage, cls in RECIPES.items():
         _add_recipe_args(sub.add_parser(stage, help=(cls.__doc__ or "").split("\n")[0]))
+    _add_tool_args(sub)
     demo = sub.add_parser("demo", help="demo helpers")
     demo_sub = demo.add_subparsers(dest="demo_command", required=True)
     build = demo_sub.add_parser("build", help="build the demo tokenizer, tiny base model and task data")
@@ -74,6 +144,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         out = _run_stage(args.command)(recipe)
         print(f"[rlhf] {args.command} output: {out}")
         return 0
+    if args.command in ("generate", "chat", "export", "data"):
+        return _run_tool(args)
     if args.command == "demo" and args.demo_command == "build":
         from rlhf.demo.assets import build_demo_assets
 

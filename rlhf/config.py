@@ -382,6 +382,9 @@ class PPORecipe:
     """Engines for actor and critic (reference and reward model share the ZeRO stage, inference only)."""
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     """Rollout sampling."""
+    peft: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA on actor and critic (the critic's scalar head trains in full); the reference is then the
+    actor with its adapter disabled, so no second copy of the policy is held."""
     ppo: PPOSettings = field(default_factory=PPOSettings)
     """The algorithm."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
@@ -408,6 +411,9 @@ class PPORecipe:
             raise ConfigError("the PPO stage runs its models as DeepSpeed engines; deepspeed.enabled must be true")
         if self.keep_checkpoints < 1:
             raise ConfigError("keep_checkpoints must be >= 1")
+        if self.peft.quantization != "none":
+            raise ConfigError("peft.quantization (QLoRA) is not supported in PPO: actor and critic train in "
+                              "precision, use peft.enabled with quantization: none")
 
 
 STAGES: dict[str, type] = {"sft": SFTRecipe, "reward": RewardRecipe, "ppo": PPORecipe}

@@ -72,16 +72,18 @@ def test_reward_under_deepspeed_launcher(demo_assets, sft_dir, tmp_path, zero):
     assert model.score.weight.shape == (1, model.config.hidden_size)
 
 
-@pytest.mark.parametrize("zero", [2, 3])
-def test_ppo_under_deepspeed_launcher(demo_assets, sft_dir, reward_dir, tmp_path, zero):
+@pytest.mark.parametrize("zero,lora", [(2, False), (3, False), (3, True)])
+def test_ppo_under_deepspeed_launcher(demo_assets, sft_dir, reward_dir, tmp_path, zero, lora):
     from transformers import AutoModelForCausalLM
     import torch
 
     out = tmp_path / "run"
     launch("scripts/train_ppo.py", "recipes/demo/ppo.yaml",
            ppo_overrides(demo_assets, sft_dir, reward_dir, out) + [f"deepspeed.zero_stage={zero}", "train.max_steps=3",
-                                                                  "train.save_steps=2"], tmp_path / "log.txt")
+                                                                  "train.save_steps=2", f"peft.enabled={str(lora).lower()}"],
+           tmp_path / "log.txt")
     manifest = json.loads((out / "ppo" / MANIFEST).read_text())
+    assert (manifest["peft"] or {}).get("merged", False) is lora
     assert manifest["world_size"] == 2 and manifest["recipe"]["deepspeed"]["zero_stage"] == zero
     rows = [json.loads(l) for l in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]

@@ -156,3 +156,29 @@ def test_handoff_refuses_mismatched_tokenizer(demo_assets, sft_dir, reward_dir, 
 def test_handoff_refuses_a_policy_as_reward_model(demo_assets, sft_dir, tmp_path):
     with pytest.raises(HandoffError, match="expects a 'reward' output, but .* is a 'sft' output"):
         run_ppo(recipe(demo_assets, sft_dir, sft_dir, tmp_path))
+
+
+def test_lora_actor_and_critic_with_adapter_disabled_reference(demo_assets, sft_dir, reward_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    r = recipe(demo_assets, sft_dir, reward_dir, tmp_path, "peft.enabled=true", "peft.r=8", "peft.alpha=16",
+               "train.learning_rate=1e-2", "train.max_steps=3")
+    tok, _ = ppo.check_handoff(r)
+    m = ppo.build_models(r, tok)
+    assert m.reference is None, "LoRA PPO must not hold a second copy of the policy"
+    trainable = [n for n, p in m.critic.module.named_parameters() if p.requires_grad]
+    assert any("lora" in n for n in trainable) and any("score" in n for n in trainable)
+    del m
+    out = run_ppo(r)
+    rows = read_jsonl(out / METRICS_FILE)
+    assert rows[0]["kl"] == pytest.approx(0.0, abs=1e-4), "adapter-disabled reference == actor at the start"
+    assert rows[-1]["kl"] != 0.0 and all(math.isfinite(row["policy_loss"]) for row in rows)
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["peft"]["merged"] is True and manifest["peft"]["base"] == str(sft_dir)
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    adapted = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(sft_dir), out / "adapter")
+    x = torch.tensor([[2, 10, 20, 30, 1, 3]])
+    torch.testing.assert_close(merged(x).logits, adapted(x).logits, atol=1e-5, rtol=1e-5)
+    sft = AutoModelForCausalLM.from_pretrained(sft_dir)
+    assert not torch.allclose(merged(x).logits, sft(x).logits), "LoRA PPO changed nothing"

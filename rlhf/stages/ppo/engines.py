@@ -31,10 +31,12 @@ class TokenValues(nn.Module):
 
     def forward(self, input_ids, attention_mask, position_ids) -> torch.Tensor:
         """(B, T) ids -> (B, T) values."""
-        backbone = getattr(self.scorer, self.scorer.base_model_prefix)
+        # Under LoRA the adapters sit inside the wrapped model's layers, so its backbone uses them.
+        inner = self.scorer.get_base_model() if hasattr(self.scorer, "get_base_model") else self.scorer
+        backbone = getattr(inner, inner.base_model_prefix)
         hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                           use_cache=False).last_hidden_state
-        return self.scorer.score(hidden).squeeze(-1).float()
+        return inner.score(hidden).squeeze(-1).float()
 
 
 def _dtype(recipe: PPORecipe):
@@ -55,6 +57,46 @@ def load_scorer(path: str, recipe: PPORecipe, pad_token_id: int):
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=_dtype(recipe))
     model.config.pad_token_id = pad_token_id
     return model
+
+
+def with_lora(model: nn.Module, recipe: PPORecipe, task_type: str) -> nn.Module:
+    """Wrap in LoRA adapters when the recipe asks; a scorer's head is trained in full and saved."""
+    if not recipe.peft.enabled:
+        return model
+    from peft import get_peft_model
+
+    from rlhf.models import peft_config
+
+    return get_peft_model(model, peft_config(recipe.peft, task_type, ["score"] if task_type == "SEQ_CLS" else None))
+
+
+def reference_context(actor_module: nn.Module, has_reference: bool):
+    """Without a separate reference (LoRA), the reference policy is the actor with adapters off."""
+    return contextlib.nullcontext() if has_reference else actor_module.disable_adapter()
+
+
+def export_lora(engine, recipe: PPORecipe, out) -> dict[str, Any]:
+    """Collective: gather the actor's adapter weights (ZeRO-3 too), then on the main rank write the
+    merged model (adapter kept in `out/adapter`) or the adapter alone. Returns the manifest's peft record."""
+    from pathlib import Path
+
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from rlhf.distributed import is_main
+
+    with gathered(engine, recipe.deepspeed.zero_stage):
+        adapter = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(engine.module).items()}
+    info = {"type": "lora", "merged": recipe.peft.merge_on_export, "base": str(recipe.sft_dir)}
+    if is_main():
+        model = with_lora(load_policy(recipe.sft_dir, recipe), recipe, "CAUSAL_LM")
+        set_peft_model_state_dict(model, adapter)
+        if recipe.peft.merge_on_export:
+            model.save_pretrained(Path(out) / "adapter")
+            model.merge_and_unload().save_pretrained(out)
+            info["adapter"] = str(Path(out) / "adapter")
+        else:
+            model.save_pretrained(out)
+    return info
 
 
 def training_engine(model: nn.Module, recipe: PPORecipe, learning_rate: float):

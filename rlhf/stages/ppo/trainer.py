@@ -43,7 +43,7 @@ class PPOAborted(RuntimeError):
 class Models:
     actor: object  # DeepSpeed training engine (causal LM)
     critic: object  # DeepSpeed training engine (TokenValues)
-    reference: torch.nn.Module  # frozen SFT policy
+    reference: torch.nn.Module | None  # frozen SFT policy; None under LoRA (the adapter-disabled actor)
     reward: torch.nn.Module  # frozen reward model
     tokenizer: object
     device: torch.device
@@ -76,10 +76,13 @@ def build_models(recipe: PPORecipe, tokenizer) -> Models:
         torch.cuda.set_device(device)
     pad = tokenizer.pad_token_id
     critic_src = recipe.reward_dir if recipe.ppo.critic_init == "reward" else recipe.sft_dir
-    actor = engines.training_engine(engines.load_policy(recipe.sft_dir, recipe), recipe, recipe.train.learning_rate)
-    critic = engines.training_engine(engines.TokenValues(engines.load_scorer(critic_src, recipe, pad)), recipe,
-                                     recipe.ppo.critic_learning_rate)
-    reference = engines.inference_model(engines.load_policy(recipe.sft_dir, recipe), recipe, device)
+    policy = engines.with_lora(engines.load_policy(recipe.sft_dir, recipe), recipe, "CAUSAL_LM")
+    actor = engines.training_engine(policy, recipe, recipe.train.learning_rate)
+    scorer = engines.with_lora(engines.load_scorer(critic_src, recipe, pad), recipe, "SEQ_CLS")
+    critic = engines.training_engine(engines.TokenValues(scorer), recipe, recipe.ppo.critic_learning_rate)
+    # With LoRA the reference is the actor with its adapter disabled: no second copy of the policy.
+    reference = None if recipe.peft.enabled else engines.inference_model(
+        engines.load_policy(recipe.sft_dir, recipe), recipe, device)
     reward = engines.inference_model(engines.load_scorer(recipe.reward_dir, recipe, pad), recipe, device)
     return Models(actor, critic, reference, reward, tokenizer, device)
 
@@ -129,7 +132,8 @@ def make_rollout(m: Models, recipe: PPORecipe, prompts: list[list[int]], norm: t
     pos = positions(attn)
     on = [x.to(dev) for x in (ids, attn, pos, response)]
     logp, entropy = policy_outputs(m.actor.module, *on, gen.temperature, with_entropy=True)
-    ref_logp, _ = policy_outputs(m.reference, *on, gen.temperature)
+    with engines.reference_context(m.actor.module, m.reference is not None):
+        ref_logp, _ = policy_outputs(m.reference or m.actor.module, *on, gen.temperature)
     m.critic.module.eval()
     P = prompt_ids.shape[1]
     values = m.critic.module(on[0], on[1], on[2])[:, P - 1:-1]
@@ -314,16 +318,20 @@ def run_ppo(recipe: PPORecipe, on_step_end: Callable[[int, dict], bool] | None =
             return dirs.out
 
     # Export the policy (ZeRO-3 shards gathered), then the manifest last.
-    state = engines.full_state_dict(m.actor, recipe.deepspeed.zero_stage)
+    if recipe.peft.enabled:
+        peft_info = engines.export_lora(m.actor, recipe, dirs.out)
+    else:
+        peft_info, state = None, engines.full_state_dict(m.actor, recipe.deepspeed.zero_stage)
     if distributed.is_main():
-        m.actor.module.save_pretrained(dirs.out, state_dict=state)
+        if not recipe.peft.enabled:
+            m.actor.module.save_pretrained(dirs.out, state_dict=state)
         tokenizer.save_pretrained(dirs.out)
         final = {k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)}
         write_manifest(dirs.out, stage="ppo", recipe=to_dict(recipe), started_at=dirs.started_at,
                        parents=[parent_ref(recipe.sft_dir), parent_ref(recipe.reward_dir)],
                        datasets={"prompts": prompt_splits.report()}, metrics={**final, "steps": recipe.train.max_steps,
                                                                                "train_seconds": time.perf_counter() - started},
-                       world_size=distributed.world_size())
+                       world_size=distributed.world_size(), peft=peft_info)
         log.info("PPO done: %d steps -> %s", recipe.train.max_steps, dirs.out)
     distributed.barrier()
     tracker.finish()

@@ -304,6 +304,9 @@ class GenerationSettings:
     """Nucleus sampling threshold (1.0: off)."""
     top_k: int = 0
     """Top-k sampling (0: off)."""
+    gather_weights: bool = True
+    """ZeRO-3: materialise the whole actor once per rollout batch (fast generation). False gathers
+    layer by layer for every token: slow, but the model never sits whole on one GPU (70B scale)."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1 or self.temperature <= 0 or not 0 < self.top_p <= 1:

@@ -139,10 +139,10 @@ def inference_model(model: nn.Module, recipe: PPORecipe, device: torch.device) -
     return engine.module
 
 
-def gathered(engine, zero_stage: int):
+def gathered(engine, zero_stage: int, enabled: bool = True):
     """Context that materialises full weights once (ZeRO-3) for a whole `generate` call, instead of
-    gathering each layer again for every generated token."""
-    if zero_stage != 3:
+    gathering each layer again for every generated token (`enabled=False` keeps the per-layer way)."""
+    if zero_stage != 3 or not enabled:
         return contextlib.nullcontext()
     import deepspeed
 

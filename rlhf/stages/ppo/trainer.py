@@ -119,7 +119,7 @@ def make_rollout(m: Models, recipe: PPORecipe, prompts: list[list[int]], norm: t
     tok, gen, ppo, dev = m.tokenizer, recipe.generation, recipe.ppo, m.device
     prompt_ids, prompt_mask = left_pad(prompts, tok.pad_token_id)
     t0 = time.perf_counter()
-    with engines.gathered(m.actor, recipe.deepspeed.zero_stage):
+    with engines.gathered(m.actor, recipe.deepspeed.zero_stage, gen.gather_weights):
         m.actor.module.eval()
         response = generate(m.actor.module, prompt_ids.to(dev), prompt_mask.to(dev), gen, tok.eos_token_id,
                             tok.pad_token_id).cpu()

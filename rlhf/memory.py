@@ -1,0 +1,140 @@
+"""Per-GPU memory estimates for a recipe, from the model's shape: pure arithmetic, no torch.
+
+Model states follow the ZeRO paper (Rajbhandari et al. 2020, section 3): with mixed-precision
+AdamW, Psi parameters cost 2 Psi (bf16 weights) + 2 Psi (bf16 gradients) + 12 Psi (fp32 master
+weights, momentum, variance); stage 1 shards the 12 Psi, stage 2 also the gradients, stage 3 also
+the weights, each over N data-parallel ranks. Offload moves the optimizer states (and, at stage
+3, the weights) to CPU memory. Activations use the per-layer estimate of Korthikanti et al. 2022
+(34 s b h bytes per layer without recomputation; with gradient checkpointing only each layer's
+input, 2 s b h, is kept, plus one layer being recomputed), plus fp32 logits and their gradient.
+These are estimates of the steady state, good to about 20%: allocator fragmentation, CUDA
+context (~0.5-1 GB) and communication buckets come on top.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimate needs to know about a decoder-only transformer."""
+
+    params: int  # all parameters
+    hidden: int
+    layers: int
+    vocab: int
+    heads: int
+
+
+def model_states(params: int, trainable: int, zero_stage: int, world: int, precision: str = "bf16",
+                 offload_optimizer: bool = False, offload_params: bool = False) -> dict[str, float]:
+    """Bytes per GPU (and per rank on CPU) of weights, gradients and optimizer states.
+
+    `trainable` parameters get gradients and AdamW states (LoRA: the adapters only); the other
+    `params - trainable` are frozen weights, sharded too at ZeRO-3.
+    """
+    w = 4 if precision == "fp32" else 2  # bytes per weight / gradient
+    opt = 8 if precision == "fp32" else 12  # fp32 training keeps no separate master copy
+    weights = w * params / (world if zero_stage == 3 else 1)
+    grads = w * trainable / (world if zero_stage >= 2 else 1)
+    states = opt * trainable / (world if zero_stage >= 1 else 1)
+    gpu = grads + (0 if offload_params else weights) + (0 if offload_optimizer else states)
+    cpu = (weights if offload_params else 0) + (states if offload_optimizer else 0)
+    return {"gpu": gpu, "cpu": cpu}
+
+
+def activations(shape: Shape, micro_batch: int, seq: int, checkpointing: bool, logits: bool = True) -> float:
+    """Bytes of activations for one micro-batch's forward + backward (bf16 activations)."""
+    sbh = seq * micro_batch * shape.hidden
+    per_layer = 34 * sbh  # attention with a fused kernel: no s^2 term (flash / sdpa)
+    act = (2 * sbh * shape.layers + per_layer) if checkpointing else per_layer * shape.layers
+    if logits:  # fp32 logits and their gradient
+        act += 2 * 4 * seq * micro_batch * shape.vocab
+    return float(act)
+
+
+def kv_cache(shape: Shape, kv_heads: int, batch: int, seq: int) -> float:
+    """Bytes of the bf16 KV cache when generating `batch` sequences of `seq` tokens."""
+    return float(2 * 2 * shape.layers * batch * seq * kv_heads * (shape.hidden // shape.heads))
+
+
+def lora_params(shape: Shape, r: int, intermediate: int, kv_heads: int) -> int:
+    """Adapter parameters of rank r on every linear layer of every block (q, k, v, o, gate, up, down)."""
+    head_dim = shape.hidden // shape.heads
+    h, kv = shape.hidden, kv_heads * head_dim
+    pairs = [(h, h), (h, kv), (h, kv), (h, h), (h, intermediate), (h, intermediate), (intermediate, h)]
+    return shape.layers * sum(r * (a + b) for a, b in pairs)
+
+
+def stage_estimates(shape: Shape, kv_heads: int, intermediate: int, tied: bool, world: int, recipes: dict) -> dict:
+    """GB per GPU for each stage recipe in `recipes` ({"sft": SFTRecipe, "reward": ..., "ppo": ...})."""
+    out = {}
+    head = 0 if tied else shape.vocab * shape.hidden  # a scorer drops the LM head, keeps a 1 x h one
+
+    def trainable(r, n: int) -> int:
+        return lora_params(shape, r.peft.r, intermediate, kv_heads) if r.peft.enabled else n
+
+    def states(r, n: int) -> dict[str, float]:
+        ds = r.deepspeed
+        return model_states(n, trainable(r, n), ds.zero_stage, world, r.train.precision, ds.offload_optimizer,
+                            ds.offload_params)
+
+    for name in ("sft", "reward"):
+        if name not in recipes:
+            continue
+        r = recipes[name]
+        n = shape.params - (head if name == "reward" else 0)
+        st = states(r, n)
+        act = activations(shape, r.train.micro_batch_size, r.data.max_length, r.model.gradient_checkpointing,
+                          logits=name == "sft")
+        out[name] = {"model_states": st["gpu"] / GB, "activations": act / GB, "cpu_per_rank": st["cpu"] / GB,
+                     "total": (st["gpu"] + act) / GB}
+    if "ppo" in recipes:
+        r = recipes["ppo"]
+        z3 = r.deepspeed.zero_stage == 3
+        frozen = 2 / (world if z3 else 1)  # bf16 frozen weights, partitioned at ZeRO-3
+        actor, critic = states(r, shape.params), states(r, shape.params - head)
+        seq = r.prompts.max_length + r.generation.max_new_tokens
+        ref = 0 if r.peft.enabled else frozen * shape.params  # LoRA: the adapter-disabled actor
+        rm = frozen * (shape.params - head)
+        # generation: the actor gathered whole once (ZeRO-3, unless gather_weights is off) + KV cache
+        whole = 2 * shape.params if z3 and r.generation.gather_weights else 0
+        gen = whole + kv_cache(shape, kv_heads, r.ppo.rollout_batch_size, seq)
+        train_act = activations(shape, r.train.micro_batch_size, seq, True, logits=True)
+        peak_phase = max(gen, train_act)  # generation and training never overlap
+        fixed = actor["gpu"] + critic["gpu"] + ref + rm
+        out["ppo"] = {"model_states": (actor["gpu"] + critic["gpu"]) / GB, "frozen_models": (ref + rm) / GB,
+                      "generation": gen / GB, "activations": train_act / GB,
+                      "cpu_per_rank": (actor["cpu"] + critic["cpu"]) / GB, "total": (fixed + peak_phase) / GB}
+    return out
+
+
+def estimate_recipe_dir(directory, peft: bool | None = None) -> dict:
+    """Load `<dir>/{pipeline,sft,reward,ppo}.yaml` and `<dir>/architecture/config.json`; returns
+    {"world": N, "params": P, "stages": {stage: {part: GB}}}. Imports torch / transformers."""
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rlhf.config import STAGES, load_recipe
+    from rlhf.config_run import PipelineRecipe
+
+    d = Path(directory)
+    pipe = load_recipe(PipelineRecipe, d / "pipeline.yaml")
+    world = pipe.launcher.num_gpus * pipe.launcher.num_nodes
+    cfg = AutoConfig.from_pretrained(d / "architecture")
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+    shape = Shape(params, cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size, cfg.num_attention_heads)
+    recipes = {s: load_recipe(STAGES[s], d / f"{s}.yaml") for s in STAGES if (d / f"{s}.yaml").is_file()}
+    if peft is not None:  # the same recipes with LoRA switched on or off
+        from dataclasses import replace
+
+        recipes = {s: replace(r, peft=replace(r.peft, enabled=peft)) for s, r in recipes.items()}
+    stages = stage_estimates(shape, cfg.num_key_value_heads, cfg.intermediate_size,
+                             bool(cfg.tie_word_embeddings), world, recipes)
+    return {"world": world, "params": params, "stages": stages}

@@ -1,0 +1,91 @@
+"""The GPU recipes cannot run here, so everything about them that can be checked without a GPU is:
+they load, DeepSpeed accepts their configs, the models they name have the shapes and parameter
+counts we claim (built on the meta device, no weights), and the memory estimate fits the GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+from rlhf import memory
+from rlhf.config import STAGES, load_recipe
+from rlhf.config_run import PipelineRecipe
+from rlhf.distributed import build_deepspeed_config
+
+GPU_DIRS = sorted(p.parent for p in (REPO / "recipes").glob("*/architecture"))
+# Published parameter counts of the models the recipes are written for.
+PARAMS = {"qwen2.5-0.5b": 494_032_768, "llama3-8b": 8_030_261_248, "llama3-70b": 70_553_706_496}
+GPU_GB = 80  # the recipes target 80 GB GPUs (A100 / H100 80GB)
+
+
+def test_three_model_sizes_are_shipped():
+    assert sorted(d.name for d in GPU_DIRS) == sorted(PARAMS)
+
+
+def test_model_states_by_hand():
+    psi = 10**9
+    assert memory.model_states(psi, psi, 0, 1)["gpu"] == 16e9  # 2 + 2 + 12 bytes per parameter
+    assert memory.model_states(psi, psi, 1, 4)["gpu"] == 4e9 + 3e9  # 2 + 2 + 12/4
+    assert memory.model_states(psi, psi, 2, 4)["gpu"] == 2e9 + 14e9 / 4
+    assert memory.model_states(psi, psi, 3, 8)["gpu"] == 2e9  # 16 / 8
+    off = memory.model_states(psi, psi, 3, 8, offload_optimizer=True, offload_params=True)
+    assert off == {"gpu": 2e9 / 8, "cpu": 14e9 / 8}
+    assert memory.model_states(psi, 0, 3, 8)["gpu"] == 2e9 / 8  # frozen weights only
+    assert memory.model_states(psi, psi, 0, 1, precision="fp32")["gpu"] == 16e9  # 4 + 4 + 8
+
+
+def test_activations_and_kv_by_hand():
+    shape = memory.Shape(params=0, hidden=10, layers=2, vocab=100, heads=2)
+    # checkpointed: 2 s b h per layer kept + one layer recomputed (34 s b h) + fp32 logits and grad
+    assert memory.activations(shape, 1, 4, True) == 2 * 40 * 2 + 34 * 40 + 8 * 4 * 100
+    assert memory.activations(shape, 1, 4, False, logits=False) == 34 * 40 * 2
+    assert memory.kv_cache(shape, kv_heads=1, batch=3, seq=4) == 2 * 2 * 2 * 3 * 4 * 1 * 5
+
+
+@pytest.mark.parametrize("d", GPU_DIRS, ids=lambda d: d.name)
+def test_model_builds_on_meta_with_the_claimed_size(d):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cfg = AutoConfig.from_pretrained(d / "architecture", num_labels=1)
+    with torch.device("meta"):
+        lm = AutoModelForCausalLM.from_config(cfg)
+        rm = AutoModelForSequenceClassification.from_config(cfg)
+    n_lm = sum(p.numel() for p in lm.parameters())
+    assert n_lm == PARAMS[d.name]
+    head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size
+    assert sum(p.numel() for p in rm.parameters()) == n_lm - head + cfg.hidden_size  # scalar head
+    assert lm.lm_head.weight.shape == (cfg.vocab_size, cfg.hidden_size)
+    assert len(lm.model.layers) == cfg.num_hidden_layers
+
+
+@pytest.mark.parametrize("d", GPU_DIRS, ids=lambda d: d.name)
+def test_deepspeed_accepts_every_stage_config(d):
+    from deepspeed.runtime.config import DeepSpeedConfig as DSParsed
+
+    pipe = load_recipe(PipelineRecipe, d / "pipeline.yaml")
+    world = pipe.launcher.num_gpus * pipe.launcher.num_nodes
+    for stage in ("sft", "reward", "ppo"):
+        r = load_recipe(STAGES[stage], d / f"{stage}.yaml")
+        cfg = build_deepspeed_config(r.deepspeed, r.train, world)
+        assert cfg["train_batch_size"] == r.train.micro_batch_size * r.train.gradient_accumulation_steps * world
+        assert cfg["zero_optimization"]["stage"] == r.deepspeed.zero_stage
+        assert cfg["bf16"]["enabled"], f"{d.name}/{stage}: GPU recipes train in bf16"
+        parsed = DSParsed(build_deepspeed_config(r.deepspeed, r.train, 1))  # the parser sees world size 1 here
+        assert parsed.zero_optimization_stage == r.deepspeed.zero_stage
+    if pipe.launcher.hostfile:
+        hosts = [line.split() for line in Path(REPO / pipe.launcher.hostfile).read_text().splitlines() if line]
+        assert len(hosts) == pipe.launcher.num_nodes and all(h[1] == f"slots={pipe.launcher.num_gpus}" for h in hosts)
+
+
+@pytest.mark.parametrize("d", GPU_DIRS, ids=lambda d: d.name)
+def test_memory_estimate_fits_the_gpu_and_is_written_in_the_recipe(d):
+    est = memory.estimate_recipe_dir(d)
+    for stage, s in est["stages"].items():
+        assert s["total"] < 0.9 * GPU_GB, f"{d.name}/{stage}: {s['total']:.1f} GB per GPU"
+        assert s["cpu_per_rank"] * 8 < 1000, f"{d.name}/{stage}: over 1 TB of CPU memory per node"
+        assert f"# Estimated memory per GPU: {s['total']:.0f} GB" in (d / f"{stage}.yaml").read_text()
+    lora = memory.estimate_recipe_dir(d, peft=True)
+    assert lora["stages"]["sft"]["model_states"] <= est["stages"]["sft"]["model_states"]

@@ -87,9 +87,11 @@ def generate(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: G
 def policy_outputs(policy, input_ids, attention_mask, position_ids, response: torch.Tensor, temperature: float,
                    with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (B, R) of the response tokens (and entropies (B, R)) under `policy`."""
-    P = input_ids.shape[1] - response.shape[1]
+    R = response.shape[1]
+    # logits_to_keep: the LM head runs on the R + 1 last positions only, never on the prompt (with a
+    # 150k vocabulary and long prompts that is most of the logits memory).
     logits = policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=False).logits[:, P - 1:-1].float() / temperature
+                    use_cache=False, logits_to_keep=R + 1).logits[:, :-1].float() / temperature
     logp = losses.logprobs_of(logits, response)
     return logp, (losses.entropy_from_logits(logits) if with_entropy else None)
 

@@ -127,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     for stage, cls in RECIPES.items():
         _add_recipe_args(sub.add_parser(stage, help=(cls.__doc__ or "").split("\n")[0]))
     _add_tool_args(sub)
+    from rlhf.label.cli import add_parser as add_label_parser
+
+    add_label_parser(sub)
     demo = sub.add_parser("demo", help="demo helpers")
     demo_sub = demo.add_subparsers(dest="demo_command", required=True)
     build = demo_sub.add_parser("build", help="build the demo tokenizer, tiny base model and task data")
@@ -146,6 +149,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command in ("generate", "chat", "export", "data"):
         return _run_tool(args)
+    if args.command == "label":
+        from rlhf.label.cli import run as run_label
+
+        return run_label(args)
     if args.command == "demo" and args.demo_command == "build":
         from rlhf.demo.assets import build_demo_assets
 

@@ -1,0 +1,95 @@
+"""`rlhf label ...`: create a labelling project, add annotators, serve the app, stats, export."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+
+def add_parser(sub) -> None:
+    label = sub.add_parser("label", help="collect human preference data (web app for annotators)")
+    cmds = label.add_subparsers(dest="label_command", required=True)
+    init = cmds.add_parser("init", help="create a project: prompts, candidate responses, pairs to label")
+    init.add_argument("--db", default="labels.sqlite", help="SQLite file, or a URL (postgresql+psycopg://...)")
+    init.add_argument("--prompts", help="prompts file (rows with 'prompt' or 'messages')")
+    init.add_argument("--policy", help="model directory that writes the candidates")
+    init.add_argument("--policy-b", help="a second model: pairs are then A's answer against B's")
+    init.add_argument("--samples", type=int, default=2, help="candidates per prompt (split over both policies)")
+    init.add_argument("--candidates", help="JSONL of ready candidates {prompt, response, model} instead")
+    init.add_argument("--overlap", type=int, default=1, help="annotators per pair (>1 measures agreement)")
+    init.add_argument("--reward-model", help="serve the pairs it is least certain about first")
+    init.add_argument("--max-new-tokens", type=int, default=64)
+    init.add_argument("--temperature", type=float, default=1.0)
+    init.add_argument("--seed", type=int, default=0)
+    add = cmds.add_parser("add-annotator", help="create an annotator and print their access token")
+    add.add_argument("name")
+    add.add_argument("--db", default="labels.sqlite")
+    add.add_argument("--admin", action="store_true", help="may open the statistics page")
+    serve = cmds.add_parser("serve", help="start the web app")
+    serve.add_argument("--db", default="labels.sqlite")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    st = cmds.add_parser("stats", help="labels per annotator, throughput, agreement, tie and both-bad rates")
+    st.add_argument("--db", default="labels.sqlite")
+    st.add_argument("--json", action="store_true")
+    exp = cmds.add_parser("export", help="write preference pairs in the reward stage's format")
+    exp.add_argument("--db", default="labels.sqlite")
+    exp.add_argument("--out", required=True)
+    exp.add_argument("--ties", choices=["keep", "drop"], default="keep",
+                     help="keep majority ties as tie rows (the reward recipe decides) or drop them")
+    exp.add_argument("--min-labels", type=int, default=1, help="pairs with fewer labels are left out")
+    exp.add_argument("--margin-scale", type=float, default=0.5, help="margin = scale x (strength - 1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    try:
+        return _run(args)
+    except (ValueError, FileExistsError, FileNotFoundError) as e:  # the user's to fix: say it, exit 2
+        print(f"rlhf: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from rlhf.label import project, store
+
+    cmd = args.label_command
+    if cmd == "init":
+        from rlhf.config import GenerationSettings
+
+        if args.overlap < 1 or args.samples < 1:
+            raise ValueError("--overlap and --samples must be >= 1")
+        gen = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+        made = project.init_project(args.db, prompts_path=args.prompts, policy=args.policy, policy_b=args.policy_b,
+                                    samples=args.samples, candidates_path=args.candidates, overlap=args.overlap,
+                                    reward_model=args.reward_model, gen=gen, seed=args.seed)
+        print(f"[rlhf] {args.db}: {made['prompts']} prompts, {made['pairs']} pairs to label "
+              f"({made['identical_skipped']} pairs of identical answers left out)")
+    elif cmd == "add-annotator":
+        token = store.add_annotator(store.connect(args.db), args.name, args.admin)
+        print(f"[rlhf] annotator {args.name!r}{' (admin)' if args.admin else ''}; their access token "
+              f"(shown once, stored only as a hash):\n{token}")
+    elif cmd == "serve":
+        from rlhf.label.server import serve
+
+        serve(args.db, args.host, args.port)
+    elif cmd == "stats":
+        s = project.stats(store.connect(args.db))
+        if args.json:
+            print(json.dumps(s, indent=2))
+            return 0
+        f = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"  # noqa: E731
+        print(f"{s['labels']} labels on {s['labelled_pairs']} of {s['pairs']} pairs; tie rate {f(s['tie_rate'])}, "
+              f"both-bad rate {f(s['both_bad_rate'])}")
+        print(f"agreement on {s['overlapping_pairs']} overlapping pairs: raw {f(s['raw_agreement'])}, "
+              f"Fleiss' kappa {f(s['fleiss_kappa'])}, mean Cohen's kappa {f(s['cohen_kappa_mean'])}")
+        for name, a in s["annotators"].items():
+            print(f"  {name:<20} {a['labels']:>6} labels  {f(a['per_hour']):>8} per hour")
+    else:
+        counts = project.export(store.connect(args.db), args.out, args.ties, args.min_labels, args.margin_scale)
+        rest = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if k != "written")
+        print(f"[rlhf] wrote {counts['written']} preference pairs to {args.out}" + (f" (left out or tied: {rest})"
+                                                                                    if rest else ""))
+    return 0

@@ -1,0 +1,204 @@
+"""Create a labelling project, measure it, and export it into the reward stage's format."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, select
+
+from rlhf.config import DataConfig, DataSource, GenerationSettings
+from rlhf.data.formats import Messages, normalize_prompt
+from rlhf.data.io import DataError
+from rlhf.data.prepare import prepare_splits
+from rlhf.label import agreement, store
+
+
+def _load_prompts(path: str) -> list[Messages]:
+    cfg = DataConfig(sources=[DataSource(path=path)], validation_fraction=0.0, max_length=10**9)
+    return prepare_splits(cfg, normalize_prompt).train
+
+
+def generate_candidates(prompts: list[Messages], policy: str, samples: int, gen: GenerationSettings,
+                        seed: int) -> list[list[str]]:
+    """`samples` responses per prompt from one policy (the evaluation sampler, so the same code path)."""
+    import torch
+
+    from rlhf.eval.sampling import encode_prompts, sample
+    from rlhf.generate import load_policy
+    from rlhf.models import load_tokenizer
+
+    tok = load_tokenizer(policy)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    s = sample(load_policy(policy, device), tok, encode_prompts(tok, prompts), samples, gen, seed, 64, device)
+    out: list[list[str]] = [[] for _ in prompts]
+    for i, r in zip(s.prompt_index, s.responses):
+        out[i].append(tok.decode(r, skip_special_tokens=True).strip())
+    return out
+
+
+def _candidates_file(path: str) -> tuple[list[Messages], list[list[tuple[str, str]]]]:
+    """Ready candidates: rows {prompt, response, model?}; grouped by prompt in file order."""
+    from rlhf.data.io import read_rows
+
+    grouped: dict[str, list[tuple[str, str]]] = {}
+    first: dict[str, Messages] = {}
+    for row in read_rows(path):
+        if row.data is None or not str(row.data.get("response", "")).strip():
+            raise DataError(f"{row.where}: a candidate needs a 'prompt' and a non-empty 'response'")
+        msgs = normalize_prompt(row.data)
+        key = json.dumps(msgs)
+        first.setdefault(key, msgs)
+        grouped.setdefault(key, []).append((str(row.data["response"]).strip(), str(row.data.get("model", path))))
+    return [first[k] for k in grouped], list(grouped.values())
+
+
+def init_project(db: str, *, prompts_path: str | None, policy: str | None, policy_b: str | None, samples: int,
+                 candidates_path: str | None, overlap: int, reward_model: str | None, gen: GenerationSettings,
+                 seed: int = 0) -> dict[str, int]:
+    """Fill a new database with prompts, candidate responses and the pairs to label."""
+    if store.db_url(db).startswith("sqlite") and Path(db).exists():
+        raise FileExistsError(f"{db} exists; a project is created once (add annotators or serve it)")
+    if candidates_path:
+        prompts, cands = _candidates_file(candidates_path)
+        settings = {"source": "candidates file"}
+    else:
+        if not (prompts_path and policy):
+            raise ValueError("give --prompts and --policy (and optionally --policy-b), or --candidates")
+        prompts = _load_prompts(prompts_path)
+        settings = {"temperature": gen.temperature, "top_p": gen.top_p, "max_new_tokens": gen.max_new_tokens,
+                    "samples": samples, "seed": seed}
+        per = samples if policy_b is None else max(1, samples // 2)
+        a = generate_candidates(prompts, policy, max(per, 2 if policy_b is None else 1), gen, seed)
+        b = generate_candidates(prompts, policy_b, per, gen, seed + 1) if policy_b else None
+        cands = [[(t, policy) for t in a[i]] + ([(t, policy_b) for t in b[i]] if b else []) for i in range(len(prompts))]
+    engine = store.connect(db, create=True)
+    rng = random.Random(seed)
+    n_pairs = n_same = 0
+    planned: list[tuple[int, int, int]] = []
+    with engine.begin() as c:
+        c.execute(store.meta.insert(), [{"key": "overlap", "value": str(overlap)},
+                                        {"key": "created_at", "value": store.now().isoformat()}])
+        for msgs, options in zip(prompts, cands):
+            pid = c.execute(store.prompts.insert().values(messages=json.dumps(msgs))).inserted_primary_key[0]
+            ids = [c.execute(store.candidates.insert().values(prompt_id=pid, text=t, source=src,
+                                                              settings=json.dumps(settings))).inserted_primary_key[0]
+                   for t, src in options]
+            texts = [t for t, _ in options]
+            # Two policies: A's i-th sample against B's i-th; one policy: samples two by two.
+            half = len(ids) // 2 if policy_b else 0
+            idx = [(i, half + i) for i in range(half)] if policy_b else [(i, i + 1) for i in range(0, len(ids) - 1, 2)]
+            for i, j in idx:
+                if texts[i] == texts[j]:
+                    n_same += 1  # identical answers carry no preference
+                    continue
+                planned.append((pid, ids[i], ids[j]))
+        priorities = _priorities(c, planned, reward_model, rng)
+        for (pid, a_id, b_id), prio in zip(planned, priorities):
+            c.execute(store.pairs.insert().values(prompt_id=pid, a_id=a_id, b_id=b_id, priority=prio))
+            n_pairs += 1
+    return {"prompts": len(prompts), "pairs": n_pairs, "identical_skipped": n_same}
+
+
+def _priorities(conn, planned: list[tuple[int, int, int]], reward_model: str | None, rng: random.Random) -> list[float]:
+    """Random order, or with a reward model the least certain pairs first: |P(a > b) - 1/2|."""
+    if not reward_model:
+        return [rng.random() for _ in planned]
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.models import load_tokenizer
+    from rlhf.scoring import score_sequences
+    from rlhf.stages.reward import encode
+
+    tok = load_tokenizer(reward_model)
+    model = AutoModelForSequenceClassification.from_pretrained(reward_model)
+    text = {r.id: (r.text, r.prompt_id) for r in conn.execute(select(store.candidates))}
+    msgs = {r.id: json.loads(r.messages) for r in conn.execute(select(store.prompts))}
+    seqs = [encode(tok, msgs[p] + [{"role": "assistant", "content": text[cid][0]}])
+            for p, a, b in planned for cid in (a, b)]
+    scores = score_sequences(model, seqs, tok.pad_token_id, "cpu") if seqs else torch.zeros(0)
+    return [abs(1 / (1 + math.exp(-(float(scores[2 * i]) - float(scores[2 * i + 1])))) - 0.5)
+            for i in range(len(planned))]
+
+
+def _labels_by_pair(engine) -> dict[int, list[dict[str, Any]]]:
+    out: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    with engine.connect() as c:
+        rows = c.execute(select(store.labels, store.annotators.c.name)
+                         .join(store.annotators, store.annotators.c.id == store.labels.c.annotator_id)).mappings()
+        for r in rows:
+            out[r["pair_id"]].append(dict(r))
+    return out
+
+
+def stats(engine) -> dict[str, Any]:
+    """Labels and throughput per annotator; agreement on pairs labelled more than once; rates."""
+    by_pair = _labels_by_pair(engine)
+    per: dict[str, list] = defaultdict(list)
+    for labels in by_pair.values():
+        for lab in labels:
+            per[lab["name"]].append(lab["created_at"])
+    annotators = {}
+    for name, times in sorted(per.items()):
+        span_h = (max(times) - min(times)).total_seconds() / 3600
+        annotators[name] = {"labels": len(times), "per_hour": len(times) / span_h if span_h > 0 else None}
+    multi = [[lab["choice"] for lab in labels] for labels in by_pair.values() if len(labels) >= 2]
+    by_rater: dict[str, dict[int, str]] = defaultdict(dict)
+    for pid, labels in by_pair.items():
+        for lab in labels:
+            by_rater[lab["name"]][pid] = lab["choice"]
+    all_choices = Counter(lab["choice"] for labels in by_pair.values() for lab in labels)
+    total = sum(all_choices.values())
+    with engine.connect() as c:
+        n_pairs = c.execute(select(func.count()).select_from(store.pairs)).scalar()
+    return {"pairs": int(n_pairs), "labelled_pairs": len(by_pair), "labels": total, "annotators": annotators,
+            "overlapping_pairs": len(multi), "raw_agreement": agreement.raw_agreement(multi),
+            "fleiss_kappa": agreement.fleiss_kappa(multi), "cohen_kappa_mean": agreement.mean_pairwise_cohen(by_rater),
+            "tie_rate": all_choices["tie"] / total if total else float("nan"),
+            "both_bad_rate": all_choices["both_bad"] / total if total else float("nan")}
+
+
+def export(engine, out: str | Path, ties: str = "keep", min_labels: int = 1, margin_scale: float = 0.5) -> dict[str, int]:
+    """Majority vote per pair -> JSONL rows the reward stage reads as they are:
+    {prompt (messages), chosen, rejected, margin, tie, provenance}. Margin = margin_scale x (mean
+    strength of the winning votes - 1): 0 for 'slightly better', up to 1.0 for 'much better'."""
+    by_pair = _labels_by_pair(engine)
+    counts = Counter()
+    with engine.connect() as c:
+        cands = {r.id: r for r in c.execute(select(store.candidates))}
+        prompts = {r.id: json.loads(r.messages) for r in c.execute(select(store.prompts))}
+        all_pairs = list(c.execute(select(store.pairs).order_by(store.pairs.c.id)))
+    rows = []
+    for p in all_pairs:
+        labels = by_pair.get(p.id, [])
+        if len(labels) < min_labels or not labels:
+            counts["unlabelled"] += 1
+            continue
+        winner = agreement.majority([lab["choice"] for lab in labels])
+        if winner == "both_bad":
+            counts["both_bad"] += 1
+            continue
+        if winner == "tie" and ties == "drop":
+            counts["ties_dropped"] += 1
+            continue
+        chosen, rejected = (p.b_id, p.a_id) if winner == "b" else (p.a_id, p.b_id)
+        strengths = [lab["strength"] for lab in labels if lab["choice"] == winner and lab["strength"]]
+        margin = margin_scale * (sum(strengths) / len(strengths) - 1) if strengths and winner != "tie" else 0.0
+        rows.append({"prompt": prompts[p.prompt_id], "chosen": cands[chosen].text, "rejected": cands[rejected].text,
+                     "margin": margin, "tie": winner == "tie",
+                     "provenance": {"pair_id": p.id, "votes": dict(Counter(lab["choice"] for lab in labels)),
+                                    "annotators": sorted(lab["name"] for lab in labels),
+                                    "chosen_source": cands[chosen].source, "rejected_source": cands[rejected].source}})
+        counts["ties" if winner == "tie" else "pairs"] += 1
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(out) + ".tmp")
+    with tmp.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(out)
+    return {"written": len(rows), **counts}

@@ -1,0 +1,47 @@
+"""`rlhf eval` in one process on the session's SFT and reward outputs: a held-out reward model,
+an extra few-shot policy, the report's files, and the hand-off refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import REPO
+from rlhf.checkpoint import MANIFEST, HandoffError
+from rlhf.config import load_recipe
+from rlhf.config_run import EvalRecipe
+from rlhf.eval.run import run_eval
+
+
+def recipe(assets, sft, reward, out, *extra) -> EvalRecipe:
+    return load_recipe(EvalRecipe, REPO / "recipes/demo/eval.yaml", [
+        f"demo_assets={assets}", f"base_dir={assets / 'base'}", f"sft_dir={sft}", "ppo_dir=null",
+        f"reward_dir={reward}", f"prompts.sources.0.path={assets / 'data/heldout_prompts.jsonl'}",
+        f"few_shot_data.path={assets / 'data/sft.jsonl'}", f"output_dir={out}", "tracking.wandb=false",
+        "samples_per_prompt=2", "generation.max_new_tokens=12", *extra])
+
+
+def test_eval_with_heldout_reward_model_and_extra_policy(demo_assets, sft_dir, reward_dir, tmp_path):
+    out = run_eval(recipe(demo_assets, sft_dir, reward_dir, tmp_path, f"heldout_reward_dir={reward_dir}",
+                          f"extra_policies=[{{name: sft_fewshot, path: {sft_dir}, few_shot: 1}}]"))
+    report = json.loads((out / "report.json").read_text())
+    s = report["summary"]
+    assert list(s) == ["base", "sft", "sft_fewshot"]
+    # the same model as judge and held-out judge must agree exactly
+    for row in s.values():
+        assert row["heldout_reward_mean"] == pytest.approx(row["reward_mean"], abs=1e-6)
+    assert report["prompts"] == 24 and len(report["samples"]) == 3 * 24 * 2
+    assert s["sft_fewshot"]["kl_to_sft"] != pytest.approx(0.0, abs=1e-3)  # demonstrations change the answers
+    md = (out / "report.md").read_text()
+    assert "| held-out RM |" in md
+    assert "ppo_curves.png" not in md and (out / "lengths.png").is_file()  # no PPO: no curves
+    m = json.loads((out / MANIFEST).read_text())
+    assert m["stage"] == "eval" and [p["stage"] for p in m["parents"]] == ["sft", "sft"]
+
+
+def test_eval_refuses_wrong_stage_outputs(demo_assets, sft_dir, reward_dir, tmp_path):
+    with pytest.raises(HandoffError, match="expects a 'ppo' output"):
+        run_eval(recipe(demo_assets, sft_dir, reward_dir, tmp_path, f"ppo_dir={sft_dir}"))
+    with pytest.raises(HandoffError, match="expects a 'reward' output"):
+        run_eval(recipe(demo_assets, sft_dir, sft_dir, tmp_path))

@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from conftest import REPO
 from label_helpers import make_project
 from rlhf.cli import main
+from rlhf.config import load_recipe
 from rlhf.label import project, store
 from rlhf.label.server import create_app
 
@@ -222,3 +223,40 @@ def test_init_from_two_policies_with_active_sampling(sft_dir, reward_dir, demo_a
     with sqlite3.connect(db) as c:
         least_certain = c.execute("select id from pairs order by priority, id limit 1").fetchone()[0]
     assert first == least_certain
+
+
+def test_reward_stage_trains_on_the_export(demo_assets, sft_dir, tmp_path):
+    """Candidates from the demo's preference pairs, labelled through the API as the annotator
+    stand-in judged them, exported, and trained on by the reward stage with no conversion."""
+    from rlhf.config import GenerationSettings, RewardRecipe
+    from rlhf.stages.reward import run_reward
+
+    prefs = [json.loads(line) for line in (demo_assets / "data/preferences.jsonl").read_text().splitlines()[:160]]
+    cands = tmp_path / "cands.jsonl"
+    cands.write_text("".join(json.dumps({"prompt": p["prompt"], "response": r, "model": m}) + "\n"
+                             for i, p in enumerate(prefs)
+                             for r, m in ((p["chosen"], f"c{i}"), (p["rejected"], f"r{i}"))))
+    db = tmp_path / "labels.sqlite"
+    # one pair per distinct prompt in the file: candidates are grouped by prompt, paired two by two
+    project.init_project(str(db), prompts_path=None, policy=None, policy_b=None, samples=2,
+                         candidates_path=str(cands), overlap=1, reward_model=None, gen=GenerationSettings())
+    engine = store.connect(str(db))
+    token = store.add_annotator(engine, "ann")
+    client = TestClient(create_app(str(db)))
+    h = bearer(token)
+    chosen_texts = {p["chosen"] for p in prefs}
+    n = 0
+    while (nxt := client.get("/api/next", headers=h).json()["pair"]) is not None:
+        choice = "left" if nxt["left"] in chosen_texts else "right"
+        assert client.post("/api/labels", json={"pair_id": nxt["pair_id"], "choice": choice, "strength": 2},
+                           headers=h).status_code == 201
+        n += 1
+    out = tmp_path / "prefs.jsonl"
+    assert project.export(engine, out)["written"] == n and n >= 60
+    recipe = load_recipe(RewardRecipe, REPO / "recipes/demo/reward.yaml", [
+        f"model.name_or_path={sft_dir}", f"data.sources.0.path={out}", "data.bad_rows=error", "demo_assets=null",
+        f"output_dir={tmp_path / 'run'}", "tracking.wandb=false", "train.num_epochs=1", "train.micro_batch_size=8",
+        "train.eval_steps=4", "train.save_steps=4"])
+    done = run_reward(recipe)
+    m = json.loads((done / "rlhf_manifest.json").read_text())
+    assert m["stage"] == "reward" and m["metrics"]["validation"]["pairs"] >= 5

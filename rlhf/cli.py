@@ -16,7 +16,7 @@ import argparse
 import sys
 from typing import Callable
 
-from rlhf.config import STAGES, ConfigError, dump_yaml, load_recipe
+from rlhf.config import ConfigError, dump_yaml, load_recipe
 from rlhf.config_run import RECIPES
 
 

@@ -11,12 +11,10 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
-import torch
-
 from rlhf.config import DataConfig, DataSource, GenerationSettings
 from rlhf.data.formats import Messages, normalize_prompt
 from rlhf.data.prepare import prepare_splits
-from rlhf.models import load_tokenizer
+from rlhf.models import default_device, load_tokenizer
 
 
 def load_policy(path: str, device):
@@ -29,22 +27,19 @@ def load_policy(path: str, device):
     return model.to(device).eval()
 
 
-def _device():
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
 def generate_file(model_dir: str, prompts_path: str, out_path: str, gen: GenerationSettings, samples: int = 1,
                   seed: int = 0, batch_size: int = 32) -> int:
     """Answer every prompt of a prompts file (any format the stages read); returns rows written."""
     from tqdm.auto import tqdm
 
-    from rlhf.eval.sampling import encode_prompts, sample
+    from rlhf.eval.sampling import sample
+    from rlhf.stages.ppo.rollout import encode_prompts
 
     tok = load_tokenizer(model_dir)
     cfg = DataConfig(sources=[DataSource(path=prompts_path)], validation_fraction=0.0, deduplicate=False,
                      max_length=10**9)
     prompts = prepare_splits(cfg, normalize_prompt).train
-    device = _device()
+    device = default_device()
     model = load_policy(model_dir, device)
     ids = encode_prompts(tok, prompts)
     rows = []
@@ -66,7 +61,7 @@ def chat(model_dir: str, gen: GenerationSettings, stdin: TextIO = sys.stdin, std
     from rlhf.stages.ppo.rollout import encode_prompts, generate, left_pad, response_mask_of
 
     tok = load_tokenizer(model_dir)
-    device = _device()
+    device = default_device()
     model = load_policy(model_dir, device)
     history: Messages = [{"role": "system", "content": system}] if system else []
     print(f"chatting with {model_dir} ('/reset' starts over, '/quit' leaves)", file=stdout, flush=True)

@@ -16,6 +16,13 @@ log = logging.getLogger(__name__)
 TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
+def default_device():
+    """The first CUDA device when there is one, else the CPU (single-process tools: eval, generate, label)."""
+    import torch
+
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
 def _require_dir(path: str, what: str) -> None:
     # Only local directories: nothing may be downloaded at run time, and a typo should say so
     # here instead of surfacing as a hub connection error.

@@ -23,7 +23,7 @@ from typing import Any
 from rlhf.checkpoint import MANIFEST, HandoffError
 from rlhf.config import load_recipe, to_dict
 from rlhf.config_run import RECIPES, LauncherConfig, PipelineRecipe
-from rlhf.distributed import _free_port
+from rlhf.distributed import free_port
 
 TRAINING = ("sft", "reward", "ppo")
 # Recipe sections that do not change what a stage produces: a rerun with another wandb group or
@@ -122,7 +122,7 @@ def launch_command(stage: PlannedStage, launcher: LauncherConfig) -> list[str]:
         raise StageFailed("the 'deepspeed' launcher is not on PATH (pip install deepspeed)")
     # --no_local_rank: the rank arrives in LOCAL_RANK; a --local_rank flag would land before the sub-command.
     cmd = [exe, "--no_local_rank", "--num_gpus", str(launcher.num_gpus), "--num_nodes", str(launcher.num_nodes),
-           "--master_port", str(launcher.master_port or _free_port())]
+           "--master_port", str(launcher.master_port or free_port())]
     if launcher.hostfile:
         cmd += ["--hostfile", launcher.hostfile]
     if launcher.master_addr:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
+
+from rlhf import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
@@ -32,10 +33,7 @@ def demo_overrides(assets: Path, out: Path) -> list[str]:
     ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+free_port = distributed.free_port  # re-exported for the tests that launch processes
 
 
 SFT_QUICK = ["train.max_steps=60", "train.micro_batch_size=16", "train.logging_steps=1", "train.eval_steps=10",

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 
 from rlhf.checkpoint import now, parent_ref, read_manifest, write_manifest
-from rlhf.config import DataConfig, to_dict
+from rlhf.config import ConfigError, DataConfig, to_dict
 from rlhf.config_run import EvalRecipe
 from rlhf.data.formats import Messages, normalize_prompt, normalize_sft
 from rlhf.data.prepare import prepare_splits
 from rlhf.eval import metrics, report
-from rlhf.eval.sampling import Samples, encode_prompts, sample, sequence_logprobs, with_few_shot
-from rlhf.models import check_tokenizers_match, load_tokenizer
+from rlhf.eval.sampling import Samples, sample, sequence_logprobs, with_few_shot
+from rlhf.stages.ppo.rollout import encode_prompts
+from rlhf.models import check_tokenizers_match, default_device, load_tokenizer
 from rlhf.scoring import score_sequences
 from rlhf.stages import common
 
@@ -45,8 +46,6 @@ def policies_of(recipe: EvalRecipe) -> list[Policy]:
     out += [Policy(p.name, p.path, p.few_shot) for p in recipe.extra_policies]
     names = [p.name for p in out]
     if len(set(names)) != len(names):
-        from rlhf.config import ConfigError
-
         raise ConfigError(f"policy names must be unique, got {names}")
     return out
 
@@ -76,10 +75,6 @@ def load_shots(recipe: EvalRecipe, k: int) -> list[Messages]:
         return []
     cfg = DataConfig(sources=[recipe.few_shot_data], validation_fraction=0.0, max_length=10**9)
     return prepare_splits(cfg, normalize_sft).train[:k]
-
-
-def _device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _load(path: str, kind: str, device):
@@ -138,7 +133,7 @@ def run_eval(recipe: EvalRecipe) -> Path:
     policies = policies_of(recipe)
     tok = check_handoff(recipe, policies)
     prompts = load_prompts(recipe, tok)
-    device = _device()
+    device = default_device()
     torch.manual_seed(recipe.seed)
     judges = {"reward": _load(recipe.reward_dir, "scorer", device), "reference": _load(recipe.sft_dir, "policy", device)}
     if recipe.heldout_reward_dir:

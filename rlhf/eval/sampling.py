@@ -12,7 +12,7 @@ import torch
 
 from rlhf.config import GenerationSettings
 from rlhf.data.formats import Messages
-from rlhf.stages.ppo.rollout import encode_prompts, generate, left_pad, policy_outputs, positions, response_mask_of
+from rlhf.stages.ppo.rollout import generate, left_pad, policy_outputs, positions, response_mask_of
 
 
 def with_few_shot(prompt: Messages, shots: list[Messages]) -> Messages:

@@ -26,14 +26,13 @@ def _load_prompts(path: str) -> list[Messages]:
 def generate_candidates(prompts: list[Messages], policy: str, samples: int, gen: GenerationSettings,
                         seed: int) -> list[list[str]]:
     """`samples` responses per prompt from one policy (the evaluation sampler, so the same code path)."""
-    import torch
-
-    from rlhf.eval.sampling import encode_prompts, sample
+    from rlhf.eval.sampling import sample
+    from rlhf.stages.ppo.rollout import encode_prompts
     from rlhf.generate import load_policy
-    from rlhf.models import load_tokenizer
+    from rlhf.models import default_device, load_tokenizer
 
     tok = load_tokenizer(policy)
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    device = default_device()
     s = sample(load_policy(policy, device), tok, encode_prompts(tok, prompts), samples, gen, seed, 64, device)
     out: list[list[str]] = [[] for _ in prompts]
     for i, r in zip(s.prompt_index, s.responses):

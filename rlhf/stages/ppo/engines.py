@@ -70,14 +70,33 @@ def with_lora(model: nn.Module, recipe: PPORecipe, task_type: str) -> nn.Module:
     return get_peft_model(model, peft_config(recipe.peft, task_type, ["score"] if task_type == "SEQ_CLS" else None))
 
 
-def reference_context(actor_module: nn.Module, has_reference: bool):
-    """Without a separate reference (LoRA), the reference policy is the actor with adapters off."""
-    return contextlib.nullcontext() if has_reference else actor_module.disable_adapter()
+@contextlib.contextmanager
+def as_reference(actor_module: nn.Module, reference: nn.Module | None):
+    """Yield the reference policy: the frozen copy, or without one (LoRA) the actor with its
+    adapters disabled for the duration."""
+    if reference is not None:
+        yield reference
+    else:
+        with actor_module.disable_adapter():
+            yield actor_module
 
 
-def export_lora(engine, recipe: PPORecipe, out) -> dict[str, Any]:
-    """Collective: gather the actor's adapter weights (ZeRO-3 too), then on the main rank write the
-    merged model (adapter kept in `out/adapter`) or the adapter alone. Returns the manifest's peft record."""
+def export_policy(engine, recipe: PPORecipe, out) -> dict[str, Any] | None:
+    """Collective (every rank calls it): write the trained actor to `out` as a HF directory, ZeRO-3
+    shards gathered. Returns the manifest's peft record (None for a full fine-tune)."""
+    from rlhf.distributed import is_main
+
+    if not recipe.peft.enabled:
+        state = full_state_dict(engine, recipe.deepspeed.zero_stage)
+        if is_main():
+            engine.module.save_pretrained(out, state_dict=state)
+        return None
+    return _export_lora(engine, recipe, out)
+
+
+def _export_lora(engine, recipe: PPORecipe, out) -> dict[str, Any]:
+    """Gather the actor's adapter weights (ZeRO-3 too), then on the main rank write the merged model
+    (adapter kept in `out/adapter`) or the adapter alone."""
     from pathlib import Path
 
     from peft import get_peft_model_state_dict, set_peft_model_state_dict

@@ -132,8 +132,8 @@ def make_rollout(m: Models, recipe: PPORecipe, prompts: list[list[int]], norm: t
     pos = positions(attn)
     on = [x.to(dev) for x in (ids, attn, pos, response)]
     logp, entropy = policy_outputs(m.actor.module, *on, gen.temperature, with_entropy=True)
-    with engines.reference_context(m.actor.module, m.reference is not None):
-        ref_logp, _ = policy_outputs(m.reference or m.actor.module, *on, gen.temperature)
+    with engines.as_reference(m.actor.module, m.reference) as reference:
+        ref_logp, _ = policy_outputs(reference, *on, gen.temperature)
     m.critic.module.eval()
     P = prompt_ids.shape[1]
     values = m.critic.module(on[0], on[1], on[2])[:, P - 1:-1]
@@ -318,13 +318,8 @@ def run_ppo(recipe: PPORecipe, on_step_end: Callable[[int, dict], bool] | None =
             return dirs.out
 
     # Export the policy (ZeRO-3 shards gathered), then the manifest last.
-    if recipe.peft.enabled:
-        peft_info = engines.export_lora(m.actor, recipe, dirs.out)
-    else:
-        peft_info, state = None, engines.full_state_dict(m.actor, recipe.deepspeed.zero_stage)
+    peft_info = engines.export_policy(m.actor, recipe, dirs.out)
     if distributed.is_main():
-        if not recipe.peft.enabled:
-            m.actor.module.save_pretrained(dirs.out, state_dict=state)
         tokenizer.save_pretrained(dirs.out)
         final = {k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)}
         write_manifest(dirs.out, stage="ppo", recipe=to_dict(recipe), started_at=dirs.started_at,

@@ -16,12 +16,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from rlhf.errors import HandoffError  # re-exported here for existing imports
+
 MANIFEST = "rlhf_manifest.json"
 PACKAGES = ("rlhf", "torch", "transformers", "trl", "peft", "deepspeed", "datasets", "accelerate", "wandb")
 
 
-class HandoffError(RuntimeError):
-    """A stage input that the next stage cannot use; the message names both sides."""
 
 
 def now() -> str:

@@ -163,18 +163,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from rlhf.checkpoint import HandoffError
-    from rlhf.data.io import DataError
+    from rlhf.errors import RlhfError
 
     try:
         return _dispatch(args)
-    except (ConfigError, DataError, HandoffError) as e:
-        print(f"rlhf: error: {e}", file=sys.stderr)
-        return 2
-    except RuntimeError as e:
-        # Failures with a message meant for the user (not bugs): the PPO guard and a failed pipeline stage.
-        if type(e).__name__ not in ("PPOAborted", "StageFailed"):
-            raise
+    except RlhfError as e:  # the user's to fix (recipe, data, hand-off, a guard that stopped the run)
         print(f"rlhf: error: {e}", file=sys.stderr)
         return 2
 

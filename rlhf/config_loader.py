@@ -15,11 +15,11 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 
 import yaml
 
+from rlhf.errors import ConfigError  # re-exported here for existing imports
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A recipe that cannot be used as written; the message names the key."""
 
 
 def _suggest(key: str, options: list[str]) -> str:

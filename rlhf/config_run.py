@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rlhf.config import STAGES, ConfigError, DataConfig, DataSource, GenerationSettings, TrackingConfig
+from rlhf.config import ConfigError, DataConfig, DataSource, GenerationSettings, TrackingConfig
+from rlhf.config_rl import STAGES
 
 
 @dataclass

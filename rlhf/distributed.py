@@ -64,6 +64,63 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _group_active() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _comm_device():
+    """Where a collective's tensors must live: the current GPU under NCCL, else the CPU (gloo)."""
+    import torch
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def sum_over_ranks(t):
+    """A tensor summed over every rank (a copy; the input itself on a single process). Collective."""
+    if not _group_active():
+        return t
+    import torch.distributed as dist
+
+    out = t.detach().to(_comm_device(), copy=True)
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out.to(t.device)
+
+
+def reduce_floats(values: list[float], op: str = "mean") -> list[float]:
+    """Plain numbers reduced over every rank: 'mean', 'sum', 'max' or 'min'. Collective."""
+    import torch
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if not _group_active():
+        return t.tolist()
+    import torch.distributed as dist
+
+    ops = {"mean": dist.ReduceOp.SUM, "sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+    t = t.to(_comm_device())
+    dist.all_reduce(t, op=ops[op])
+    t = t.cpu()
+    if op == "mean":
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def gather_over_ranks(t):
+    """(N, ...) on each rank -> (world * N, ...) concatenated in rank order, the same on every rank.
+    Every rank must pass the same N. Collective."""
+    if not _group_active():
+        return t
+    import torch
+    import torch.distributed as dist
+
+    local = t.detach().to(_comm_device()).contiguous()
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).to(t.device)
+
+
 def _cuda_available() -> bool:
     try:
         import torch

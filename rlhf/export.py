@@ -11,35 +11,9 @@ import json
 import shutil
 from pathlib import Path
 
-from rlhf.checkpoint import MANIFEST, HandoffError, now, write_json_atomic
-
-
-def adapter_base(path: str | Path) -> str | None:
-    """The base model directory of a LoRA adapter directory, or None for a full model."""
-    cfg = Path(path) / "adapter_config.json"
-    if not cfg.is_file():
-        return None
-    base = json.loads(cfg.read_text()).get("base_model_name_or_path")
-    manifest = Path(path) / MANIFEST
-    if manifest.is_file():  # the stage recorded its base; prefer it (the adapter may hold a relative path)
-        base = (json.loads(manifest.read_text()).get("peft") or {}).get("base") or base
-    if not base or not Path(base).is_dir():
-        raise HandoffError(f"the adapter at {path} needs its base model {base!r}, which is not a local directory")
-    return base
-
-
-def merged_model(path: str | Path):
-    """Base + adapter merged into plain weights (causal LM or scalar-head reward model)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    base = adapter_base(path)
-    task = json.loads((Path(path) / "adapter_config.json").read_text()).get("task_type")
-    if task == "SEQ_CLS":
-        model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(base)
-    return PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+from rlhf.checkpoint import MANIFEST, now, write_json_atomic
+from rlhf.errors import HandoffError
+from rlhf.models import adapter_base, merge_adapter
 
 
 def export(src: str | Path, out: str | Path) -> Path:
@@ -53,7 +27,8 @@ def export(src: str | Path, out: str | Path) -> Path:
         raise HandoffError(f"{out} exists and is not empty; choose a new directory")
     out.mkdir(parents=True, exist_ok=True)
     if adapter_base(src):
-        merged_model(src).save_pretrained(out)
+        task = json.loads((src / "adapter_config.json").read_text()).get("task_type")
+        merge_adapter(src, "scorer" if task == "SEQ_CLS" else "causal-lm").save_pretrained(out)
         AutoTokenizer.from_pretrained(src).save_pretrained(out)
     else:
         for p in src.iterdir():  # model, tokenizer, configs; not training checkpoints or logs

@@ -14,17 +14,13 @@ from typing import TextIO
 from rlhf.config import DataConfig, DataSource, GenerationSettings
 from rlhf.data.formats import Messages, normalize_prompt
 from rlhf.data.prepare import prepare_splits
-from rlhf.models import default_device, load_tokenizer
+from rlhf.models import default_device, load_model, load_tokenizer
+from rlhf.sampling import generate, left_pad, render_prompt, response_mask_of, sample
 
 
 def load_policy(path: str, device):
     """A causal LM from a full HF directory or a LoRA adapter directory (merged with its base)."""
-    from transformers import AutoModelForCausalLM
-
-    from rlhf.export import adapter_base, merged_model
-
-    model = merged_model(path) if adapter_base(path) else AutoModelForCausalLM.from_pretrained(path)
-    return model.to(device).eval()
+    return load_model(path, "causal-lm", device=device).eval()
 
 
 def generate_file(model_dir: str, prompts_path: str, out_path: str, gen: GenerationSettings, samples: int = 1,
@@ -32,16 +28,13 @@ def generate_file(model_dir: str, prompts_path: str, out_path: str, gen: Generat
     """Answer every prompt of a prompts file (any format the stages read); returns rows written."""
     from tqdm.auto import tqdm
 
-    from rlhf.eval.sampling import sample
-    from rlhf.stages.ppo.rollout import encode_prompts
-
     tok = load_tokenizer(model_dir)
     cfg = DataConfig(sources=[DataSource(path=prompts_path)], validation_fraction=0.0, deduplicate=False,
                      max_length=10**9)
     prompts = prepare_splits(cfg, normalize_prompt).train
     device = default_device()
     model = load_policy(model_dir, device)
-    ids = encode_prompts(tok, prompts)
+    ids = [render_prompt(tok, p) for p in prompts]
     rows = []
     for start in tqdm(range(0, len(ids), batch_size), desc="generate"):
         s = sample(model, tok, ids[start:start + batch_size], samples, gen, seed + start, batch_size * samples, device)
@@ -58,8 +51,6 @@ def generate_file(model_dir: str, prompts_path: str, out_path: str, gen: Generat
 def chat(model_dir: str, gen: GenerationSettings, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
          system: str | None = None) -> None:
     """Talk to a model in the terminal; '/reset' clears the conversation, '/quit' or EOF leaves."""
-    from rlhf.stages.ppo.rollout import encode_prompts, generate, left_pad, response_mask_of
-
     tok = load_tokenizer(model_dir)
     device = default_device()
     model = load_policy(model_dir, device)
@@ -76,7 +67,7 @@ def chat(model_dir: str, gen: GenerationSettings, stdin: TextIO = sys.stdin, std
         if not line.strip():
             continue
         history.append({"role": "user", "content": line.strip()})
-        ids, mask = left_pad(encode_prompts(tok, [history]), tok.pad_token_id)
+        ids, mask = left_pad([render_prompt(tok, history)], tok.pad_token_id)
         out = generate(model, ids.to(device), mask.to(device), gen, tok.eos_token_id, tok.pad_token_id).cpu()
         keep = int(response_mask_of(out, tok.eos_token_id)[0].sum())
         reply = tok.decode(out[0, :keep], skip_special_tokens=True).strip()

@@ -120,7 +120,8 @@ def estimate_recipe_dir(directory, peft: bool | None = None) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from rlhf.config import STAGES, load_recipe
+    from rlhf.config import load_recipe
+    from rlhf.config_rl import STAGES
     from rlhf.config_run import PipelineRecipe
 
     d = Path(directory)

@@ -6,10 +6,10 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from rlhf.checkpoint import HandoffError
-from rlhf.config import ConfigError, LoraConfig, ModelConfig, Precision
+from rlhf.config import LoraConfig, ModelConfig, Precision
+from rlhf.errors import ConfigError, HandoffError
 
 log = logging.getLogger(__name__)
 
@@ -59,15 +59,6 @@ def tokenizer_signature(tok) -> dict[str, Any]:
             "vocab_sha256": hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()}
 
 
-def check_tokenizers_match(a, a_name: str, b, b_name: str) -> None:
-    sa, sb = tokenizer_signature(a), tokenizer_signature(b)
-    diffs = [k for k in sa if sa[k] != sb[k]]
-    if diffs:
-        shown = "; ".join(f"{k}: {a_name}={sa[k]!r:.60} vs {b_name}={sb[k]!r:.60}" for k in diffs)
-        raise HandoffError(f"tokenizers of {a_name} and {b_name} differ ({shown}); token ids would not mean "
-                           "the same text in both models")
-
-
 def quantization_config(lora: LoraConfig):
     """BitsAndBytes config for QLoRA, with a clear error where it cannot run."""
     if lora.quantization == "none":
@@ -89,40 +80,64 @@ def quantization_config(lora: LoraConfig):
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
-def model_kwargs(model: ModelConfig, precision: Precision, lora: LoraConfig) -> dict[str, Any]:
-    import torch
-
-    kwargs: dict[str, Any] = {"dtype": getattr(torch, TORCH_DTYPES[precision]),
-                              "trust_remote_code": model.trust_remote_code}
-    if model.attn_implementation:
-        kwargs["attn_implementation"] = model.attn_implementation
-    quant = quantization_config(lora)
-    if quant is not None:
-        kwargs["quantization_config"] = quant
-    return kwargs
+ModelKind = Literal["causal-lm", "scorer"]
 
 
-def load_causal_lm(model: ModelConfig, precision: Precision, lora: LoraConfig):
-    from transformers import AutoModelForCausalLM
+def adapter_base(path: str | Path) -> str | None:
+    """The base model directory of a LoRA adapter directory, or None for a full model."""
+    cfg = Path(path) / "adapter_config.json"
+    if not cfg.is_file():
+        return None
+    base = json.loads(cfg.read_text()).get("base_model_name_or_path")
+    manifest = Path(path) / "rlhf_manifest.json"
+    if manifest.is_file():  # the stage recorded its base; prefer it (the adapter may hold a relative path)
+        base = (json.loads(manifest.read_text()).get("peft") or {}).get("base") or base
+    if not base or not Path(base).is_dir():
+        raise HandoffError(f"the adapter at {path} needs its base model {base!r}, which is not a local directory")
+    return base
 
-    _require_dir(model.name_or_path, "model.name_or_path")
-    m = AutoModelForCausalLM.from_pretrained(model.name_or_path, **model_kwargs(model, precision, lora))
-    if lora.quantization != "none":
-        from peft import prepare_model_for_kbit_training
 
-        m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=model.gradient_checkpointing)
-    return m
+def load_model(path: str | Path, kind: ModelKind, precision: Precision = "fp32", *, model: ModelConfig | None = None,
+               lora: LoraConfig | None = None, device=None, **hf_kwargs: Any):
+    """The one way every stage and tool loads a model: a causal LM or a 1-label scorer (reward model,
+    critic) from a local HF directory, or from a LoRA adapter directory, which is merged into its base.
 
-
-def load_unquantized(path: str, precision: Precision, kind: str, **kwargs: Any):
-    """Plain `from_pretrained` of a causal LM or a 1-label scorer, e.g. the base for a LoRA merge
-    (merging into a 4-bit base would bake its quantisation error into the export)."""
+    `model` adds the recipe's loading options (attention kernel, remote code), `lora` its QLoRA
+    quantisation; `hf_kwargs` go to `from_pretrained` (e.g. pad_token_id for a new scorer head).
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    _require_dir(path, "model")
+    _require_dir(str(path), "model")
+    if adapter_base(path):
+        return merge_adapter(path, kind, precision, device=device)
+    kwargs: dict[str, Any] = {"dtype": getattr(torch, TORCH_DTYPES[precision])}
+    if kind == "scorer":
+        kwargs["num_labels"] = 1
+    if model is not None:
+        kwargs["trust_remote_code"] = model.trust_remote_code
+        if model.attn_implementation:
+            kwargs["attn_implementation"] = model.attn_implementation
+    quant = quantization_config(lora) if lora is not None else None
+    if quant is not None:
+        kwargs["quantization_config"] = quant
     cls = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
-    return cls.from_pretrained(path, dtype=getattr(torch, TORCH_DTYPES[precision]), **kwargs)
+    m = cls.from_pretrained(path, **{**kwargs, **hf_kwargs})
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=bool(model and model.gradient_checkpointing))
+    return m.to(device) if device is not None else m
+
+
+def merge_adapter(adapter_dir: str | Path, kind: ModelKind, precision: Precision = "fp32", device=None):
+    """The one LoRA merge: base (full precision: merging into a 4-bit base would bake its
+    quantisation error into the export) + the adapter in `adapter_dir` -> plain weights."""
+    from peft import PeftModel
+
+    base = load_model(adapter_base(adapter_dir), kind, precision)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    return merged.to(device) if device is not None else merged
 
 
 def peft_config(lora: LoraConfig, task_type: str, modules_to_save: list[str] | None = None):

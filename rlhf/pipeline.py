@@ -20,19 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.checkpoint import MANIFEST, HandoffError
+from rlhf.checkpoint import MANIFEST
 from rlhf.config import load_recipe, to_dict
 from rlhf.config_run import RECIPES, LauncherConfig, PipelineRecipe
 from rlhf.distributed import free_port
+from rlhf.errors import ConfigError, HandoffError, RlhfError, StageFailed
 
 TRAINING = ("sft", "reward", "ppo")
 # Recipe sections that do not change what a stage produces: a rerun with another wandb group or
 # resume policy still finds the stage complete.
 NOT_OUTCOME = ("tracking", "resume")
-
-
-class StageFailed(RuntimeError):
-    """A stage's process exited with an error; its log says why, and rerunning resumes it."""
 
 
 @dataclass
@@ -66,8 +63,8 @@ def plan(p: PipelineRecipe) -> list[PlannedStage]:
         overrides = stage_overrides(p, stage)
         try:
             recipe = load_recipe(RECIPES[stage], paths[stage], overrides)
-        except Exception as e:
-            raise type(e)(f"pipeline stage '{stage}' ({paths[stage]}): {e}") from None
+        except RlhfError as e:
+            raise ConfigError(f"pipeline stage '{stage}' ({paths[stage]}): {e}") from e
         out.append(PlannedStage(stage, str(paths[stage]), overrides, json.loads(json.dumps(to_dict(recipe)))))
     return out
 

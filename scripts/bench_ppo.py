@@ -64,7 +64,8 @@ def run_ours(sft: Path, reward: Path, prompts: Path, steps: int, out: Path) -> d
     """In this process: our PPO at the matched settings; step times from its own metrics log."""
     import shutil
 
-    from rlhf.config import PPORecipe, load_recipe
+    from rlhf.config import load_recipe
+    from rlhf.config_rl import PPORecipe
     from rlhf.stages.ppo.trainer import run_ppo
     from rlhf.tracking import read_jsonl
 

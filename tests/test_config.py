@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from rlhf.config import STAGES, ConfigError, SFTRecipe, load_recipe, to_dict
+from rlhf.config import ConfigError, SFTRecipe, load_recipe, to_dict
+from rlhf.config_rl import STAGES
 from rlhf.config_run import RECIPES
 from rlhf.config_loader import apply_override
 

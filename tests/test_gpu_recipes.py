@@ -10,7 +10,8 @@ import pytest
 
 from conftest import REPO
 from rlhf import memory
-from rlhf.config import STAGES, load_recipe
+from rlhf.config import load_recipe
+from rlhf.config_rl import STAGES
 from rlhf.config_run import PipelineRecipe
 from rlhf.distributed import build_deepspeed_config
 

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from rlhf.stages.ppo.losses import (KLController, RunningMoments, entropy_from_logits, explained_variance, gae,
-                                    kl_penalty, logprobs_of, masked_mean, masked_var, masked_whiten, policy_loss,
-                                    token_rewards, value_loss)
+from rlhf.sampling import entropy_from_logits, logprobs_of
+from rlhf.stages.ppo.losses import (KLController, RunningMoments, explained_variance, gae, kl_penalty, masked_mean,
+                                    masked_var, masked_whiten, policy_loss, token_rewards, value_loss)
 
 T = torch.tensor
 
@@ -70,7 +70,8 @@ def test_gae_stops_at_the_end_of_each_sequence():
     adv, ret = gae(T([[2.0, 0.0]]), T([[0.5, 3.0]]), T([[1.0, 0.0]]), 1.0, 0.95)  # single token
     close(adv, [[1.5, 0.0]])
     adv, ret = gae(T([[2.0, 0.0]]), T([[0.5, 3.0]]), T([[0.0, 0.0]]), 1.0, 0.95)  # all masked
-    close(adv, [[0.0, 0.0]]) and close(ret, [[0.0, 0.0]])
+    close(adv, [[0.0, 0.0]])
+    close(ret, [[0.0, 0.0]])
 
 
 def test_policy_loss_by_hand():

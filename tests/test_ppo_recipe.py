@@ -11,8 +11,11 @@ import torch
 
 from conftest import REPO, ppo_overrides
 from rlhf.checkpoint import MANIFEST, HandoffError
-from rlhf.config import PPORecipe, load_recipe
+from rlhf.config import load_recipe
+from rlhf.config_rl import PPORecipe
+from rlhf.stages.ppo import engines, rollout
 from rlhf.stages.ppo import trainer as ppo
+from rlhf.stages.ppo.update import ppo_update
 from rlhf.stages.ppo.trainer import PPOAborted, run_ppo
 from rlhf.tracking import METRICS_FILE, read_jsonl
 
@@ -75,12 +78,12 @@ def test_states_are_complete_and_pruned(ppo_run):
 def test_reference_frozen_actor_moves_in_one_update(demo_assets, sft_dir, reward_dir, tmp_path):
     r = recipe(demo_assets, sft_dir, reward_dir, tmp_path)
     tok, _ = ppo.check_handoff(r)
-    m = ppo.build_models(r, tok)
+    m = engines.build_models(r, tok)
     ref_before = {k: v.clone() for k, v in m.reference.state_dict().items()}
     actor_before = {k: v.detach().clone() for k, v in m.actor.module.state_dict().items()}
-    prompts = ppo.encode_prompts(tok, [[{"role": "user", "content": "tell me about the pizza ."}]] * 16)
-    ro = ppo.make_rollout(m, r, prompts, (0.0, 1.0), 0.05, {})
-    stats = ppo.ppo_update(m, r, ro, step=0, ptx_rows=None)
+    prompts = [[{"role": "user", "content": "tell me about the pizza ."}]] * 16
+    ro = rollout.make_rollout(m, r, prompts, (0.0, 1.0), 0.05, {})
+    stats = ppo_update(m, r, ro, step=0)
     assert stats["skipped_minibatches"] == 0
     assert all(torch.equal(ref_before[k], v) for k, v in m.reference.state_dict().items())
     assert any(not torch.equal(actor_before[k], v) for k, v in m.actor.module.state_dict().items())
@@ -89,23 +92,23 @@ def test_reference_frozen_actor_moves_in_one_update(demo_assets, sft_dir, reward
 def test_exploding_ratio_and_all_masked_batches_never_reach_the_weights(demo_assets, sft_dir, reward_dir, tmp_path):
     r = recipe(demo_assets, sft_dir, reward_dir, tmp_path)
     tok, _ = ppo.check_handoff(r)
-    m = ppo.build_models(r, tok)
-    prompts = ppo.encode_prompts(tok, [[{"role": "user", "content": "tell me about the pizza ."}]] * 16)
-    ro = ppo.make_rollout(m, r, prompts, (0.0, 1.0), 0.05, {})
+    m = engines.build_models(r, tok)
+    prompts = [[{"role": "user", "content": "tell me about the pizza ."}]] * 16
+    ro = rollout.make_rollout(m, r, prompts, (0.0, 1.0), 0.05, {})
     before = {k: v.detach().clone() for k, v in m.actor.module.state_dict().items()}
     ro.logprobs = ro.logprobs - 50.0  # ratio = e^50 on every token
-    stats = ppo.ppo_update(m, r, ro, step=0, ptx_rows=None)
+    stats = ppo_update(m, r, ro, step=0)
     assert stats["skipped_minibatches"] == 2 * r.ppo.ppo_epochs
     assert all(torch.equal(before[k], v) for k, v in m.actor.module.state_dict().items())
     ro.logprobs = ro.logprobs + 50.0
     ro.response_mask = torch.zeros_like(ro.response_mask)  # nothing to learn from
-    stats = ppo.ppo_update(m, r, ro, step=0, ptx_rows=None)
+    stats = ppo_update(m, r, ro, step=0)
     assert math.isfinite(stats["policy_loss"]) and stats["policy_loss"] == 0.0
     assert all(torch.isfinite(v).all() for v in m.actor.module.state_dict().values())
 
 
 def test_nan_reward_skips_the_step_and_repeated_nans_abort(demo_assets, sft_dir, reward_dir, tmp_path, monkeypatch):
-    real = ppo.score_sequences
+    real = rollout.score_responses
     calls = {"n": 0}
 
     def nan_on_second_call(*args, **kwargs):
@@ -113,13 +116,13 @@ def test_nan_reward_skips_the_step_and_repeated_nans_abort(demo_assets, sft_dir,
         out = real(*args, **kwargs)
         return out * float("nan") if calls["n"] == 2 else out
 
-    monkeypatch.setattr(ppo, "score_sequences", nan_on_second_call)
+    monkeypatch.setattr(rollout, "score_responses", nan_on_second_call)
     out = run_ppo(recipe(demo_assets, sft_dir, reward_dir, tmp_path / "one", "train.max_steps=3"))
     rows = read_jsonl(out / METRICS_FILE)
     assert rows[1].get("skipped_step") == 1.0 and "skipped_step" not in rows[2]
     assert all(torch.isfinite(v).all() for v in weights(out).values())
 
-    monkeypatch.setattr(ppo, "score_sequences", lambda *a, **k: real(*a, **k) * float("nan"))
+    monkeypatch.setattr(rollout, "score_responses", lambda *a, **k: real(*a, **k) * float("nan"))
     with pytest.raises(PPOAborted, match="2 consecutive PPO steps had NaN/inf"):
         run_ppo(recipe(demo_assets, sft_dir, reward_dir, tmp_path / "two", "ppo.max_bad_steps=2"))
 
@@ -165,7 +168,7 @@ def test_lora_actor_and_critic_with_adapter_disabled_reference(demo_assets, sft_
     r = recipe(demo_assets, sft_dir, reward_dir, tmp_path, "peft.enabled=true", "peft.r=8", "peft.alpha=16",
                "train.learning_rate=1e-2", "train.max_steps=3")
     tok, _ = ppo.check_handoff(r)
-    m = ppo.build_models(r, tok)
+    m = engines.build_models(r, tok)
     assert m.reference is None, "LoRA PPO must not hold a second copy of the policy"
     trainable = [n for n, p in m.critic.module.named_parameters() if p.requires_grad]
     assert any("lora" in n for n in trainable) and any("score" in n for n in trainable)

@@ -14,8 +14,9 @@ from rlhf.checkpoint import MANIFEST, HandoffError
 from rlhf.config import RewardRecipe, load_recipe
 from rlhf.demo import task
 from rlhf.reward_metrics import pairwise_accuracy
-from rlhf.stages.reward import _side, encode, prepare_reward_data, run_reward
-from rlhf.scoring import score_sequences
+from rlhf.sampling import render_conversation as encode
+from rlhf.sampling import score_sequences
+from rlhf.stages.reward import _side, prepare_reward_data, run_reward
 from rlhf.tracking import METRICS_FILE, read_jsonl
 
 QUICK = ["train.max_steps=80", "train.logging_steps=1", "train.eval_steps=40", "train.save_steps=40",

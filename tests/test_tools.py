@@ -98,7 +98,7 @@ def test_data_prepare_cleans_splits_and_feeds_the_reward_stage(demo_assets, sft_
     # the files load in the reward stage with no conversion
     recipe = load_recipe(RewardRecipe, REPO / "recipes/demo/reward.yaml", [
         f"model.name_or_path={sft_dir}", f"data.sources.0.path={tmp_path / 'prepared' / 'train.jsonl'}",
-        "data.bad_rows=error", "data.validation_fraction=0.1", "demo_assets=null"])
+        "data.bad_rows=error", "data.validation_fraction=0.1", "data.test_fraction=0.0", "demo_assets=null"])
     splits, _ = prepare_reward_data(recipe, load_tokenizer(str(sft_dir)))
     assert len(splits.train) + len(splits.validation) == 90
 

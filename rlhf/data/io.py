@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf.errors import DataError  # re-exported here for existing imports
+
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
-class DataError(ValueError):
-    """Data that cannot be used; the message names the file (and row where there is one)."""
 
 
 @dataclass(frozen=True)

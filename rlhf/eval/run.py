@@ -14,16 +14,15 @@ from pathlib import Path
 
 import torch
 
-from rlhf.checkpoint import now, parent_ref, read_manifest, write_manifest
+from rlhf import handoff
+from rlhf.checkpoint import now, parent_ref, write_manifest
 from rlhf.config import ConfigError, DataConfig, to_dict
 from rlhf.config_run import EvalRecipe
 from rlhf.data.formats import Messages, normalize_prompt, normalize_sft
 from rlhf.data.prepare import prepare_splits
 from rlhf.eval import metrics, report
-from rlhf.eval.sampling import Samples, sample, sequence_logprobs, with_few_shot
-from rlhf.stages.ppo.rollout import encode_prompts
-from rlhf.models import check_tokenizers_match, default_device, load_tokenizer
-from rlhf.scoring import score_sequences
+from rlhf.models import default_device, load_model, load_tokenizer
+from rlhf.sampling import Samples, render_prompt, sample, score_responses, sequence_logprobs, with_few_shot
 from rlhf.stages import common
 
 log = logging.getLogger("rlhf")
@@ -52,21 +51,20 @@ def policies_of(recipe: EvalRecipe) -> list[Policy]:
 
 def check_handoff(recipe: EvalRecipe, policies: list[Policy]):
     """Before any sampling: stage outputs are complete and every model shares the judge's tokenizer."""
-    read_manifest(recipe.sft_dir, expect_stage="sft", needed_by="evaluation")
-    read_manifest(recipe.reward_dir, expect_stage="reward", needed_by="evaluation")
+    handoff.parent_stage(recipe.sft_dir, "sft", needed_by="evaluation")
     if recipe.ppo_dir:
-        read_manifest(recipe.ppo_dir, expect_stage="ppo", needed_by="evaluation")
-    if recipe.heldout_reward_dir:
-        read_manifest(recipe.heldout_reward_dir, expect_stage="reward", needed_by="evaluation")
-    judge = load_tokenizer(recipe.reward_dir)
+        handoff.parent_stage(recipe.ppo_dir, "ppo", needed_by="evaluation")
+    sft_tok = load_tokenizer(recipe.sft_dir)
+    for judge in filter(None, (recipe.reward_dir, recipe.heldout_reward_dir)):
+        handoff.reward_model(judge, sft_tok, f"SFT policy ({recipe.sft_dir})", needed_by="evaluation")
     for p in policies:
-        check_tokenizers_match(load_tokenizer(p.path), f"policy {p.name} ({p.path})", judge,
-                               f"reward model ({recipe.reward_dir})")
-    return judge
+        handoff.same_tokenizer(load_tokenizer(p.path), f"policy {p.name} ({p.path})", sft_tok,
+                               f"SFT policy ({recipe.sft_dir})")
+    return sft_tok
 
 
 def load_prompts(recipe: EvalRecipe, tok) -> list[Messages]:
-    splits = prepare_splits(recipe.prompts, normalize_prompt, lambda m: len(encode_prompts(tok, [m])[0]))
+    splits = prepare_splits(recipe.prompts, normalize_prompt, lambda m: len(render_prompt(tok, m)))
     return splits.train + splits.validation + splits.test  # evaluation uses every held-out prompt
 
 
@@ -78,18 +76,15 @@ def load_shots(recipe: EvalRecipe, k: int) -> list[Messages]:
 
 
 def _load(path: str, kind: str, device):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    cls = AutoModelForCausalLM if kind == "policy" else AutoModelForSequenceClassification
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
-    return cls.from_pretrained(path, dtype=dtype).to(device).eval()
+    precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return load_model(path, "causal-lm" if kind == "policy" else "scorer", precision, device=device).eval()
 
 
 def evaluate_policy(p: Policy, recipe: EvalRecipe, tok, prompts: list[Messages], judges: dict, device) -> dict:
     """Sample one policy on every prompt and measure it; returns its metrics and samples."""
-    plain = encode_prompts(tok, prompts)
+    plain = [render_prompt(tok, m) for m in prompts]
     shots = load_shots(recipe, p.few_shot)
-    shown = encode_prompts(tok, [with_few_shot(m, shots) for m in prompts]) if shots else plain
+    shown = [render_prompt(tok, with_few_shot(m, shots)) for m in prompts] if shots else plain
     model = _load(p.path, "policy", device)
     bs, temp = recipe.batch_size, recipe.generation.temperature
     s: Samples = sample(model, tok, shown, recipe.samples_per_prompt, recipe.generation, recipe.seed, bs, device)
@@ -97,8 +92,8 @@ def evaluate_policy(p: Policy, recipe: EvalRecipe, tok, prompts: list[Messages],
     logp = sequence_logprobs(model, shown, s, tok.pad_token_id, temp, bs, device)
     ref_logp = sequence_logprobs(judges["reference"], plain, s, tok.pad_token_id, temp, bs, device)
     del model
-    seqs = [plain[i] + r for i, r in zip(s.prompt_index, s.responses)]
-    rewards = score_sequences(judges["reward"], seqs, tok.pad_token_id, device, bs).tolist()
+    answered = [prompts[i] for i in s.prompt_index]  # scored as the reward model was trained: rendered again
+    rewards = score_responses(judges["reward"], tok, answered, s.responses, device, bs).tolist()
     texts = [tok.decode(r, skip_special_tokens=True).strip() for r in s.responses]
     lengths = [len(r) for r in s.responses]
     out = {
@@ -112,7 +107,7 @@ def evaluate_policy(p: Policy, recipe: EvalRecipe, tok, prompts: list[Messages],
         "rewards": rewards, "lengths": lengths, "texts": texts, "prompt_index": s.prompt_index,
     }
     if "heldout_reward" in judges:
-        held = score_sequences(judges["heldout_reward"], seqs, tok.pad_token_id, device, bs).tolist()
+        held = score_responses(judges["heldout_reward"], tok, answered, s.responses, device, bs).tolist()
         out["heldout_reward_mean"] = metrics.mean(held)
     if recipe.ground_truth == "demo":
         from rlhf.demo import task

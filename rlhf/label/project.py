@@ -26,14 +26,13 @@ def _load_prompts(path: str) -> list[Messages]:
 def generate_candidates(prompts: list[Messages], policy: str, samples: int, gen: GenerationSettings,
                         seed: int) -> list[list[str]]:
     """`samples` responses per prompt from one policy (the evaluation sampler, so the same code path)."""
-    from rlhf.eval.sampling import sample
-    from rlhf.stages.ppo.rollout import encode_prompts
-    from rlhf.generate import load_policy
-    from rlhf.models import default_device, load_tokenizer
+    from rlhf.models import default_device, load_model, load_tokenizer
+    from rlhf.sampling import render_prompt, sample
 
     tok = load_tokenizer(policy)
     device = default_device()
-    s = sample(load_policy(policy, device), tok, encode_prompts(tok, prompts), samples, gen, seed, 64, device)
+    model = load_model(policy, "causal-lm", device=device).eval()
+    s = sample(model, tok, [render_prompt(tok, p) for p in prompts], samples, gen, seed, 64, device)
     out: list[list[str]] = [[] for _ in prompts]
     for i, r in zip(s.prompt_index, s.responses):
         out[i].append(tok.decode(r, skip_special_tokens=True).strip())
@@ -108,17 +107,15 @@ def _priorities(conn, planned: list[tuple[int, int, int]], reward_model: str | N
     if not reward_model:
         return [rng.random() for _ in planned]
     import torch
-    from transformers import AutoModelForSequenceClassification
 
-    from rlhf.models import load_tokenizer
-    from rlhf.scoring import score_sequences
-    from rlhf.stages.reward import encode
+    from rlhf.models import load_model, load_tokenizer
+    from rlhf.sampling import render_conversation, score_sequences
 
     tok = load_tokenizer(reward_model)
-    model = AutoModelForSequenceClassification.from_pretrained(reward_model)
+    model = load_model(reward_model, "scorer")
     text = {r.id: (r.text, r.prompt_id) for r in conn.execute(select(store.candidates))}
     msgs = {r.id: json.loads(r.messages) for r in conn.execute(select(store.prompts))}
-    seqs = [encode(tok, msgs[p] + [{"role": "assistant", "content": text[cid][0]}])
+    seqs = [render_conversation(tok, msgs[p] + [{"role": "assistant", "content": text[cid][0]}])
             for p, a, b in planned for cid in (a, b)]
     scores = score_sequences(model, seqs, tok.pad_token_id, "cpu") if seqs else torch.zeros(0)
     return [abs(1 / (1 + math.exp(-(float(scores[2 * i]) - float(scores[2 * i + 1])))) - 0.5)

@@ -10,11 +10,12 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from rlhf import distributed
 from rlhf.checkpoint import latest_checkpoint, now
-from rlhf.config import ConfigError, DeepSpeedConfig, LoraConfig, ModelConfig, TrackingConfig, TrainConfig
+from rlhf.config import ConfigError, DeepSpeedConfig, LoraConfig, ModelConfig, Precision, TrackingConfig, TrainConfig
+from rlhf.models import ModelKind, merge_adapter
 from rlhf.tracking import METRICS_FILE, metrics_callback, setup_wandb_env
 
 log = logging.getLogger("rlhf")
@@ -143,13 +144,13 @@ def callbacks(train: TrainConfig, dirs: StageDirs, has_validation: bool) -> list
     return out
 
 
-def export(trainer, tokenizer, out: Path, lora: LoraConfig, base_path: str,
-           load_base: Callable[[], Any]) -> dict[str, Any]:
+def export(trainer, tokenizer, out: Path, lora: LoraConfig, base_path: str, kind: ModelKind,
+           precision: Precision) -> dict[str, Any]:
     """Write the trained model to `out` as a standalone HF directory (or a LoRA adapter).
 
     Every rank must call this: under ZeRO-3 `save_model` gathers the sharded weights. A merged
-    LoRA export reloads base + adapter on the main rank's CPU, so it works at any ZeRO stage.
-    Returns what the manifest should record about the export.
+    LoRA export reloads base + adapter on the main rank's CPU (`rlhf.models.merge_adapter`, the
+    one merge every stage uses), so it works at any ZeRO stage. Returns the manifest's record.
     """
     info: dict[str, Any] = {"peft": None}
     if lora.enabled and lora.merge_on_export:
@@ -157,9 +158,8 @@ def export(trainer, tokenizer, out: Path, lora: LoraConfig, base_path: str,
         trainer.save_model(str(adapter))
         distributed.barrier()
         if distributed.is_main():
-            from peft import PeftModel
-
-            merged = PeftModel.from_pretrained(load_base(), str(adapter)).merge_and_unload()
+            merged = merge_adapter(adapter, kind, precision)
+            merged.config.pad_token_id = tokenizer.pad_token_id  # a scorer's head reads the last non-pad token
             merged.save_pretrained(out)
         info["peft"] = {"type": "lora", "merged": True, "base": str(base_path), "adapter": str(adapter)}
     else:

@@ -15,27 +15,19 @@ from typing import Any
 
 import torch
 
-from rlhf import distributed
-from rlhf.checkpoint import HandoffError, parent_ref, read_manifest, write_manifest
+from rlhf import distributed, handoff
+from rlhf.checkpoint import parent_ref, write_manifest
 from rlhf.config import RewardRecipe, to_dict
 from rlhf.data.formats import Messages, RowError, normalize_labelled, normalize_preference
 from rlhf.data.io import DataError, read_rows
 from rlhf.data.prepare import Splits, prepare_splits
-from rlhf.models import load_tokenizer, load_unquantized, model_kwargs, peft_config, require_chat_template
+from rlhf.models import load_model, load_tokenizer, peft_config, require_chat_template
 from rlhf.reward_metrics import (bradley_terry_loss, calibration_table, format_calibration, mean_margin,
                                  pairwise_accuracy, precision_recall)
-from rlhf.scoring import score_sequences
+from rlhf.sampling import render_conversation, score_sequences
 from rlhf.stages import common
 
 log = logging.getLogger("rlhf")
-
-
-def encode(tokenizer, messages: Messages) -> list[int]:
-    """Token ids of a whole conversation, exactly as TRL's RewardTrainer tokenizes a side."""
-    if tokenizer.chat_template:
-        return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
-    text = "".join(m["content"] for m in messages)
-    return tokenizer(text + tokenizer.eos_token)["input_ids"]
 
 
 def _side(pair: dict, name: str) -> Messages:
@@ -54,7 +46,7 @@ def split_ties(pairs: list[dict], policy: str) -> tuple[list[dict], int]:
 
 def prepare_reward_data(recipe: RewardRecipe, tokenizer) -> tuple[Splits, dict[str, Any]]:
     def length_of(pair: dict) -> int:
-        return max(len(encode(tokenizer, _side(pair, "chosen"))), len(encode(tokenizer, _side(pair, "rejected"))))
+        return max(len(render_conversation(tokenizer, _side(pair, "chosen"))), len(render_conversation(tokenizer, _side(pair, "rejected"))))
 
     splits = prepare_splits(recipe.data, normalize_preference, length_of)
     splits.train, ties_train = split_ties(splits.train, recipe.ties)
@@ -71,15 +63,17 @@ def prepare_reward_data(recipe: RewardRecipe, tokenizer) -> tuple[Splits, dict[s
     return splits, ties
 
 
-def _to_dataset(pairs: list[dict], use_margin: bool):
-    """TRL rows with implicit prompts: each side is the whole conversation (what TRL builds anyway)."""
+def _to_dataset(pairs: list[dict], tokenizer, use_margin: bool):
+    """TRL rows already tokenized by our one renderer (`chosen_ids` / `rejected_ids`), so the reward
+    model trains on exactly the token sequences that PPO, evaluation and labelling score."""
     from datasets import Dataset
 
     if not pairs:
         return None
     rows = []
     for p in pairs:
-        row: dict[str, Any] = {"chosen": _side(p, "chosen"), "rejected": _side(p, "rejected")}
+        row: dict[str, Any] = {"chosen_ids": render_conversation(tokenizer, _side(p, "chosen")),
+                               "rejected_ids": render_conversation(tokenizer, _side(p, "rejected"))}
         if use_margin:
             row["margin"] = p["margin"]
         rows.append(row)
@@ -88,31 +82,39 @@ def _to_dataset(pairs: list[dict], use_margin: bool):
 
 def load_reward_model(recipe: RewardRecipe, tokenizer):
     """AutoModelForSequenceClassification with one label: the SFT body plus a fresh scalar head."""
-    from transformers import AutoModelForSequenceClassification, set_seed
+    from transformers import set_seed
 
     set_seed(recipe.train.seed)  # the new head is randomly initialised: same seed, same head, same run
-    model = AutoModelForSequenceClassification.from_pretrained(
-        recipe.model.name_or_path, num_labels=1, **model_kwargs(recipe.model, recipe.train.precision, recipe.peft))
-    model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
-    if recipe.peft.quantization != "none":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.model.gradient_checkpointing)
-    return model
+    # The head reads the last token that is not this pad id; it must be the tokenizer's pad.
+    return load_model(recipe.model.name_or_path, "scorer", recipe.train.precision, model=recipe.model,
+                      lora=recipe.peft, pad_token_id=tokenizer.pad_token_id)
 
 
 def check_sft_parent(recipe: RewardRecipe) -> dict:
-    """Hand-off: the starting directory must be a finished SFT output."""
-    manifest = read_manifest(recipe.model.name_or_path, expect_stage="sft", needed_by="the reward stage")
-    if manifest.get("peft") and not manifest["peft"].get("merged", True):
-        raise HandoffError(f"{recipe.model.name_or_path} holds an unmerged LoRA adapter; export the SFT stage "
-                           "with peft.merge_on_export=true so the reward model starts from full weights")
+    """Hand-off: the starting directory must be a finished SFT output with full (merged) weights."""
+    manifest = handoff.parent_stage(recipe.model.name_or_path, "sft", needed_by="the reward stage")
+    handoff.merged_adapter(recipe.model.name_or_path, manifest, needed_by="the reward stage")
     return manifest
 
 
 def _scores(model, tokenizer, conversations: list[Messages], device, batch_size: int) -> torch.Tensor:
-    return score_sequences(model, [encode(tokenizer, c) for c in conversations], tokenizer.pad_token_id, device,
-                           batch_size)
+    return score_sequences(model, [render_conversation(tokenizer, c) for c in conversations], tokenizer.pad_token_id,
+                           device, batch_size)
+
+
+SPLIT_USE = {"validation": "checkpoint selection and early stopping (optimistic)",
+             "test": "nothing: held out from training and selection"}
+
+
+def _pair_metrics(model, tokenizer, recipe: RewardRecipe, pairs: list[dict], device, bs: int) -> tuple[dict, list]:
+    """Exact pairwise metrics and the calibration table over every pair of one split."""
+    rc = _scores(model, tokenizer, [_side(p, "chosen") for p in pairs], device, bs)
+    rr = _scores(model, tokenizer, [_side(p, "rejected") for p in pairs], device, bs)
+    margins = torch.tensor([p["margin"] for p in pairs]) if recipe.use_margin else None
+    metrics = {"pairs": len(pairs), "accuracy": pairwise_accuracy(rc, rr), "mean_margin": mean_margin(rc, rr),
+               "loss": bradley_terry_loss(rc, rr, margins), "mean_chosen": rc.mean().item(),
+               "mean_rejected": rr.mean().item()}
+    return metrics, calibration_table(rc, rr, recipe.calibration_bins)
 
 
 def evaluate_reward_model(model, tokenizer, recipe: RewardRecipe, splits: Splits, device) -> dict[str, Any]:
@@ -120,15 +122,11 @@ def evaluate_reward_model(model, tokenizer, recipe: RewardRecipe, splits: Splits
     (under ZeRO-3 every rank must take part in each forward)."""
     bs = recipe.train.micro_batch_size * 2
     out: dict[str, Any] = {}
-    val = splits.validation
-    if val:
-        rc = _scores(model, tokenizer, [_side(p, "chosen") for p in val], device, bs)
-        rr = _scores(model, tokenizer, [_side(p, "rejected") for p in val], device, bs)
-        margins = torch.tensor([p["margin"] for p in val]) if recipe.use_margin else None
-        out["validation"] = {"pairs": len(val), "accuracy": pairwise_accuracy(rc, rr), "mean_margin": mean_margin(rc, rr),
-                             "loss": bradley_terry_loss(rc, rr, margins),
-                             "mean_chosen": rc.mean().item(), "mean_rejected": rr.mean().item()}
-        out["calibration"] = calibration_table(rc, rr, recipe.calibration_bins)
+    for name, pairs in (("validation", splits.validation), ("test", splits.test)):
+        if pairs:
+            out[name], table = _pair_metrics(model, tokenizer, recipe, pairs, device, bs)
+            out[name]["used_for"] = SPLIT_USE[name]
+            out["calibration" if name == "validation" else "test_calibration"] = table
     # Reward statistics over the training prompts' chosen responses: PPO normalises with them.
     chosen = [_side(p, "chosen") for p in splits.train[: recipe.stats_max_samples]]
     r = _scores(model, tokenizer, chosen, device, bs)
@@ -170,7 +168,8 @@ def run_reward(recipe: RewardRecipe, extra_callbacks: list | None = None) -> Pat
     if common.sources_are_conversational(recipe.data.sources, ("prompt", "chosen", "rejected")):
         require_chat_template(tokenizer, tok_path)
     splits, ties = prepare_reward_data(recipe, tokenizer)
-    train_ds, eval_ds = _to_dataset(splits.train, recipe.use_margin), _to_dataset(splits.validation, recipe.use_margin)
+    train_ds = _to_dataset(splits.train, tokenizer, recipe.use_margin)
+    eval_ds = _to_dataset(splits.validation, tokenizer, recipe.use_margin)
 
     # 2. Model and trainer.
     model = load_reward_model(recipe, tokenizer)
@@ -205,17 +204,16 @@ def run_reward(recipe: RewardRecipe, extra_callbacks: list | None = None) -> Pat
                **evaluation}
 
     # 5. Export, then the manifest last.
-    export = common.export(trainer, tokenizer, dirs.out, recipe.peft, recipe.model.name_or_path,
-                           lambda: load_unquantized(recipe.model.name_or_path, recipe.train.precision, "scorer",
-                                                    num_labels=1, pad_token_id=tokenizer.pad_token_id))
+    export = common.export(trainer, tokenizer, dirs.out, recipe.peft, recipe.model.name_or_path, "scorer",
+                           recipe.train.precision)
     if distributed.is_main():
         write_manifest(dirs.out, stage="reward", recipe=to_dict(recipe), started_at=dirs.started_at,
                        parents=[parent_ref(recipe.model.name_or_path)],
                        datasets={**splits.report(), "ties": ties}, metrics=metrics,
                        reward_stats=evaluation["reward_stats"], world_size=distributed.world_size(), **export)
-        v = evaluation.get("validation", {})
-        log.info("reward model done in %.0fs: validation accuracy %s, mean margin %s -> %s", seconds,
-                 v.get("accuracy"), v.get("mean_margin"), dirs.out)
+        v, t = evaluation.get("validation", {}), evaluation.get("test", {})
+        log.info("reward model done in %.0fs: validation accuracy %s (selection), test accuracy %s (held out), "
+                 "-> %s", seconds, v.get("accuracy"), t.get("accuracy"), dirs.out)
         if "calibration" in evaluation:
             log.info("calibration on the validation split:\n%s", format_calibration(evaluation["calibration"]))
     distributed.barrier()

@@ -17,7 +17,7 @@ from rlhf.checkpoint import write_manifest
 from rlhf.config import SFTRecipe, to_dict
 from rlhf.data.formats import Messages, normalize_sft, to_plain_text
 from rlhf.data.prepare import Splits, prepare_splits
-from rlhf.models import load_causal_lm, load_tokenizer, load_unquantized, peft_config, require_chat_template
+from rlhf.models import load_model, load_tokenizer, peft_config, require_chat_template
 from rlhf.stages import common
 
 log = logging.getLogger("rlhf")
@@ -113,7 +113,8 @@ def run_sft(recipe: SFTRecipe, extra_callbacks: list | None = None) -> Path:
     train_ds, eval_ds = _to_dataset(splits.train, chat), _to_dataset(splits.validation, chat)
 
     # 3. Model and trainer.
-    model = load_causal_lm(recipe.model, recipe.train.precision, recipe.peft)
+    model = load_model(recipe.model.name_or_path, "causal-lm", recipe.train.precision, model=recipe.model,
+                       lora=recipe.peft)
     args = SFTConfig(
         **common.training_arguments(train=recipe.train, ds=recipe.deepspeed, model=recipe.model,
                                     tracking=recipe.tracking, dirs=dirs, stage="sft",
@@ -141,15 +142,19 @@ def run_sft(recipe: SFTRecipe, extra_callbacks: list | None = None) -> Path:
         log.info("training stopped at step %d; rerun the same command to resume", trainer.state.global_step)
         return dirs.out
     metrics = _final_metrics(trainer, result, seconds, splits.train_tokens)
+    if splits.test:  # loss on rows that neither training nor checkpoint selection ever saw
+        metrics["test_loss"] = trainer.evaluate(_to_dataset(splits.test, chat), metric_key_prefix="test")["test_loss"]
+    metrics["splits_used_for"] = {"eval_loss": "checkpoint selection and early stopping (optimistic)",
+                                  "test_loss": "nothing: held out from training and selection"}
 
     # 5. Export the model, then the manifest last: its presence means "complete".
-    export = common.export(trainer, tokenizer, dirs.out, recipe.peft, recipe.model.name_or_path,
-                           lambda: load_unquantized(recipe.model.name_or_path, recipe.train.precision, "causal-lm"))
+    export = common.export(trainer, tokenizer, dirs.out, recipe.peft, recipe.model.name_or_path, "causal-lm",
+                           recipe.train.precision)
     if distributed.is_main():
         write_manifest(dirs.out, stage="sft", recipe=to_dict(recipe), started_at=dirs.started_at,
                        parents=[], datasets=splits.report(), metrics=metrics, base_model=recipe.model.name_or_path,
                        world_size=distributed.world_size(), **export)
-        log.info("SFT done in %.0fs: train loss %.4f, eval loss %s -> %s", seconds, metrics["train_loss"],
-                 metrics["eval_loss"], dirs.out)
+        log.info("SFT done in %.0fs: train loss %.4f, eval loss %s (selection), test loss %s (held out) -> %s",
+                 seconds, metrics["train_loss"], metrics["eval_loss"], metrics.get("test_loss"), dirs.out)
     distributed.barrier()
     return dirs.out

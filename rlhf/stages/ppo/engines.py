@@ -9,15 +9,21 @@ modules otherwise. Every engine config comes from the one builder in `rlhf.distr
 from __future__ import annotations
 
 import contextlib
-from dataclasses import replace
-from typing import Any
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from rlhf.config import PPORecipe
+from rlhf import distributed
+from rlhf.config_rl import PPORecipe
 from rlhf.distributed import build_deepspeed_config, world_size
-from rlhf.models import TORCH_DTYPES
+from rlhf.models import load_model, merge_adapter
+
+if TYPE_CHECKING:  # annotations only: importing deepspeed or transformers here would slow `import rlhf`
+    from deepspeed import DeepSpeedEngine
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
 class TokenValues(nn.Module):
@@ -39,23 +45,57 @@ class TokenValues(nn.Module):
         return inner.score(hidden).squeeze(-1).float()
 
 
-def _dtype(recipe: PPORecipe):
-    return getattr(torch, TORCH_DTYPES[recipe.train.precision])
+@dataclass
+class Models:
+    """The four models of one RL run on this rank."""
+
+    actor: DeepSpeedEngine  # training engine around the policy (a PeftModel under LoRA)
+    critic: DeepSpeedEngine  # training engine around TokenValues (per-token values)
+    reference: PreTrainedModel | None  # frozen SFT policy; None under LoRA (the adapter-disabled actor)
+    reward: PreTrainedModel  # frozen scalar-head reward model
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    autocast: bool  # forward passes under bf16 autocast (recipe.model.autocast)
 
 
-def load_policy(path: str, recipe: PPORecipe):
-    from transformers import AutoModelForCausalLM
+def compute(m: Models):
+    """Context for every forward pass of the run: bf16 autocast when the recipe asks, else nothing.
+    Rollout and update both enter it, so they compute log-probs the same way."""
+    if not m.autocast:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=m.device.type, dtype=torch.bfloat16)
 
-    kwargs: dict[str, Any] = {"dtype": _dtype(recipe)}
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+def disable_dropout(model: nn.Module) -> nn.Module:
+    """Every dropout to 0: nn.Dropout modules (LoRA's included) and the float rates that attention
+    implementations read from their module (e.g. Llama's `attention_dropout`)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+        for name, value in list(vars(module).items()):
+            if "dropout" in name and isinstance(value, float):
+                setattr(module, name, 0.0)
+    return model
 
 
-def load_scorer(path: str, recipe: PPORecipe, pad_token_id: int):
-    from transformers import AutoModelForSequenceClassification, set_seed
+def load_policy(path: str, recipe: PPORecipe) -> PreTrainedModel:
+    model = load_model(path, "causal-lm", recipe.train.precision, model=recipe.model)
+    return _prepared(model, recipe)
+
+
+def load_scorer(path: str, recipe: PPORecipe, pad_token_id: int) -> PreTrainedModel:
+    from transformers import set_seed
 
     set_seed(recipe.train.seed)  # a critic from SFT gets a fresh head: seeded, so runs repeat
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=_dtype(recipe))
-    model.config.pad_token_id = pad_token_id
+    model = load_model(path, "scorer", recipe.train.precision, model=recipe.model, pad_token_id=pad_token_id)
+    return _prepared(model, recipe)
+
+
+def _prepared(model: PreTrainedModel, recipe: PPORecipe) -> PreTrainedModel:
+    if recipe.model.disable_dropout:
+        disable_dropout(model)
+    if recipe.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
@@ -67,7 +107,29 @@ def with_lora(model: nn.Module, recipe: PPORecipe, task_type: str) -> nn.Module:
 
     from rlhf.models import peft_config
 
-    return get_peft_model(model, peft_config(recipe.peft, task_type, ["score"] if task_type == "SEQ_CLS" else None))
+    wrapped = get_peft_model(model, peft_config(recipe.peft, task_type, ["score"] if task_type == "SEQ_CLS" else None))
+    return disable_dropout(wrapped) if recipe.model.disable_dropout else wrapped
+
+
+def build_models(recipe: PPORecipe, tokenizer) -> Models:
+    """Load the four models and wrap the trainable ones in DeepSpeed engines."""
+    import deepspeed
+
+    distributed.ensure_process_group_env()
+    deepspeed.init_distributed(dist_backend=None)
+    device = torch.device("cuda", distributed.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    pad = tokenizer.pad_token_id
+    policy = with_lora(load_policy(recipe.sft_dir, recipe), recipe, "CAUSAL_LM")
+    actor = training_engine(policy, recipe, recipe.train.learning_rate)
+    critic_src = recipe.reward_dir if recipe.ppo.critic_init == "reward" else recipe.sft_dir
+    scorer = with_lora(load_scorer(critic_src, recipe, pad), recipe, "SEQ_CLS")
+    critic = training_engine(TokenValues(scorer), recipe, recipe.ppo.critic_learning_rate)
+    # With LoRA the reference is the actor with its adapter disabled: no second copy of the policy.
+    reference = None if recipe.peft.enabled else inference_model(load_policy(recipe.sft_dir, recipe), recipe, device)
+    reward = inference_model(load_scorer(recipe.reward_dir, recipe, pad), recipe, device)
+    return Models(actor, critic, reference, reward, tokenizer, device, recipe.model.autocast == "bf16")
 
 
 @contextlib.contextmanager
@@ -95,10 +157,8 @@ def export_policy(engine, recipe: PPORecipe, out) -> dict[str, Any] | None:
 
 
 def _export_lora(engine, recipe: PPORecipe, out) -> dict[str, Any]:
-    """Gather the actor's adapter weights (ZeRO-3 too), then on the main rank write the merged model
-    (adapter kept in `out/adapter`) or the adapter alone."""
-    from pathlib import Path
-
+    """Gather the actor's adapter (ZeRO-3 too) and write it; on the main rank merge it into the SFT
+    weights with the one merge every stage uses (adapter kept in `out/adapter`), or keep it alone."""
     from peft import get_peft_model_state_dict, set_peft_model_state_dict
 
     from rlhf.distributed import is_main
@@ -107,14 +167,13 @@ def _export_lora(engine, recipe: PPORecipe, out) -> dict[str, Any]:
         adapter = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(engine.module).items()}
     info = {"type": "lora", "merged": recipe.peft.merge_on_export, "base": str(recipe.sft_dir)}
     if is_main():
-        model = with_lora(load_policy(recipe.sft_dir, recipe), recipe, "CAUSAL_LM")
+        model = with_lora(load_model(recipe.sft_dir, "causal-lm", recipe.train.precision), recipe, "CAUSAL_LM")
         set_peft_model_state_dict(model, adapter)
+        target = Path(out) / "adapter" if recipe.peft.merge_on_export else Path(out)
+        model.save_pretrained(target)
         if recipe.peft.merge_on_export:
-            model.save_pretrained(Path(out) / "adapter")
-            model.merge_and_unload().save_pretrained(out)
-            info["adapter"] = str(Path(out) / "adapter")
-        else:
-            model.save_pretrained(out)
+            merge_adapter(target, "causal-lm", recipe.train.precision).save_pretrained(out)
+            info["adapter"] = str(target)
     return info
 
 

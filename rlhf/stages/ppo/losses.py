@@ -8,6 +8,7 @@ so each function is unit-tested against numbers worked out by hand.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -32,12 +33,22 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ((x - mean) ** 2 * mask).sum() / (n - 1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """(x - mean) / std over the masked elements, (B, T) -> (B, T); masked-out positions become 0."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
-    out = (x - mean) * torch.rsqrt(var + eps)
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
+                  all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+    """(x - mean) / std over the masked elements, (B, T) -> (B, T); masked-out positions become 0.
+
+    With several processes pass `all_reduce` (sums a tensor over ranks): the mean and variance are
+    then those of the global batch, so 2 processes whiten exactly as 1 process on the same rows.
+    """
+    total = all_reduce or (lambda t: t)
+    sums = total(torch.stack([(x * mask).sum(), mask.sum()]).double())
+    n = sums[1]
+    mean = sums[0] / n.clamp(min=1)
+    sq = total(((x.double() - mean) ** 2 * mask).sum().reshape(1))[0]
+    var = sq / (n - 1) if n >= 2 else torch.zeros((), dtype=torch.float64)
+    out = ((x.double() - mean) * torch.rsqrt(var + eps)).to(x.dtype)
     if not shift_mean:
-        out = out + mean
+        out = out + mean.to(x.dtype)
     return out * mask
 
 
@@ -123,17 +134,6 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     with torch.no_grad():
         frac = masked_mean((err_clipped > err).float(), mask)
     return loss, frac
-
-
-def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy of the categorical distribution at each position, (B, T, V) -> (B, T)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
-
-
-def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """log p(token) under the logits, (B, T, V) x (B, T) -> (B, T)."""
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

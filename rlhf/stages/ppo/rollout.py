@@ -1,18 +1,23 @@
-"""Rollouts: sample responses, score them, and turn scores into per-token advantages.
+"""Rollouts: sample responses, score them with all four models, turn scores into advantages.
 
 Layout of one rollout batch: B prompts left-padded to width P, responses right-padded to width R,
-so every response starts at column P and position t of a response is column P + t.
+so every response starts at column P and position t of a response is column P + t. Rendering,
+sampling and log-probs come from `rlhf.sampling`, shared with evaluation and labelling.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
 
-from rlhf.config import GenerationSettings, PPOSettings
+from rlhf import distributed
+from rlhf.config_rl import PPOSettings, PPORecipe
 from rlhf.data.formats import Messages
-from rlhf.stages.ppo import losses
+from rlhf.sampling import (generate, left_pad, policy_outputs, positions, render_prompt, response_mask_of,
+                           score_responses)
+from rlhf.stages.ppo import engines, losses
 
 
 @dataclass
@@ -32,7 +37,7 @@ class Rollout:
     has_eos: torch.Tensor  # (B,) bool: the response stopped by itself
     kl: torch.Tensor  # (B, R) per-token KL estimate to the reference
     rewards: torch.Tensor  # (B, R) dense rewards: -kl_coef * kl, plus the score on the last token
-    advantages: torch.Tensor  # (B, R) GAE advantages (whitened when the recipe says)
+    advantages: torch.Tensor  # (B, R) GAE advantages (whitened over the global batch when the recipe says)
     returns: torch.Tensor  # (B, R) value targets for the critic
 
     @property
@@ -43,70 +48,76 @@ class Rollout:
         return Rollout(**{k: getattr(self, k)[idx] for k in self.__dataclass_fields__})
 
 
-def encode_prompts(tokenizer, prompts: list[Messages]) -> list[list[int]]:
-    """Chat prompts -> token ids ending with the assistant header; without a chat template, the
-    turns' text joined by blank lines."""
-    if tokenizer.chat_template:
-        return [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False)
-                for p in prompts]
-    return [tokenizer("\n\n".join(m["content"] for m in p))["input_ids"] for p in prompts]
-
-
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (B, P) ids and mask, padded on the left so all prompts end at column P."""
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r)
-        mask[i, width - len(r):] = 1
-    return ids, mask
-
-
-def response_mask_of(responses: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """(B, R) sampled tokens -> (B, R) mask: 1 up to and including the first eos, 0 after it."""
-    is_eos = (responses == eos_id).long()
-    eos_before = torch.cumsum(is_eos, dim=1) - is_eos
-    return (eos_before == 0).long()
-
-
-def positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    return (attention_mask.cumsum(-1) - 1).clamp(min=0)
-
-
-@torch.no_grad()
-def generate(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: GenerationSettings, eos_id: int,
-             pad_id: int) -> torch.Tensor:
-    """Sample responses with the KV cache; (B, P) -> (B, R) token ids (R <= max_new_tokens)."""
-    out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, do_sample=True,
-                          temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k or None,
-                          max_new_tokens=gen.max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id)
-    return out[:, prompt_ids.shape[1]:]
-
-
-def policy_outputs(policy, input_ids, attention_mask, position_ids, response: torch.Tensor, temperature: float,
-                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Log-probs (B, R) of the response tokens (and entropies (B, R)) under `policy`."""
-    R = response.shape[1]
-    # logits_to_keep: the LM head runs on the R + 1 last positions only, never on the prompt (with a
-    # 150k vocabulary and long prompts that is most of the logits memory).
-    logits = policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=False, logits_to_keep=R + 1).logits[:, :-1].float() / temperature
-    logp = losses.logprobs_of(logits, response)
-    return logp, (losses.entropy_from_logits(logits) if with_entropy else None)
-
-
 def shape_scores(raw: torch.Tensor, has_eos: torch.Tensor, ppo: PPOSettings, mean: float, std: float) -> torch.Tensor:
-    """Raw reward-model scores (B,) -> the final rewards: normalise, penalise missing eos, clip."""
+    """Raw reward-model scores (B,) -> the final rewards (B,): normalise, penalise missing eos, clip."""
     scores = (raw - mean) / max(std, 1e-6)
     if ppo.missing_eos_penalty is not None:
         scores = torch.where(has_eos, scores, scores - ppo.missing_eos_penalty)
     return scores.clamp(-ppo.reward_clip, ppo.reward_clip)
 
 
-def advantages_and_returns(rollout_values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor,
-                           ppo: PPOSettings) -> tuple[torch.Tensor, torch.Tensor]:
-    adv, ret = losses.gae(rewards, rollout_values, mask.float(), ppo.gamma, ppo.lam)
+def advantages_and_returns(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, ppo: PPOSettings,
+                           all_reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE per sequence, then (optionally) whitening over the global batch; (B, R) each -> (B, R) x 2.
+    `all_reduce` sums over ranks (see `losses.masked_whiten`); None on a single process."""
+    adv, ret = losses.gae(rewards, values, mask.float(), ppo.gamma, ppo.lam)
     if ppo.whiten_advantages:
-        adv = losses.masked_whiten(adv, mask.float())
+        adv = losses.masked_whiten(adv, mask.float(), all_reduce=all_reduce)
     return adv, ret
+
+
+@torch.no_grad()
+def make_rollout(m: engines.Models, recipe: PPORecipe, prompts: list[Messages], norm: tuple[float, float],
+                 kl_coef: float, times: dict) -> Rollout:
+    """Generate for `prompts`, score with actor / reference / critic / reward model, and compute
+    rewards and advantages."""
+    tok, gen, ppo, dev = m.tokenizer, recipe.generation, recipe.ppo, m.device
+    prompt_ids, prompt_mask = left_pad([render_prompt(tok, p) for p in prompts], tok.pad_token_id)
+    t0 = time.perf_counter()
+    with engines.gathered(m.actor, recipe.deepspeed.zero_stage, gen.gather_weights), engines.compute(m):
+        m.actor.module.eval()
+        response = generate(m.actor.module, prompt_ids.to(dev), prompt_mask.to(dev), gen, tok.eos_token_id,
+                            tok.pad_token_id).cpu()
+    times["generation"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    resp_mask = response_mask_of(response, tok.eos_token_id)
+    has_eos = (response == tok.eos_token_id).any(dim=1)
+    ids = torch.cat([prompt_ids, response], dim=1)
+    attn = torch.cat([prompt_mask, resp_mask], dim=1)
+    pos = positions(attn)
+    on = [x.to(dev) for x in (ids, attn, pos, response)]
+    P = prompt_ids.shape[1]
+    with engines.compute(m):
+        logp, entropy = policy_outputs(m.actor.module, *on, gen.temperature, with_entropy=True)
+        with engines.as_reference(m.actor.module, m.reference) as reference:
+            ref_logp, _ = policy_outputs(reference, *on, gen.temperature)
+        m.critic.module.eval()
+        values = m.critic.module(on[0], on[1], on[2])[:, P - 1:-1]
+        responses = [r[: int(k)].tolist() for r, k in zip(response, resp_mask.sum(1))]
+        raw = score_responses(m.reward, tok, prompts, responses, dev, batch_size=recipe.train.micro_batch_size * 2)
+    times["scoring"] = time.perf_counter() - t0
+    logp, ref_logp, entropy, values = (x.float().cpu() for x in (logp, ref_logp, entropy, values))
+    scores = shape_scores(raw, has_eos, ppo, *norm)
+    kl = losses.kl_penalty(logp, ref_logp, ppo.kl_estimator) * resp_mask
+    rewards = losses.token_rewards(scores, kl, resp_mask.float(), kl_coef)
+    adv, ret = advantages_and_returns(values, rewards, resp_mask, ppo, all_reduce=distributed.sum_over_ranks)
+    return Rollout(ids, attn, pos, resp_mask, logp, ref_logp, values, entropy, raw, scores, has_eos, kl, rewards,
+                   adv, ret)
+
+
+def rollout_metrics(ro: Rollout, kl_coef: float) -> dict[str, float]:
+    """This rank's summary of a rollout batch (the trainer averages them over ranks)."""
+    mask = ro.response_mask.float()
+    lengths = mask.sum(1)
+    return {
+        "reward_mean": ro.raw_scores.mean().item(), "reward_std": ro.raw_scores.std().item(),
+        "score_mean": ro.scores.mean().item(), "kl": (ro.kl * mask).sum(1).mean().item(),
+        "entropy": losses.masked_mean(ro.entropy, mask).item(), "response_length": lengths.mean().item(),
+        "eos_rate": ro.has_eos.float().mean().item(), "kl_coef": kl_coef,
+        "explained_variance": losses.explained_variance(ro.values, ro.returns, mask).item(),
+        "advantage_mean": losses.masked_mean(ro.advantages, mask).item(),
+    }
+
+
+def is_finite(ro: Rollout) -> bool:
+    return all(torch.isfinite(t).all() for t in (ro.raw_scores, ro.logprobs, ro.ref_logprobs, ro.values))

@@ -1,0 +1,119 @@
+"""The PPO update: epochs of clipped policy and value losses over shuffled mini-batches of a rollout.
+
+Every decision that changes control flow (skip a mini-batch, stop the epochs early) is reduced
+over ranks, so no rank waits alone in a gradient all-reduce.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from rlhf import distributed
+from rlhf.config_rl import PPORecipe
+from rlhf.data.formats import Messages
+from rlhf.sampling import policy_outputs, render_for_loss, right_pad
+from rlhf.stages.ppo import engines, losses
+from rlhf.stages.ppo.rollout import Rollout
+
+STATS = ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "value_clip_fraction", "ratio_mean", "ptx_loss")
+
+
+def ptx_batch(tokenizer, rows: list[Messages], device) -> dict[str, torch.Tensor]:
+    """SFT examples -> right-padded ids, mask and labels on the final reply only, rendered as
+    everywhere else (`rlhf.sampling.render_for_loss`)."""
+    ids, labels = [], []
+    for msgs in rows:
+        full, prompt_len = render_for_loss(tokenizer, msgs)
+        ids.append(full)
+        labels.append([-100] * prompt_len + full[prompt_len:])
+    input_ids, attention_mask = right_pad(ids, tokenizer.pad_token_id)
+    label_ids, _ = right_pad(labels, -100)
+    return {k: v.to(device) for k, v in
+            {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids}.items()}
+
+
+def ptx_stream_index(step: int, epoch: int, k: int, ppo_epochs: int, minibatches: int) -> int:
+    """Position of the (step, epoch, mini-batch) in the endless ptx stream: consecutive integers, so
+    no two mini-batches of a run ever share a batch of demonstrations."""
+    return (step * ppo_epochs + epoch) * minibatches + k
+
+
+@dataclass
+class MinibatchLosses:
+    policy: losses.PolicyLossOut  # clipped surrogate and its diagnostics
+    total: torch.Tensor  # scalar actor loss: policy - entropy bonus + ptx_coef * ptx
+    value: torch.Tensor  # scalar clipped value loss
+    value_clip_fraction: torch.Tensor  # share of tokens where the clipped value branch was taken
+    ptx: torch.Tensor | None  # scalar SFT loss on demonstrations (PPO-ptx), when mixed in
+    max_abs_log_ratio: float  # max |log new/old| over the response tokens
+
+
+def minibatch_losses(m: engines.Models, recipe: PPORecipe, mb: Rollout, ptx_rows: list | None) -> MinibatchLosses:
+    """Forward the actor and critic on one mini-batch and form the PPO losses (Schulman et al. 2017)."""
+    ppo, dev = recipe.ppo, m.device
+    on = [x.to(dev) for x in (mb.input_ids, mb.attention_mask, mb.position_ids, mb.input_ids[:, mb.prompt_width:])]
+    mask = mb.response_mask.float().to(dev)
+    with engines.compute(m):
+        logp, ent = policy_outputs(m.actor, *on, recipe.generation.temperature, with_entropy=ppo.entropy_coef > 0)
+        pl = losses.policy_loss(logp, mb.logprobs.to(dev), mb.advantages.to(dev), mask, ppo.clip_ratio)
+        total = pl.loss - (ppo.entropy_coef * losses.masked_mean(ent, mask) if ent is not None else 0.0)
+        ptx = None
+        if ptx_rows:
+            ptx = m.actor(**ptx_batch(m.tokenizer, ptx_rows, dev), use_cache=False).loss
+            total = total + ppo.ptx_coef * ptx
+        values = m.critic(on[0], on[1], on[2])[:, mb.prompt_width - 1:-1]
+        vl, vclip = losses.value_loss(values, mb.values.to(dev), mb.returns.to(dev), mask, ppo.value_clip)
+    dev_log = ((logp.detach() - mb.logprobs.to(dev)).abs() * mask)
+    return MinibatchLosses(pl, total, vl, vclip, ptx, float(dev_log.max()) if mask.any() else 0.0)
+
+
+def ppo_update(m: engines.Models, recipe: PPORecipe, ro: Rollout, step: int,
+               ptx_source: Callable[[int], list] | None = None) -> dict[str, float]:
+    """PPO epochs of clipped policy and value updates over shuffled mini-batches; returns their means.
+
+    `ptx_source(index)` gives the demonstrations of ptx stream position `index` (`ptx_stream_index`).
+    Also reports `initial_max_abs_log_ratio`, max |log new/old| on the step's first mini-batch: it
+    must be 0 (up to rounding), because nothing has been updated yet when it is computed.
+    """
+    ppo, micro = recipe.ppo, recipe.train.micro_batch_size
+    stats: dict[str, list[float]] = {k: [] for k in STATS}
+    skipped, epochs_run, initial = 0, 0, None
+    m.actor.module.train(), m.critic.module.train()
+    gen = torch.Generator().manual_seed(recipe.train.seed * 7919 + step)
+    n_mini = -(-ro.input_ids.shape[0] // micro)
+    for epoch in range(ppo.ppo_epochs):
+        order = torch.randperm(ro.input_ids.shape[0], generator=gen)
+        epoch_kl = []
+        for k, start in enumerate(range(0, len(order), micro)):
+            ptx_rows = ptx_source(ptx_stream_index(step, epoch, k, ppo.ppo_epochs, n_mini)) if ptx_source else None
+            out = minibatch_losses(m, recipe, ro.select(order[start:start + micro]), ptx_rows)
+            initial = out.max_abs_log_ratio if initial is None else initial
+            # Guard: a non-finite loss or an exploding ratio on any rank skips this mini-batch on all
+            # ranks (skipping alone would leave the others waiting in the gradient all-reduce).
+            bad = (not (torch.isfinite(out.total) and torch.isfinite(out.value))
+                   or out.policy.ratio_mean.item() > ppo.ratio_threshold)
+            if distributed.reduce_floats([float(bad)], "max")[0] > 0:
+                skipped += 1
+                continue
+            m.actor.backward(out.total)
+            m.actor.step()
+            m.critic.backward(out.value)
+            m.critic.step()
+            pl = out.policy
+            for key, val in (("policy_loss", pl.loss), ("value_loss", out.value), ("clip_fraction", pl.clip_fraction),
+                             ("approx_kl", pl.approx_kl), ("value_clip_fraction", out.value_clip_fraction),
+                             ("ratio_mean", pl.ratio_mean), ("ptx_loss", out.ptx)):
+                if val is not None:
+                    stats[key].append(float(val.detach()))
+            epoch_kl.append(pl.approx_kl.item())
+        epochs_run = epoch + 1
+        mean_kl = distributed.reduce_floats([sum(epoch_kl) / max(len(epoch_kl), 1)])[0]
+        if ppo.target_approx_kl is not None and mean_kl > ppo.target_approx_kl:
+            break
+    out_stats = {k: sum(v) / len(v) for k, v in stats.items() if v}
+    out_stats.update({"skipped_minibatches": skipped, "ppo_epochs_run": epochs_run,
+                      "initial_max_abs_log_ratio": initial or 0.0})
+    return out_stats

@@ -185,3 +185,45 @@ def test_lora_actor_and_critic_with_adapter_disabled_reference(demo_assets, sft_
     torch.testing.assert_close(merged(x).logits, adapted(x).logits, atol=1e-5, rtol=1e-5)
     sft = AutoModelForCausalLM.from_pretrained(sft_dir)
     assert not torch.allclose(merged(x).logits, sft(x).logits), "LoRA PPO changed nothing"
+
+
+def test_ppo_ptx_end_to_end_with_length_filtered_demonstrations(demo_assets, sft_dir, reward_dir, tmp_path):
+    """PPO-ptx: SFT demonstrations mixed into the policy loss; rows over max_length are dropped and
+    counted like any stage's data, never truncated."""
+    from rlhf.sampling import render_conversation
+
+    ptx = (f"ptx_data={{sources: [{{path: {demo_assets / 'data' / 'sft.jsonl'}}}], max_length: 22, "
+           "validation_fraction: 0.0}")
+    r = recipe(demo_assets, sft_dir, reward_dir, tmp_path, "train.max_steps=2", "ppo.ptx_coef=0.5", ptx)
+    rows = read_jsonl(run_ppo(r) / METRICS_FILE)
+    assert [row["step"] for row in rows] == [1, 2]
+    assert all(math.isfinite(row["ptx_loss"]) and row["ptx_loss"] > 0 for row in rows)
+    tok = ppo.load_tokenizer(str(sft_dir))
+    data = ppo.prepare_data(r, tok, {"reward_stats": {"mean": 0.0, "std": 1.0}})
+    lengths = [len(render_conversation(tok, row)) for row in data.ptx]
+    assert data.ptx and max(lengths) <= 22
+    full = ppo.prepare_data(recipe(demo_assets, sft_dir, reward_dir, tmp_path, "ppo.ptx_coef=0.5",
+                                   ptx.replace("max_length: 22", "max_length: 512")), tok, {"reward_stats": {"mean": 0.0, "std": 1.0}})
+    assert len(full.ptx) > len(data.ptx), "no row was long enough to be filtered: the test proves nothing"
+
+
+def test_handoff_refuses_an_unmerged_lora_sft_output(demo_assets, sft_dir, reward_dir, tmp_path):
+    import shutil
+
+    adapter_only = tmp_path / "sft_adapter"
+    shutil.copytree(sft_dir, adapter_only)
+    manifest = json.loads((adapter_only / MANIFEST).read_text())
+    manifest["peft"] = {"type": "lora", "merged": False, "base": str(sft_dir)}
+    (adapter_only / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(HandoffError, match="holds an unmerged LoRA adapter, which the PPO stage cannot start from"):
+        run_ppo(recipe(demo_assets, adapter_only, reward_dir, tmp_path / "out"))
+
+
+def test_every_user_facing_error_is_one_type_that_the_cli_maps_to_exit_2(demo_assets, sft_dir, tmp_path, capsys):
+    from rlhf.cli import main
+    from rlhf.errors import RlhfError
+
+    assert issubclass(PPOAborted, RlhfError) and issubclass(HandoffError, RlhfError)
+    rc = main(["ppo", "--config", str(REPO / "recipes/demo/ppo.yaml"), *ppo_overrides(demo_assets, sft_dir, sft_dir,
+                                                                                        tmp_path)])
+    assert rc == 2 and "expects a 'reward' output" in capsys.readouterr().err

@@ -3,6 +3,12 @@
 # labelling app's browser / load / crash / PostgreSQL tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# `--fast`: the fast tier (about a minute): unit tests and one-process stage runs, no launcher,
+# no servers under load. Anything else is passed to pytest as it is.
+if [ "${1:-}" = "--fast" ]; then
+  shift
+  set -- -m "not slow and not distributed" "$@"
+fi
 bash scripts/setup.sh
 # The labelling app's tests drive Debian's chromium (Playwright, no browser download) and start a
 # throwaway PostgreSQL. As root (CI, a fresh machine) we install them; otherwise those tests skip.

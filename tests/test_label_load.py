@@ -17,6 +17,8 @@ import pytest
 from conftest import REPO, free_port
 from label_helpers import make_project
 
+pytestmark = pytest.mark.slow  # a real server under load: the full suite runs it, the fast tier does not
+
 
 def start_server(db, port: int) -> subprocess.Popen:
     import httpx

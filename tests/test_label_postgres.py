@@ -17,8 +17,9 @@ from fastapi.testclient import TestClient
 from conftest import free_port
 
 BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
-pytestmark = pytest.mark.skipif(not BIN or shutil.which("runuser") is None or os.geteuid() != 0,
-                                reason="needs Debian's postgresql package and root (scripts/test.sh installs it)")
+pytestmark = [pytest.mark.slow,
+              pytest.mark.skipif(not BIN or shutil.which("runuser") is None or os.geteuid() != 0,
+                                 reason="needs Debian's postgresql package and root (scripts/test.sh installs it)")]
 
 
 def as_postgres(*cmd: str) -> subprocess.CompletedProcess:

@@ -120,6 +120,7 @@ def test_refuses_an_output_of_another_stage(demo_assets, reward_run, tmp_path):
         run_reward(recipe(demo_assets, out, tmp_path))
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(demo_assets, sft_dir, tmp_path):
     from test_sft_recipe import StopAt, losses
 
@@ -138,6 +139,7 @@ def test_resume_matches_uninterrupted_run(demo_assets, sft_dir, tmp_path):
     assert mb["accuracy"] == pytest.approx(ma["accuracy"], abs=1e-6)
 
 
+@pytest.mark.slow
 def test_lora_trains_and_saves_the_head(demo_assets, sft_dir, tmp_path):
     r = recipe(demo_assets, sft_dir, tmp_path, "peft.enabled=true", "peft.r=8", "peft.alpha=16",
                "train.learning_rate=5e-3")

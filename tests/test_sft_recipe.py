@@ -119,6 +119,7 @@ class StopAt:
         return _Stop()
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_matches_uninterrupted_run(demo_assets, tmp_path):
     """Stop at step 15 (checkpoint at 10), rerun: steps 11..30 must match a clean run exactly
     (fp32, CPU, same seed): same data order, optimizer state, scheduler and RNG."""
@@ -138,6 +139,7 @@ def test_resume_after_interruption_matches_uninterrupted_run(demo_assets, tmp_pa
     assert all(torch.allclose(sa[k], sb[k], atol=1e-5) for k in sa)
 
 
+@pytest.mark.slow
 def test_lora_trains_adapter_and_merged_export_reloads(demo_assets, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -196,6 +198,7 @@ def test_row_packed_collator_keeps_examples_independent(demo_assets):
     torch.testing.assert_close(packed[1, : len(b)], alone_b, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_sft_with_packing_trains(demo_assets, tmp_path):
     out = run_sft(recipe(demo_assets, tmp_path, "packing=true", "data.max_length=128", "train.max_steps=10",
                          "train.eval_steps=5"))

@@ -156,6 +156,14 @@ def _labelled_metrics(model, tokenizer, recipe: RewardRecipe, out: dict, device,
     return {**precision_recall(scores, labels, threshold), "bad_rows": bad}
 
 
+def _log_result(evaluation: dict[str, Any], seconds: float, out: Path) -> None:
+    v, t = evaluation.get("validation", {}), evaluation.get("test", {})
+    log.info("reward model done in %.0fs: validation accuracy %s (selection), test accuracy %s (held out) -> %s",
+             seconds, v.get("accuracy"), t.get("accuracy"), out)
+    if "calibration" in evaluation:
+        log.info("calibration on the validation split:\n%s", format_calibration(evaluation["calibration"]))
+
+
 def run_reward(recipe: RewardRecipe, extra_callbacks: list | None = None) -> Path:
     """Train the reward model and export it; returns `<output_dir>/reward`."""
     from trl import RewardConfig, RewardTrainer
@@ -211,10 +219,6 @@ def run_reward(recipe: RewardRecipe, extra_callbacks: list | None = None) -> Pat
                        parents=[parent_ref(recipe.model.name_or_path)],
                        datasets={**splits.report(), "ties": ties}, metrics=metrics,
                        reward_stats=evaluation["reward_stats"], world_size=distributed.world_size(), **export)
-        v, t = evaluation.get("validation", {}), evaluation.get("test", {})
-        log.info("reward model done in %.0fs: validation accuracy %s (selection), test accuracy %s (held out), "
-                 "-> %s", seconds, v.get("accuracy"), t.get("accuracy"), dirs.out)
-        if "calibration" in evaluation:
-            log.info("calibration on the validation split:\n%s", format_calibration(evaluation["calibration"]))
+        _log_result(evaluation, seconds, dirs.out)
     distributed.barrier()
     return dirs.out

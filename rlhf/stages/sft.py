@@ -96,6 +96,15 @@ def _final_metrics(trainer, result, train_seconds: float, tokens_per_epoch: int)
     }
 
 
+def _test_metrics(trainer, splits: Splits, chat: bool) -> dict[str, Any]:
+    """Loss on the test split, which neither training nor checkpoint selection ever saw."""
+    out: dict[str, Any] = {"splits_used_for": {"eval_loss": "checkpoint selection and early stopping (optimistic)",
+                                               "test_loss": "nothing: held out from training and selection"}}
+    if splits.test:
+        out["test_loss"] = trainer.evaluate(_to_dataset(splits.test, chat), metric_key_prefix="test")["test_loss"]
+    return out
+
+
 def run_sft(recipe: SFTRecipe, extra_callbacks: list | None = None) -> Path:
     """Train and export; returns `<output_dir>/sft`. `extra_callbacks` are HF TrainerCallbacks."""
     from trl import SFTConfig, SFTTrainer
@@ -141,11 +150,7 @@ def run_sft(recipe: SFTRecipe, extra_callbacks: list | None = None) -> Path:
     if common.interrupted(trainer, recipe.train):
         log.info("training stopped at step %d; rerun the same command to resume", trainer.state.global_step)
         return dirs.out
-    metrics = _final_metrics(trainer, result, seconds, splits.train_tokens)
-    if splits.test:  # loss on rows that neither training nor checkpoint selection ever saw
-        metrics["test_loss"] = trainer.evaluate(_to_dataset(splits.test, chat), metric_key_prefix="test")["test_loss"]
-    metrics["splits_used_for"] = {"eval_loss": "checkpoint selection and early stopping (optimistic)",
-                                  "test_loss": "nothing: held out from training and selection"}
+    metrics = {**_final_metrics(trainer, result, seconds, splits.train_tokens), **_test_metrics(trainer, splits, chat)}
 
     # 5. Export the model, then the manifest last: its presence means "complete".
     export = common.export(trainer, tokenizer, dirs.out, recipe.peft, recipe.model.name_or_path, "causal-lm",

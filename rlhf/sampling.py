@@ -152,17 +152,20 @@ def _without_checkpoint_generation_defaults(policy):
 
 @torch.no_grad()
 def generate(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: GenerationSettings, eos_id: int,
-             pad_id: int, return_scores: bool = False):
+             pad_id: int, return_scores: bool = False, synced: bool = False):
     """Sample responses with the KV cache; (B, P) -> (B, R) token ids (R <= max_new_tokens).
 
     With `return_scores`, also the (B, R, V) logits each token was drawn from after every logits
     processor transformers applied (what the invariant tests compare with `policy_outputs`).
+    `synced`: every rank keeps stepping until all ranks are done (ZeRO-3 with several ranks, where
+    each forward may gather shards collectively and a rank that stopped early would hang the rest).
     """
     cfg = generation_config(gen, eos_id, pad_id)
     if return_scores:
         cfg.output_scores, cfg.return_dict_in_generate = True, True
     with _without_checkpoint_generation_defaults(policy):
-        out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=cfg)
+        out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=cfg,
+                              synced_gpus=synced)
     if return_scores:
         return out.sequences[:, prompt_ids.shape[1]:], torch.stack(out.scores, dim=1)
     return out[:, prompt_ids.shape[1]:]

@@ -76,8 +76,9 @@ def make_rollout(m: engines.Models, recipe: PPORecipe, prompts: list[Messages], 
     t0 = time.perf_counter()
     with engines.gathered(m.actor, recipe.deepspeed.zero_stage, gen.gather_weights), engines.compute(m):
         m.actor.module.eval()
+        synced = recipe.deepspeed.zero_stage == 3 and distributed.world_size() > 1
         response = generate(m.actor.module, prompt_ids.to(dev), prompt_mask.to(dev), gen, tok.eos_token_id,
-                            tok.pad_token_id).cpu()
+                            tok.pad_token_id, synced=synced).cpu()
     times["generation"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     resp_mask = response_mask_of(response, tok.eos_token_id)

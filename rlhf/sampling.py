@@ -55,20 +55,28 @@ def render_conversation(tokenizer, messages: Messages) -> list[int]:
     return tokenizer(_plain_prompt(messages[:-1]) + messages[-1]["content"] + tokenizer.eos_token)["input_ids"]
 
 
-def render_for_loss(tokenizer, messages: Messages) -> tuple[list[int], int]:
-    """(ids of the conversation, length of its prompt part): the tokens from that length on are the
-    final reply, the only ones a completion loss trains on.
+def render_for_loss(tokenizer, messages: Messages) -> tuple[list[int], list[int]]:
+    """(ids of the conversation, 0/1 mask of the tokens a completion loss trains on), (T,) each.
 
-    Raises ValueError when the rendered prompt is not an exact token prefix of the rendered
-    conversation (a template that rewrites earlier turns, or a merge across the boundary): a loss
-    mask built from its length would then cover the wrong tokens.
+    With a chat template every assistant reply is trained on (its text and the template's
+    end-of-turn tokens), located by rendering each prefix of the conversation: the tokens between
+    `render_prompt(turns before the reply)` and `render_conversation(turns up to the reply)`. This
+    works for any template, with or without `{% generation %}` markers. Without a template only the
+    final reply (and eos) is trained on. Raises ValueError when a prefix does not render to a token
+    prefix of the whole (a template that rewrites earlier turns): a mask built from it would cover
+    the wrong tokens.
     """
     ids = render_conversation(tokenizer, messages)
-    prompt = render_prompt(tokenizer, messages[:-1]) if len(messages) > 1 else []
-    if ids[: len(prompt)] != prompt:
-        raise ValueError("the rendered prompt is not a token prefix of the rendered conversation, so the reply's "
-                         "tokens cannot be located; the chat template changes earlier turns when a reply follows")
-    return ids, len(prompt)
+    mask = [0] * len(ids)
+    replies = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    for i in replies if tokenizer.chat_template else replies[-1:]:
+        start = render_prompt(tokenizer, messages[:i]) if i else []
+        upto = render_conversation(tokenizer, messages[: i + 1]) if i + 1 < len(messages) else ids
+        if ids[: len(start)] != start or ids[: len(upto)] != upto:
+            raise ValueError("the chat template renders an earlier part of the conversation differently once more "
+                             "turns follow, so reply tokens cannot be located; use loss_on: all")
+        mask[len(start): len(upto)] = [1] * (len(upto) - len(start))
+    return ids, mask
 
 
 def render_response(tokenizer, prompt: Messages, response_ids: list[int]) -> list[int]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from rlhf.config import DataConfig, DataSource
-from rlhf.data.formats import EmptyRow, RowError, normalize_sft, to_plain_text
+from rlhf.data.formats import EmptyRow, RowError, normalize_sft
 from rlhf.data.io import DataError, fingerprint, read_rows
 from rlhf.data.prepare import mix, prepare_splits, split_rows
 
@@ -61,12 +61,6 @@ def test_malformed_rows_say_why(row, reason):
 def test_empty_rows_are_empty_not_malformed(row):
     with pytest.raises(EmptyRow):
         normalize_sft(row)
-
-
-def test_plain_text_needs_single_turn():
-    assert to_plain_text(normalize_sft(ROWS[0])) == {"prompt": "say hi", "completion": "hi"}
-    with pytest.raises(RowError, match="chat template"):
-        to_plain_text(normalize_sft(ROWS[1]))
 
 
 # --- file formats ----------------------------------------------------------------------------

@@ -167,15 +167,20 @@ def test_one_rendering_for_reward_prompts_and_ptx(demo_assets, template):
              {"role": "assistant", "content": "the pizza was fine ."},
              {"role": "user", "content": "and the movie ?"},
              {"role": "assistant", "content": "the movie was great ."}]
-    ids, prompt_len = render_for_loss(tok, convo)
+    ids, mask = render_for_loss(tok, convo)
+    prompt_len = len(render_prompt(tok, convo[:-1]))
     assert ids[:prompt_len] == render_prompt(tok, convo[:-1])
     assert tok.decode(ids[prompt_len:], skip_special_tokens=True).strip() == "the movie was great ."
+    trained = tok.decode([t for t, k in zip(ids, mask) if k], skip_special_tokens=True)
+    # with a template every reply is trained on; without one, only the final reply
+    assert trained == ("the pizza was fine .the movie was great ." if template == "chat" else "the movie was great .")
     pair = {"prompt": convo[:-1], "chosen": convo[-1:], "rejected": [{"role": "assistant", "content": "bad ."}],
             "margin": 0.0}
     assert _to_dataset([pair], tok, use_margin=False)[0]["chosen_ids"] == ids
     batch = ptx_batch(tok, [convo], "cpu")
     labels = batch["labels"][0]
-    assert labels[:prompt_len].eq(-100).all() and labels[prompt_len:len(ids)].tolist() == ids[prompt_len:]
+    assert labels[: len(ids)].tolist() == [t if k else -100 for t, k in zip(ids, mask)]
+    assert labels[prompt_len:len(ids)].tolist() == ids[prompt_len:]
 
 
 def test_ptx_stream_positions_never_collide():

@@ -84,27 +84,6 @@ def test_sft_checkpoint_reloads_and_generates_task_text(sft_run):
     assert gen[0, -1].item() == tok.eos_token_id, "the model should have learned to stop"
 
 
-def test_loss_is_only_on_the_assistant_reply(demo_assets):
-    """Labels mask the prompt and template tokens; only the reply and its end token count."""
-    from transformers import AutoTokenizer
-    from trl import SFTConfig, SFTTrainer
-    from datasets import Dataset
-
-    tok = AutoTokenizer.from_pretrained(demo_assets / "base")
-    from transformers import AutoModelForCausalLM
-    model = AutoModelForCausalLM.from_pretrained(demo_assets / "base")
-    msgs = [{"role": "user", "content": "tell me about the pizza ."},
-            {"role": "assistant", "content": "the pizza was great and lovely . i loved it ."}]
-    args = SFTConfig(output_dir="/tmp/unused", assistant_only_loss=True, report_to=[], bf16=False, use_cpu=True,
-                     gradient_checkpointing=False)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list([{"messages": msgs}]),
-                         processing_class=tok)
-    batch = next(iter(trainer.get_train_dataloader()))
-    labels = batch["labels"][0]
-    kept = labels[labels != -100].tolist()
-    assert tok.decode(kept) == msgs[1]["content"] + tok.eos_token
-
-
 class StopAt:
     """Simulates an interruption: stops training after `step` (the last checkpoint is older)."""
 
@@ -206,3 +185,54 @@ def test_sft_with_packing_trains(demo_assets, tmp_path):
     assert m["recipe"]["packing"] is True and m["metrics"]["global_step"] == 10
     by_step = losses(out)
     assert by_step[10] < by_step[1] and all(math.isfinite(v) for v in by_step.values())
+
+
+def _trained_text(tok, rows, loss_on="completion") -> str:
+    """What the SFT stage's own dataset makes TRL train on, decoded from the collated labels."""
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from rlhf.stages.sft import _to_dataset
+
+    model = AutoModelForCausalLM.from_config(__import__("transformers").LlamaConfig(
+        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    args = SFTConfig(output_dir="/tmp/unused", report_to=[], use_cpu=True, completion_only_loss=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=_to_dataset(rows, tok, loss_on, "train"),
+                         processing_class=tok)
+    labels = next(iter(trainer.get_train_dataloader()))["labels"][0]
+    return tok.decode(labels[labels != -100].tolist())
+
+
+CONVO = [{"role": "user", "content": "tell me about the pizza ."},
+         {"role": "assistant", "content": "the pizza was great ."},
+         {"role": "user", "content": "and the movie ?"},
+         {"role": "assistant", "content": "the movie was fine ."}]
+
+
+def test_completion_loss_with_a_template_that_has_generation_markers(demo_assets):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_assets / "base")
+    assert "{% generation %}" in tok.chat_template
+    assert _trained_text(tok, [CONVO]) == "the pizza was great .<|end|>the movie was fine .<|end|>"
+    assert _trained_text(tok, [CONVO], loss_on="all").startswith("<|user|>tell me about the pizza .")
+
+
+def test_completion_loss_with_a_template_without_markers_and_a_refusal_when_turns_change(demo_assets):
+    """Real templates (ChatML here) have no generation markers; the reply tokens are found by
+    rendering prefixes. A template that rewrites earlier turns cannot be masked: a clear error."""
+    from transformers import AutoTokenizer
+
+    from rlhf.data.io import DataError
+    from rlhf.stages.sft import _to_dataset
+
+    tok = AutoTokenizer.from_pretrained(demo_assets / "base")
+    tok.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>\n' }}"
+                         "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    assert _trained_text(tok, [CONVO]) == "the pizza was great .<|end|>\nthe movie was fine .<|end|>\n"
+    # A template that drops earlier replies once a later turn exists (as reasoning templates do).
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
+                         "{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    with pytest.raises(DataError, match="train example 0 .*renders an earlier part of the conversation differently"):
+        _to_dataset([CONVO], tok, "completion", "train")

@@ -75,13 +75,6 @@ def normalize_sft(data: dict[str, Any]) -> Messages:
     return messages
 
 
-def to_plain_text(messages: Messages) -> dict[str, str]:
-    """prompt/completion strings for a tokenizer without a chat template (single-turn rows only)."""
-    if len(messages) != 2 or messages[0]["role"] != "user":
-        raise RowError("multi-turn or system messages need a tokenizer with a chat template")
-    return {"prompt": messages[0]["content"], "completion": messages[1]["content"]}
-
-
 def _as_float(value: Any, name: str) -> float | None:
     if value is None or value == "":
         return None

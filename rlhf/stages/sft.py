@@ -15,31 +15,22 @@ from typing import Any
 from rlhf import distributed
 from rlhf.checkpoint import write_manifest
 from rlhf.config import SFTRecipe, to_dict
-from rlhf.data.formats import Messages, normalize_sft, to_plain_text
+from rlhf.data.formats import Messages, normalize_sft
+from rlhf.data.io import DataError
 from rlhf.data.prepare import Splits, prepare_splits
 from rlhf.models import load_model, load_tokenizer, peft_config, require_chat_template
+from rlhf.sampling import render_conversation, render_for_loss
 from rlhf.stages import common
 
 log = logging.getLogger("rlhf")
 
 
 def prepare_sft_data(recipe: SFTRecipe, tokenizer) -> Splits:
-    """Normalise every source to chat messages (or plain prompt/completion without a template)."""
-    chat = bool(tokenizer.chat_template)
-    if chat:
-        def normalize(row: dict) -> Any:
-            return normalize_sft(row)
+    """Normalise every source to chat messages; lengths are those of the one rendering every stage uses."""
+    def length_of(messages: Messages) -> int:
+        return len(render_conversation(tokenizer, messages))
 
-        def length_of(messages: Messages) -> int:
-            return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False))
-    else:
-        def normalize(row: dict) -> Any:
-            return to_plain_text(normalize_sft(row))
-
-        def length_of(ex: dict) -> int:
-            return len(tokenizer(ex["prompt"] + ex["completion"] + tokenizer.eos_token)["input_ids"])
-
-    splits = prepare_splits(recipe.data, normalize, length_of)
+    splits = prepare_splits(recipe.data, normalize_sft, length_of)
     splits.train_tokens = sum(map(length_of, splits.train))
     for src in splits.sources:
         log.info("data %s", src.summary())
@@ -69,10 +60,24 @@ def row_packed_collator(pad_token_id: int):
     return collate
 
 
-def _to_dataset(rows: list, chat: bool):
+def _to_dataset(rows: list[Messages], tokenizer, loss_on: str, split: str):
+    """Rows tokenized by our own renderer (`rlhf.sampling`), so SFT sees exactly the token sequences
+    the reward model and PPO see. With `loss_on: completion` an `assistant_masks` column marks the
+    reply tokens; TRL turns it into labels. Our own masking, rather than TRL's `assistant_only_loss`,
+    because that needs `{% generation %}` markers, which most real chat templates (SmolLM2's,
+    Qwen's, Llama's) do not have."""
     from datasets import Dataset
 
-    return Dataset.from_list([{"messages": r} for r in rows] if chat else rows) if rows else None
+    if not rows:
+        return None
+    out = []
+    for i, messages in enumerate(rows):
+        try:
+            ids, mask = render_for_loss(tokenizer, messages)
+        except ValueError as e:
+            raise DataError(f"{split} example {i} ({messages[0]['content'][:60]!r}...): {e}") from None
+        out.append({"input_ids": ids, "assistant_masks": mask} if loss_on == "completion" else {"input_ids": ids})
+    return Dataset.from_list(out)
 
 
 def _final_metrics(trainer, result, train_seconds: float, tokens_per_epoch: int) -> dict[str, Any]:
@@ -96,12 +101,12 @@ def _final_metrics(trainer, result, train_seconds: float, tokens_per_epoch: int)
     }
 
 
-def _test_metrics(trainer, splits: Splits, chat: bool) -> dict[str, Any]:
+def _test_metrics(trainer, test_ds) -> dict[str, Any]:
     """Loss on the test split, which neither training nor checkpoint selection ever saw."""
     out: dict[str, Any] = {"splits_used_for": {"eval_loss": "checkpoint selection and early stopping (optimistic)",
                                                "test_loss": "nothing: held out from training and selection"}}
-    if splits.test:
-        out["test_loss"] = trainer.evaluate(_to_dataset(splits.test, chat), metric_key_prefix="test")["test_loss"]
+    if test_ds is not None:
+        out["test_loss"] = trainer.evaluate(test_ds, metric_key_prefix="test")["test_loss"]
     return out
 
 
@@ -115,11 +120,11 @@ def run_sft(recipe: SFTRecipe, extra_callbacks: list | None = None) -> Path:
     tokenizer = load_tokenizer(tok_path)
     if common.sources_are_conversational(recipe.data.sources, ("messages", "prompt", "completion")):
         require_chat_template(tokenizer, tok_path)
-    chat = bool(tokenizer.chat_template)
 
-    # 2. Data: cleaned, split and mixed before any model is loaded.
+    # 2. Data: cleaned, split, mixed and tokenized before any model is loaded.
     splits = prepare_sft_data(recipe, tokenizer)
-    train_ds, eval_ds = _to_dataset(splits.train, chat), _to_dataset(splits.validation, chat)
+    train_ds = _to_dataset(splits.train, tokenizer, recipe.loss_on, "train")
+    eval_ds = _to_dataset(splits.validation, tokenizer, recipe.loss_on, "validation")
 
     # 3. Model and trainer.
     model = load_model(recipe.model.name_or_path, "causal-lm", recipe.train.precision, model=recipe.model,
@@ -131,8 +136,7 @@ def run_sft(recipe: SFTRecipe, extra_callbacks: list | None = None) -> Path:
                                     greater_is_better=False),
         max_length=recipe.data.max_length,
         packing=recipe.packing,
-        assistant_only_loss=chat and recipe.loss_on == "completion",
-        completion_only_loss=(not chat) and recipe.loss_on == "completion",
+        completion_only_loss=False,  # the mask comes with the data (`assistant_masks`), for any template
     )
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
@@ -150,7 +154,8 @@ def run_sft(recipe: SFTRecipe, extra_callbacks: list | None = None) -> Path:
     if common.interrupted(trainer, recipe.train):
         log.info("training stopped at step %d; rerun the same command to resume", trainer.state.global_step)
         return dirs.out
-    metrics = {**_final_metrics(trainer, result, seconds, splits.train_tokens), **_test_metrics(trainer, splits, chat)}
+    metrics = {**_final_metrics(trainer, result, seconds, splits.train_tokens),
+               **_test_metrics(trainer, _to_dataset(splits.test, tokenizer, recipe.loss_on, "test"))}
 
     # 5. Export the model, then the manifest last: its presence means "complete".
     export = common.export(trainer, tokenizer, dirs.out, recipe.peft, recipe.model.name_or_path, "causal-lm",

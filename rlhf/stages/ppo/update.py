@@ -22,13 +22,13 @@ STATS = ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "value_clip_
 
 
 def ptx_batch(tokenizer, rows: list[Messages], device) -> dict[str, torch.Tensor]:
-    """SFT examples -> right-padded ids, mask and labels on the final reply only, rendered as
-    everywhere else (`rlhf.sampling.render_for_loss`)."""
+    """SFT examples -> right-padded ids, mask, and labels on the assistant replies only, rendered
+    and masked as in the SFT stage (`rlhf.sampling.render_for_loss`)."""
     ids, labels = [], []
     for msgs in rows:
-        full, prompt_len = render_for_loss(tokenizer, msgs)
+        full, train_on = render_for_loss(tokenizer, msgs)
         ids.append(full)
-        labels.append([-100] * prompt_len + full[prompt_len:])
+        labels.append([t if keep else -100 for t, keep in zip(full, train_on)])
     input_ids, attention_mask = right_pad(ids, tokenizer.pad_token_id)
     label_ids, _ = right_pad(labels, -100)
     return {k: v.to(device) for k, v in

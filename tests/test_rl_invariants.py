@@ -187,3 +187,35 @@ def test_ptx_stream_positions_never_collide():
     seen = {ptx_stream_index(s, e, k, ppo_epochs=4, minibatches=150) for s in range(30) for e in range(4)
             for k in range(150)}
     assert len(seen) == 30 * 4 * 150  # the old step*1000 + epoch*100 + k repeated past 100 mini-batches
+
+
+def test_plain_rendering_keeps_the_prompt_a_prefix_across_a_trailing_space(demo_assets):
+    """Without a template, prompt and reply are tokenized apart: a prompt ending in a space cannot
+    merge with the reply's first token, so the reply's tokens are always found."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_assets / "base")
+    tok.chat_template = None
+    convo = [{"role": "user", "content": "the pizza was "}, {"role": "assistant", "content": "great ."}]
+    ids, mask = render_for_loss(tok, convo)
+    assert ids[: len(render_prompt(tok, convo[:1]))] == render_prompt(tok, convo[:1])
+    assert tok.decode([t for t, k in zip(ids, mask) if k]) == "great .<|end|>"
+
+
+def test_a_ptx_row_the_template_cannot_mask_fails_before_any_model_loads(demo_assets, sft_dir, reward_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from rlhf.errors import DataError
+
+    tok = AutoTokenizer.from_pretrained(sft_dir)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
+                         "{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    rows = tmp_path / "ptx.jsonl"
+    rows.write_text(json.dumps({"messages": [{"role": "user", "content": "a ?"}, {"role": "assistant", "content": "b ."},
+                                             {"role": "user", "content": "c ?"},
+                                             {"role": "assistant", "content": "d ."}]}) + "\n")
+    r = _recipe(demo_assets, sft_dir, reward_dir, tmp_path, "ppo.ptx_coef=0.5",
+                f"ptx_data={{sources: [{{path: {rows}}}], validation_fraction: 0.0}}")
+    with pytest.raises(DataError, match="ptx_data example 0 .*renders an earlier part"):
+        ppo.prepare_data(r, tok, {"reward_stats": {"mean": 0.0, "std": 1.0}})

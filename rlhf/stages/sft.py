@@ -72,11 +72,14 @@ def _to_dataset(rows: list[Messages], tokenizer, loss_on: str, split: str):
         return None
     out = []
     for i, messages in enumerate(rows):
+        if loss_on == "all":
+            out.append({"input_ids": render_conversation(tokenizer, messages)})
+            continue
         try:
             ids, mask = render_for_loss(tokenizer, messages)
         except ValueError as e:
             raise DataError(f"{split} example {i} ({messages[0]['content'][:60]!r}...): {e}") from None
-        out.append({"input_ids": ids, "assistant_masks": mask} if loss_on == "completion" else {"input_ids": ids})
+        out.append({"input_ids": ids, "assistant_masks": mask})
     return Dataset.from_list(out)
 
 
@@ -125,6 +128,7 @@ def run_sft(recipe: SFTRecipe, extra_callbacks: list | None = None) -> Path:
     splits = prepare_sft_data(recipe, tokenizer)
     train_ds = _to_dataset(splits.train, tokenizer, recipe.loss_on, "train")
     eval_ds = _to_dataset(splits.validation, tokenizer, recipe.loss_on, "validation")
+    test_ds = _to_dataset(splits.test, tokenizer, recipe.loss_on, "test")
 
     # 3. Model and trainer.
     model = load_model(recipe.model.name_or_path, "causal-lm", recipe.train.precision, model=recipe.model,
@@ -155,7 +159,7 @@ def run_sft(recipe: SFTRecipe, extra_callbacks: list | None = None) -> Path:
         log.info("training stopped at step %d; rerun the same command to resume", trainer.state.global_step)
         return dirs.out
     metrics = {**_final_metrics(trainer, result, seconds, splits.train_tokens),
-               **_test_metrics(trainer, _to_dataset(splits.test, tokenizer, recipe.loss_on, "test"))}
+               **_test_metrics(trainer, test_ds)}
 
     # 5. Export the model, then the manifest last: its presence means "complete".
     export = common.export(trainer, tokenizer, dirs.out, recipe.peft, recipe.model.name_or_path, "causal-lm",

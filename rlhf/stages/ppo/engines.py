@@ -19,7 +19,7 @@ from torch import nn
 from rlhf import distributed
 from rlhf.config_rl import PPORecipe
 from rlhf.distributed import build_deepspeed_config, world_size
-from rlhf.models import load_model, merge_adapter
+from rlhf.models import load_model, merged_weights
 
 if TYPE_CHECKING:  # annotations only: importing deepspeed or transformers here would slow `import rlhf`
     from deepspeed import DeepSpeedEngine
@@ -163,16 +163,18 @@ def _export_lora(engine, recipe: PPORecipe, out) -> dict[str, Any]:
 
     from rlhf.distributed import is_main
 
-    with gathered(engine, recipe.deepspeed.zero_stage):
+    trained = [p for p in engine.module.parameters() if p.requires_grad]  # only the adapter is gathered
+    with gathered(engine, recipe.deepspeed.zero_stage, params=trained):
         adapter = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(engine.module).items()}
     info = {"type": "lora", "merged": recipe.peft.merge_on_export, "base": str(recipe.sft_dir)}
     if is_main():
-        model = with_lora(load_model(recipe.sft_dir, "causal-lm", recipe.train.precision), recipe, "CAUSAL_LM")
+        base = load_model(recipe.sft_dir, "causal-lm", recipe.train.precision, model=recipe.model)
+        model = with_lora(base, recipe, "CAUSAL_LM")
         set_peft_model_state_dict(model, adapter)
         target = Path(out) / "adapter" if recipe.peft.merge_on_export else Path(out)
         model.save_pretrained(target)
         if recipe.peft.merge_on_export:
-            merge_adapter(target, "causal-lm", recipe.train.precision).save_pretrained(out)
+            merged_weights(model).save_pretrained(out)
             info["adapter"] = str(target)
     return info
 
@@ -226,14 +228,16 @@ def inference_model(model: nn.Module, recipe: PPORecipe, device: torch.device) -
     return engine.module
 
 
-def gathered(engine, zero_stage: int, enabled: bool = True):
+def gathered(engine, zero_stage: int, enabled: bool = True, params: list | None = None):
     """Context that materialises full weights once (ZeRO-3) for a whole `generate` call, instead of
-    gathering each layer again for every generated token (`enabled=False` keeps the per-layer way)."""
+    gathering each layer again for every generated token (`enabled=False` keeps the per-layer way).
+    `params` limits the gather to those parameters (default: all of the engine's module)."""
     if zero_stage != 3 or not enabled:
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(params if params is not None else list(engine.module.parameters()),
+                                             modifier_rank=None)
 
 
 def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:

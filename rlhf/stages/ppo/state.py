@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from rlhf import distributed
+from rlhf.errors import HandoffError
 
 STATE_FILE = "trainer_state.json"
 
@@ -81,7 +82,7 @@ def load_state(path: Path, actor, critic) -> dict[str, Any]:
     critic.load_checkpoint(str(path / "critic"), tag="state")
     rng_file = path / f"rng_rank{distributed.rank()}.pt"
     if not rng_file.is_file():
-        raise RuntimeError(f"{path} was saved with a different number of processes (no {rng_file.name}); "
+        raise HandoffError(f"{path} was saved with a different number of processes (no {rng_file.name}); "
                            "resume with the same world size, or start over with resume=never")
     set_rng_state(torch.load(rng_file, weights_only=False))
     return json.loads((path / STATE_FILE).read_text())

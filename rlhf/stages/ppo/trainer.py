@@ -3,8 +3,8 @@
 `run_ppo` reads top to bottom: (1) hand-off checks and data, (2) models, (3) resume, then per step
 (4) rollout, (5) update, (6) statistics shared by all ranks, (7) log, (8) save; finally (9) export.
 Every statistic that steers training (KL coefficient, reward normaliser, advantage whitening) is
-computed over all ranks, so every rank holds the same value and 2 processes train as 1 would on
-the same global batch.
+computed over all ranks, so every rank holds the same value, and those statistics equal what 1
+process computes on the same global batch.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from rlhf.config import to_dict
 from rlhf.config_rl import PPORecipe
 from rlhf.data.formats import Messages, normalize_prompt, normalize_sft
 from rlhf.data.prepare import Splits, prepare_splits
-from rlhf.errors import HandoffError, TrainingAborted
+from rlhf.errors import DataError, HandoffError, TrainingAborted
 from rlhf.models import load_tokenizer
-from rlhf.sampling import render_conversation, render_prompt
+from rlhf.sampling import render_conversation, render_for_loss, render_prompt
 from rlhf.stages import common
 from rlhf.stages.ppo import engines, losses
 from rlhf.stages.ppo.rollout import Rollout, is_finite, make_rollout, rollout_metrics
@@ -96,6 +96,11 @@ def prepare_data(recipe: PPORecipe, tokenizer, reward_manifest: dict) -> Data:
     if recipe.ptx_data and recipe.ppo.ptx_coef:
         ptx = prepare_splits(recipe.ptx_data, normalize_sft,
                              lambda msgs: len(render_conversation(tokenizer, msgs))).train
+        for i, msgs in enumerate(ptx):  # every rank draws other rows: a bad one must fail here, not mid-step
+            try:
+                render_for_loss(tokenizer, msgs)
+            except ValueError as e:
+                raise DataError(f"ptx_data example {i} ({msgs[0]['content'][:60]!r}...): {e}") from None
     stats = reward_manifest.get("reward_stats") or {}
     if recipe.ppo.reward_normalization == "manifest" and not stats:
         raise HandoffError(f"{recipe.reward_dir} manifest has no reward_stats; use ppo.reward_normalization=running")

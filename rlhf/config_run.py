@@ -58,8 +58,17 @@ class EvalRecipe:
     """Sampling settings; the same for every policy."""
     batch_size: int = 64
     """Sequences per forward pass when sampling and scoring."""
-    ground_truth: Literal["none", "demo"] = "none"
-    """'demo': also score responses with the demo task's ground-truth scorer (0-100)."""
+    ground_truth: Literal["none", "demo", "instruct"] = "none"
+    """Also grade responses with a task's ground-truth scorer (0-100, `rlhf.tasks.GRADERS`):
+    'demo' for the demo task, 'instruct' for the instruction-following task."""
+    best_of_n: int = 0
+    """Add a best-of-n row: n SFT samples per answer, the reward model picks one (0: no row). A
+    policy that RL trained should beat it; its KL to SFT is the analytic log(n) - (n-1)/n."""
+    forgetting_prompts: DataSource | None = None
+    """General questions unrelated to the task. The base model answers them greedily once, and
+    each policy's per-token NLL of those answers measures what fine-tuning forgot (needs base_dir)."""
+    forgetting_max_new_tokens: int = 48
+    """Length of the base model's answers for the forgetting measure."""
     side_by_side: int = 5
     """Prompts shown with every policy's answer in the report."""
     seed: int = 0
@@ -78,6 +87,10 @@ class EvalRecipe:
             raise ConfigError("base_few_shot > 0 needs few_shot_data (demonstrations to show the base model)")
         if any(p.few_shot for p in self.extra_policies) and self.few_shot_data is None:
             raise ConfigError("extra_policies with few_shot > 0 need few_shot_data")
+        if self.forgetting_prompts is not None and not self.base_dir:
+            raise ConfigError("forgetting_prompts needs base_dir (the model whose answers the policies are measured on)")
+        if self.best_of_n == 1 or self.best_of_n < 0:
+            raise ConfigError(f"best_of_n must be 0 (off) or >= 2, got {self.best_of_n}")
 
 
 @dataclass

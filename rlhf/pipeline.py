@@ -170,7 +170,8 @@ def print_summary(run_dir: Path) -> None:
         return
     summary = json.loads(report.read_text())["summary"]
     print(f"\n[pipeline] report: {run_dir / 'eval' / 'report.md'}")
-    cols = [c for c in ("reward_mean", "win_rate_vs_sft", "ground_truth", "kl_to_sft") if c in summary.get("sft", {})]
+    cols = [c for c in ("reward_mean", "win_rate_vs_sft", "ground_truth", "kl_to_sft", "forgetting_ppl_rise")
+            if c in summary.get("sft", {})]
     print(f"{'model':<8}" + "".join(f"{c:>18}" for c in cols))
     for name, row in summary.items():
-        print(f"{name:<8}" + "".join(f"{row[c]:>18.3f}" for c in cols))
+        print(f"{name:<8}" + "".join(f"{row[c]:>18.3f}" if c in row else f"{'-':>18}" for c in cols))

@@ -138,11 +138,14 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 # Sampling and log-probs
 # --------------------------------------------------------------------------------------------
 
-def generation_config(gen: GenerationSettings, eos_id: int, pad_id: int):
+def generation_config(gen: GenerationSettings, eos_id: int, pad_id: int, greedy: bool = False):
     """A transformers GenerationConfig holding only what the caller asked for; top_k 0 and top_p 1
     are written out, because an unset value would take transformers' default (top_k=50)."""
     from transformers import GenerationConfig
 
+    if greedy:
+        return GenerationConfig(do_sample=False, max_new_tokens=gen.max_new_tokens, eos_token_id=eos_id,
+                                pad_token_id=pad_id)
     return GenerationConfig(do_sample=True, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k,
                             max_new_tokens=gen.max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id)
 
@@ -164,15 +167,16 @@ def _without_checkpoint_generation_defaults(policy):
 
 @torch.no_grad()
 def generate(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: GenerationSettings, eos_id: int,
-             pad_id: int, return_scores: bool = False, synced: bool = False):
+             pad_id: int, return_scores: bool = False, synced: bool = False, greedy: bool = False):
     """Sample responses with the KV cache; (B, P) -> (B, R) token ids (R <= max_new_tokens).
 
     With `return_scores`, also the (B, R, V) logits each token was drawn from after every logits
     processor transformers applied (what the invariant tests compare with `policy_outputs`).
     `synced`: every rank keeps stepping until all ranks are done (ZeRO-3 with several ranks, where
     each forward may gather shards collectively and a rank that stopped early would hang the rest).
+    `greedy`: the most likely token each step (reference answers), instead of sampling.
     """
-    cfg = generation_config(gen, eos_id, pad_id)
+    cfg = generation_config(gen, eos_id, pad_id, greedy)
     if return_scores:
         cfg.output_scores, cfg.return_dict_in_generate = True, True
     with _without_checkpoint_generation_defaults(policy):

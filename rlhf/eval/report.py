@@ -14,12 +14,13 @@ from rlhf.config_run import EvalRecipe
 from rlhf.data.formats import Messages
 from rlhf.tracking import METRICS_FILE, read_jsonl
 
-HEADLINE = ["reward_mean", "win_rate_vs_sft", "ground_truth", "heldout_reward_mean", "kl_to_sft", "length_mean",
-            "distinct_2", "hit_length_limit", "shorter_than_half_sft", "reward_length_correlation"]
+HEADLINE = ["reward_mean", "win_rate_vs_sft", "ground_truth", "heldout_reward_mean", "kl_to_sft",
+            "forgetting_ppl_rise", "length_mean", "distinct_2", "hit_length_limit", "shorter_than_half_sft",
+            "reward_length_correlation"]
 LABELS = {"reward_mean": "reward", "win_rate_vs_sft": "win vs SFT", "ground_truth": "ground truth",
           "heldout_reward_mean": "held-out RM", "kl_to_sft": "KL to SFT", "length_mean": "length",
           "distinct_2": "distinct-2", "hit_length_limit": "hit limit", "shorter_than_half_sft": "short",
-          "reward_length_correlation": "corr(reward, len)"}
+          "reward_length_correlation": "corr(reward, len)", "forgetting_ppl_rise": "forgetting"}
 
 
 def headline(results: list[dict]) -> dict[str, dict[str, float]]:
@@ -56,7 +57,17 @@ def _verdict(summary: dict[str, dict[str, float]]) -> list[str]:
     if "ground_truth" in ppo:
         lines.append(f"- Ground truth (never seen in training): {_fmt(sft['ground_truth'])} -> "
                      f"{_fmt(ppo['ground_truth'])} ({ppo['ground_truth'] - sft['ground_truth']:+.1f}).")
+    best = next((k for k in summary if k.startswith("sft_best_of_")), None)
+    if best and "ground_truth" in ppo:
+        beat = ppo["ground_truth"] > summary[best]["ground_truth"]
+        lines.append(f"- {best.replace('sft_', '').replace('_', '-')} of SFT samples (reward-model reranking): ground "
+                     f"truth {_fmt(summary[best]['ground_truth'])}; PPO {'beats' if beat else 'does not beat'} it.")
+    if "forgetting_ppl_rise" in ppo:
+        lines.append(f"- Forgetting (perplexity of the base model's answers to general questions): SFT "
+                     f"{100 * sft['forgetting_ppl_rise']:+.1f}%, PPO {100 * ppo['forgetting_ppl_rise']:+.1f}% vs base.")
     warn = []
+    if ppo.get("forgetting_ppl_rise", 0.0) > 0.05:
+        warn.append(f"PPO forgot: perplexity on general answers rose {100 * ppo['forgetting_ppl_rise']:.0f}% over base")
     if "heldout_reward_mean" in ppo and ppo["heldout_reward_mean"] < sft["heldout_reward_mean"] < sft["reward_mean"] \
             < ppo["reward_mean"]:
         warn.append("the held-out reward model scores PPO below SFT while the training reward rose")

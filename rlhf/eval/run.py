@@ -8,6 +8,7 @@ compare against SFT and write the report (`rlhf.eval.report`).
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +22,11 @@ from rlhf.config_run import EvalRecipe
 from rlhf.data.formats import Messages, normalize_prompt, normalize_sft
 from rlhf.data.prepare import prepare_splits
 from rlhf.eval import metrics, report
+from rlhf.eval.forgetting import nll_per_token, perplexity_rise, reference_answers
 from rlhf.models import default_device, load_model, load_tokenizer
 from rlhf.sampling import Samples, render_prompt, sample, score_responses, sequence_logprobs, with_few_shot
 from rlhf.stages import common
+from rlhf.tasks import GRADERS
 
 log = logging.getLogger("rlhf")
 
@@ -33,6 +36,7 @@ class Policy:
     name: str
     path: str
     few_shot: int = 0
+    best_of: int = 1  # n > 1: each answer is the reward model's pick among n samples
 
 
 def policies_of(recipe: EvalRecipe) -> list[Policy]:
@@ -42,6 +46,8 @@ def policies_of(recipe: EvalRecipe) -> list[Policy]:
     out.append(Policy("sft", recipe.sft_dir))
     if recipe.ppo_dir:
         out.append(Policy("ppo", recipe.ppo_dir))
+    if recipe.best_of_n:
+        out.append(Policy(f"sft_best_of_{recipe.best_of_n}", recipe.sft_dir, best_of=recipe.best_of_n))
     out += [Policy(p.name, p.path, p.few_shot) for p in recipe.extra_policies]
     names = [p.name for p in out]
     if len(set(names)) != len(names):
@@ -80,6 +86,13 @@ def _load(path: str, kind: str, device):
     return load_model(path, "causal-lm" if kind == "policy" else "scorer", precision, device=device).eval()
 
 
+def _best_of(s: Samples, rewards: list[float], n: int) -> tuple[Samples, list[float]]:
+    """Keep the highest-reward sample of each consecutive group of n (same prompt, prompt-major)."""
+    keep = [max(range(g, g + n), key=lambda i: rewards[i]) for g in range(0, len(rewards), n)]
+    picked = Samples([s.prompt_index[i] for i in keep], [s.responses[i] for i in keep], [s.hit_limit[i] for i in keep])
+    return picked, [rewards[i] for i in keep]
+
+
 def evaluate_policy(p: Policy, recipe: EvalRecipe, tok, prompts: list[Messages], judges: dict, device) -> dict:
     """Sample one policy on every prompt and measure it; returns its metrics and samples."""
     plain = [render_prompt(tok, m) for m in prompts]
@@ -87,20 +100,27 @@ def evaluate_policy(p: Policy, recipe: EvalRecipe, tok, prompts: list[Messages],
     shown = [render_prompt(tok, with_few_shot(m, shots)) for m in prompts] if shots else plain
     model = _load(p.path, "policy", device)
     bs, temp = recipe.batch_size, recipe.generation.temperature
-    s: Samples = sample(model, tok, shown, recipe.samples_per_prompt, recipe.generation, recipe.seed, bs, device)
-    # KL(policy || SFT) per response: log p_policy(y | what it saw) - log p_sft(y | plain prompt).
-    logp = sequence_logprobs(model, shown, s, tok.pad_token_id, temp, bs, device)
-    ref_logp = sequence_logprobs(judges["reference"], plain, s, tok.pad_token_id, temp, bs, device)
-    del model
+    s: Samples = sample(model, tok, shown, recipe.samples_per_prompt * p.best_of, recipe.generation, recipe.seed,
+                        bs, device)
+    rewards = score_responses(judges["reward"], tok, [prompts[i] for i in s.prompt_index], s.responses, device,
+                              bs).tolist()
+    if p.best_of > 1:
+        s, rewards = _best_of(s, rewards, p.best_of)
     answered = [prompts[i] for i in s.prompt_index]  # scored as the reward model was trained: rendered again
-    rewards = score_responses(judges["reward"], tok, answered, s.responses, device, bs).tolist()
+    # KL(policy || SFT) per response: log p_policy(y | what it saw) - log p_sft(y | plain prompt). Best-of-n
+    # samples SFT itself; its KL is the analytic bound log(n) - (n - 1) / n (Stiennon et al. 2020).
+    if p.best_of > 1:
+        kl = math.log(p.best_of) - (p.best_of - 1) / p.best_of
+    else:
+        logp = sequence_logprobs(model, shown, s, tok.pad_token_id, temp, bs, device)
+        ref_logp = sequence_logprobs(judges["reference"], plain, s, tok.pad_token_id, temp, bs, device)
+        kl = metrics.mean([a - b for a, b in zip(logp, ref_logp)])
     texts = [tok.decode(r, skip_special_tokens=True).strip() for r in s.responses]
     lengths = [len(r) for r in s.responses]
     out = {
         "name": p.name, "path": p.path, "few_shot": p.few_shot, "n": len(texts),
         "reward_mean": metrics.mean(rewards), "reward_std": metrics.length_stats(rewards)["std"],
-        "kl_to_sft": metrics.mean([a - b for a, b in zip(logp, ref_logp)]),
-        "length": metrics.length_stats(lengths),
+        "kl_to_sft": kl, "length": metrics.length_stats(lengths),
         "distinct_1": metrics.distinct_n(s.responses, 1), "distinct_2": metrics.distinct_n(s.responses, 2),
         "hit_length_limit": metrics.mean([float(h) for h in s.hit_limit]),
         "reward_length_correlation": metrics.pearson(rewards, lengths),
@@ -109,12 +129,24 @@ def evaluate_policy(p: Policy, recipe: EvalRecipe, tok, prompts: list[Messages],
     if "heldout_reward" in judges:
         held = score_responses(judges["heldout_reward"], tok, answered, s.responses, device, bs).tolist()
         out["heldout_reward_mean"] = metrics.mean(held)
-    if recipe.ground_truth == "demo":
-        from rlhf.demo import task
-
-        scores = [task.score(prompts[i][-1]["content"], t) for i, t in zip(s.prompt_index, texts)]
-        out["ground_truth"] = metrics.mean([x.total for x in scores])
+    if recipe.ground_truth != "none":
+        grade = GRADERS[recipe.ground_truth]
+        out["ground_truth"] = metrics.mean([grade(prompts[i][-1]["content"], t, h)
+                                            for i, t, h in zip(s.prompt_index, texts, s.hit_limit)])
+    if "forgetting" in judges and p.best_of == 1:
+        questions, answers = judges["forgetting"]
+        out["forgetting_nll"] = nll_per_token(model, tok, questions, answers, bs, device)
+    del model
     return out
+
+
+def forgetting_reference(recipe: EvalRecipe, tok, device) -> tuple[list[list[int]], Samples]:
+    """The general questions (rendered) and the base model's greedy answers to them."""
+    cfg = DataConfig(sources=[recipe.forgetting_prompts], validation_fraction=0.0, max_length=10**9)
+    questions = [render_prompt(tok, m) for m in prepare_splits(cfg, normalize_prompt).train]
+    base = _load(recipe.base_dir, "policy", device)
+    return questions, reference_answers(base, tok, questions, recipe.forgetting_max_new_tokens, recipe.batch_size,
+                                        device)
 
 
 def run_eval(recipe: EvalRecipe) -> Path:
@@ -133,12 +165,18 @@ def run_eval(recipe: EvalRecipe) -> Path:
     judges = {"reward": _load(recipe.reward_dir, "scorer", device), "reference": _load(recipe.sft_dir, "policy", device)}
     if recipe.heldout_reward_dir:
         judges["heldout_reward"] = _load(recipe.heldout_reward_dir, "scorer", device)
+    if recipe.forgetting_prompts is not None:
+        judges["forgetting"] = forgetting_reference(recipe, tok, device)
     from tqdm.auto import tqdm
 
     results = []
     for p in tqdm(policies, desc="eval"):
         results.append(evaluate_policy(p, recipe, tok, prompts, judges, device))
         log.info("%s: reward %.3f, KL to SFT %.2f", p.name, results[-1]["reward_mean"], results[-1]["kl_to_sft"])
+    base_nll = next((r["forgetting_nll"] for r in results if r["name"] == "base" and "forgetting_nll" in r), None)
+    for r in results:
+        if base_nll is not None and "forgetting_nll" in r:
+            r["forgetting_ppl_rise"] = perplexity_rise(r["forgetting_nll"], base_nll)
     sft = next(r for r in results if r["name"] == "sft")
     short = sft["length"]["median"] / 2
     for r in results:  # the reward model judges each pair of answers to the same prompt and sample

@@ -1,0 +1,48 @@
+"""The forgetting measure: how well a policy still predicts what the base model says about things
+unrelated to the task.
+
+The base model answers general questions greedily once; each policy's per-token negative
+log-likelihood of those answers is compared with the base model's own. Fine-tuning that damaged
+general ability raises it; the report gives the relative rise in perplexity, exp(NLL - NLL_base) - 1.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rlhf.config import GenerationSettings
+from rlhf.sampling import Samples, generate, left_pad, response_mask_of, sequence_logprobs
+
+
+@torch.no_grad()
+def reference_answers(base, tokenizer, question_ids: list[list[int]], max_new_tokens: int, batch_size: int,
+                      device) -> Samples:
+    """The base model's greedy answer to each question (cut after its eos), as `Samples`."""
+    out = Samples([], [], [])
+    gen = GenerationSettings(max_new_tokens=max_new_tokens)
+    base.eval()
+    for start in range(0, len(question_ids), batch_size):
+        ids, mask = left_pad(question_ids[start:start + batch_size], tokenizer.pad_token_id)
+        resp = generate(base, ids.to(device), mask.to(device), gen, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                        greedy=True).cpu()
+        for i, (row, keep) in enumerate(zip(resp, response_mask_of(resp, tokenizer.eos_token_id))):
+            tokens = row[: int(keep.sum())].tolist()
+            out.prompt_index.append(start + i)
+            out.responses.append(tokens)
+            out.hit_limit.append(tokenizer.eos_token_id not in tokens)
+    return out
+
+
+def nll_per_token(model, tokenizer, question_ids: list[list[int]], answers: Samples, batch_size: int,
+                  device) -> float:
+    """Mean negative log-likelihood per answer token of `answers` under `model` (temperature 1)."""
+    logp = sequence_logprobs(model, question_ids, answers, tokenizer.pad_token_id, 1.0, batch_size, device)
+    tokens = sum(len(r) for r in answers.responses)
+    return -sum(logp) / max(tokens, 1)
+
+
+def perplexity_rise(nll: float, base_nll: float) -> float:
+    """Relative perplexity increase over the base model: exp(nll - base_nll) - 1 (0.05 = 5% worse)."""
+    return math.exp(nll - base_nll) - 1.0

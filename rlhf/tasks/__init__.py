@@ -1,0 +1,24 @@
+"""Synthetic tasks with ground-truth graders, for measuring whether alignment helped.
+
+`GRADERS` maps an evaluation recipe's `ground_truth` value to a function
+(prompt text, response text, hit_length_limit) -> score 0-100. Training never calls them.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+
+def _demo(prompt: str, response: str, hit_limit: bool) -> float:
+    from rlhf.demo import task
+
+    return task.score(prompt, response).total
+
+
+def _instruct(prompt: str, response: str, hit_limit: bool) -> float:
+    from rlhf.tasks import instruct
+
+    return instruct.score(prompt, response, hit_limit).total
+
+
+GRADERS: dict[str, Callable[[str, str, bool], float]] = {"demo": _demo, "instruct": _instruct}

@@ -1,23 +1,29 @@
-"""Shared by the labelling tests: a small project from ready candidates (no model needed)."""
+"""Shared by the labelling tests: a small project from ready candidates (no model needed), and
+labels written straight into the database where a test needs a given vote pattern."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from sqlalchemy import select
+
 from rlhf.config import GenerationSettings
-from rlhf.label import project
+from rlhf.label import project, store
 
 
 def make_project(tmp: Path, n_prompts: int = 6, overlap: int = 1, prompt_text: str | None = None,
-                 reward_model: str | None = None) -> Path:
-    """`n_prompts` prompts with 2 candidates each (one pair per prompt)."""
+                 reward_model: str | None = None, answers: tuple[str, str] | None = None) -> Path:
+    """`n_prompts` prompts with 2 candidates each (one pair per prompt); `answers` replaces the two
+    candidate texts of every prompt (the prompt number is appended to the second)."""
     rows = []
     for i in range(n_prompts):
         p = prompt_text or f"write a review of the item number {i} ."
         item = ["pizza", "movie", "hotel", "book", "phone", "laptop"][i % 6]
-        rows.append({"prompt": p, "response": f"the {item} was great and lovely . i loved it .", "model": "m1"})
-        rows.append({"prompt": p, "response": f"the {item} was awful and dull . i hated it . {i}", "model": "m2"})
+        good, bad = answers or (f"the {item} was great and lovely . i loved it .", f"the {item} was awful and dull . "
+                                                                                   f"i hated it .")
+        rows.append({"prompt": p, "response": good, "model": "m1"})
+        rows.append({"prompt": p, "response": f"{bad} {i}", "model": "m2"})
     cands = tmp / "candidates.jsonl"
     cands.write_text("".join(json.dumps(r) + "\n" for r in rows))
     db = tmp / "labels.sqlite"
@@ -25,3 +31,17 @@ def make_project(tmp: Path, n_prompts: int = 6, overlap: int = 1, prompt_text: s
                          candidates_path=str(cands), overlap=overlap, reward_model=reward_model,
                          gen=GenerationSettings())
     return db
+
+
+def put_label(engine, pair_id: int, name: str, choice: str, strength: int | None = None) -> None:
+    """A label in the database as it is stored (choice a | b | tie | both_bad), bypassing the app:
+    for tests of what is done with labels (export, stats), not of how they are collected."""
+    find = select(store.annotators.c.id).where(store.annotators.c.name == name)
+    with engine.connect() as c:
+        known = c.execute(find).scalar()
+    if known is None:
+        store.add_annotator(engine, name)
+    with engine.begin() as c:
+        a_id = c.execute(select(store.pairs.c.a_id).where(store.pairs.c.id == pair_id)).scalar()
+        c.execute(store.labels.insert().values(pair_id=pair_id, annotator_id=c.execute(find).scalar(), choice=choice,
+                                               strength=strength, comment="", left_id=a_id, created_at=store.now()))

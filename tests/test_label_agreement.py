@@ -43,6 +43,16 @@ def test_majority_vote():
     assert agreement.majority([]) is None
 
 
+def test_export_vote_rule():
+    assert agreement.export_vote(["a", "both_bad"]) == "a"  # was a tie: both bad is no side vote
+    assert agreement.export_vote(["b", "both_bad", "both_bad"]) == "both_bad"  # most say both bad: left out
+    assert agreement.export_vote(["a", "b", "both_bad"]) == "tie"
+    assert agreement.export_vote(["a", "tie"]) == "tie"
+    assert agreement.export_vote(["a", "a", "b"]) == "a"
+    assert agreement.export_vote(["both_bad"]) == "both_bad"
+    assert agreement.export_vote([]) is None
+
+
 def test_mean_pairwise_cohen():
     by = {"x": {1: "a", 2: "a", 3: "b", 4: "b"}, "y": {1: "a", 2: "b", 3: "b", 4: "b"}, "z": {9: "a"}}
     assert agreement.mean_pairwise_cohen(by) == pytest.approx(0.5)  # z shares no items

@@ -1,6 +1,7 @@
-"""The labelling app under load and through a crash, as a real server process on loopback:
-20 annotators x 50 labels with no lost or duplicated label; then kill -9 during the load, restart,
-and every acknowledged label is in a database that passes its integrity check."""
+"""The labelling app under load and through crashes, as a real server process on loopback:
+20 annotators x 50 labels on 400 pairs at overlap 3, with no lost or duplicated label, no pair over
+its overlap and no label for a pair that was not served; then kill -9 twice during the load,
+restart each time, and every acknowledged label is in a database that passes its integrity check."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from conftest import REPO, free_port
 from label_helpers import make_project
 
 pytestmark = pytest.mark.slow  # a real server under load: the full suite runs it, the fast tier does not
+PAIRS, OVERLAP, CLIENTS, LABELS = 400, 3, 20, 50
 
 
 def start_server(db, port: int) -> subprocess.Popen:
@@ -42,11 +44,39 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
-def load(db, port: int, acked, clients=20, labels=50, timeout=120) -> subprocess.Popen:
+def load(db, port: int, acked, clients=CLIENTS, labels=LABELS, timeout=120) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(REPO / "scripts/label_load.py"), "--db", str(db),
                              "--url", f"http://127.0.0.1:{port}", "--clients", str(clients), "--labels", str(labels),
                              "--timeout", str(timeout), "--acked", str(acked)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def n_acked(acked) -> int:
+    return len(acked.read_text().splitlines()) if acked.exists() else 0
+
+
+def load_through_kills(db, port: int, acked, kills: int = 2, every: int = 150) -> tuple[str, list[int]]:
+    """Run the load; each time `every` more labels are acknowledged, kill -9 the server mid-load
+    and start it again. Returns the load's output and the acknowledged count at each kill."""
+    server = start_server(db, port)
+    proc = load(db, port, acked, timeout=150)
+    at_kill = []
+    try:
+        for _ in range(kills):
+            target = n_acked(acked) + every
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and n_acked(acked) < target and proc.poll() is None:
+                time.sleep(0.05)
+            os.kill(server.pid, signal.SIGKILL)  # requests are in flight
+            server.wait()
+            at_kill.append(n_acked(acked))
+            server = start_server(db, port)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stop(server)
+    return out, at_kill
 
 
 def check_db(db, acked) -> list[dict]:
@@ -56,13 +86,25 @@ def check_db(db, acked) -> list[dict]:
         dup = c.execute("select pair_id, annotator_id, count(*) from labels group by 1, 2 having count(*) > 1").fetchall()
         assert dup == [], f"duplicated labels: {dup[:5]}"
         stored = dict(c.execute("select id, pair_id from labels").fetchall())
+        over = c.execute("select pair_id, count(*) from labels group by 1 having count(*) > ?", (OVERLAP,)).fetchall()
+        unserved = c.execute("select count(*) from labels l left join assignments s on s.pair_id = l.pair_id "
+                             "and s.annotator_id = l.annotator_id where s.pair_id is null").fetchone()[0]
     missing = [r for r in rows if stored.get(r["label_id"]) != r["pair_id"]]
     assert not missing, f"{len(missing)} acknowledged labels lost, e.g. {missing[:3]}"
+    assert over == [], f"pairs over the overlap of {OVERLAP}: {over[:5]}"
+    assert unserved == 0, f"{unserved} labels for pairs never served to their annotator"
     return rows
 
 
+def assert_clean(summary: dict) -> None:
+    """What the load script itself measured in the database."""
+    assert summary["lost"] == 0 and summary["over_overlap"] == 0, summary
+    assert summary["not_served"] == 0 and summary["probes_accepted"] == 0, summary
+    assert summary["max_labels_per_pair"] <= OVERLAP
+
+
 def test_twenty_annotators_fifty_labels_each(tmp_path):
-    db = make_project(tmp_path, n_prompts=60, overlap=20)
+    db = make_project(tmp_path, n_prompts=PAIRS, overlap=OVERLAP)
     port = free_port()
     server = start_server(db, port)
     try:
@@ -71,39 +113,28 @@ def test_twenty_annotators_fifty_labels_each(tmp_path):
     finally:
         stop(server)
     assert proc.returncode == 0, out[-3000:]
-    print(out)  # the latency percentiles, for the log
+    print(out)  # the latency percentiles and the database checks, for the log
     assert "label latency ms: p50" in out
     summary = json.loads((tmp_path / "load.json").read_text())
-    assert summary["acked"] == 1000 and summary["errors"] == 0
+    assert summary["acked"] == CLIENTS * LABELS and summary["errors"] == 0, summary
+    assert_clean(summary)
+    assert summary["refused"] == {}  # with leases, nobody's served pair is taken from them
     rows = check_db(db, tmp_path / "acked.jsonl")
     with sqlite3.connect(db) as c:
-        assert c.execute("select count(*) from labels").fetchone()[0] == len(rows) == 1000
-        per = c.execute("select max(n) from (select count(*) n from labels group by pair_id)").fetchone()[0]
-    assert per <= 20  # overlap respected... at most K annotators per pair
+        assert c.execute("select count(*) from labels").fetchone()[0] == len(rows) == CLIENTS * LABELS
+        spread = c.execute("select count(distinct pair_id) from labels").fetchone()[0]
+    assert spread == PAIRS  # fewest labels first: all 400 pairs got work before any got a third label
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="kill -9 semantics")
-def test_kill_9_during_load_loses_no_acknowledged_label(tmp_path):
-    db = make_project(tmp_path, n_prompts=60, overlap=20)
-    port = free_port()
+def test_kill_9_twice_during_load_loses_no_acknowledged_label(tmp_path):
+    db = make_project(tmp_path, n_prompts=PAIRS, overlap=OVERLAP)
     acked = tmp_path / "acked.jsonl"
-    server = start_server(db, port)
-    proc = load(db, port, acked, timeout=90)
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and (not acked.exists() or len(acked.read_text().splitlines()) < 150):
-            time.sleep(0.05)
-        os.kill(server.pid, signal.SIGKILL)  # mid-load: requests are in flight
-        server.wait()
-        before = len(acked.read_text().splitlines())
-        server = start_server(db, port)
-        out, _ = proc.communicate(timeout=200)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        stop(server)
-    print(out)
+    out, at_kill = load_through_kills(db, free_port(), acked)
+    print(out, "acknowledged at each kill:", at_kill)
     rows = check_db(db, acked)
-    assert 150 <= before < len(rows), "the load went on after the restart"
+    assert len(at_kill) == 2 and 150 <= at_kill[0] < at_kill[1] < len(rows), "the load went on after each restart"
     summary = json.loads((tmp_path / "load.json").read_text())
     assert summary["errors"] > 0  # the clients did see the server die
+    assert_clean(summary)
+    assert summary["acked"] == CLIENTS * LABELS  # and every client still got its 50 labels in

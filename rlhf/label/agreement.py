@@ -73,6 +73,22 @@ def majority(votes: Sequence[str]) -> str | None:
     return top[0] if len(top) == 1 else "tie"
 
 
+def export_vote(votes: Sequence[str]) -> str | None:
+    """The vote the export uses: 'a', 'b', 'tie', 'both_bad' (leave the pair out), None without votes.
+
+    'Both bad' says nothing about which side is better, so it never enters the side vote (it used
+    to draw against a side and turn "A is better" + "both bad" into a tie). A pair is left out as
+    both bad when more than half of its votes say so; otherwise `majority` of the other votes
+    decides: ["a", "both_bad"] -> "a", ["a", "b", "both_bad"] -> "tie", ["both_bad", "both_bad", "a"]
+    -> "both_bad"."""
+    if not votes:
+        return None
+    bad = sum(v == "both_bad" for v in votes)
+    if 2 * bad > len(votes):
+        return "both_bad"
+    return majority([v for v in votes if v != "both_bad"])
+
+
 def mean_pairwise_cohen(by_rater: Mapping[str, Mapping[int, str]]) -> float:
     """Average Cohen's kappa over every two raters with at least 2 items in common."""
     kappas = []

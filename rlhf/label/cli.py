@@ -1,4 +1,4 @@
-"""`rlhf label ...`: create a labelling project, add annotators, serve the app, stats, export."""
+"""`rlhf label ...`: create a labelling project, add or revoke annotators, serve the app, stats, export."""
 
 from __future__ import annotations
 
@@ -26,10 +26,21 @@ def add_parser(sub) -> None:
     add.add_argument("name")
     add.add_argument("--db", default="labels.sqlite")
     add.add_argument("--admin", action="store_true", help="may open the statistics page")
+    rev = cmds.add_parser("revoke", help="revoke an annotator's token and end their sessions (labels stay)")
+    rev.add_argument("name")
+    rev.add_argument("--db", default="labels.sqlite")
     serve = cmds.add_parser("serve", help="start the web app")
     serve.add_argument("--db", default="labels.sqlite")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="127.0.0.1 (default), behind a TLS reverse proxy; anything else is plain HTTP on "
+                            "the network (a warning says so)")
     serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--secure-cookies", action="store_true",
+                       help="mark cookies Secure (behind TLS); on by itself when a proxy on this machine sends "
+                            "X-Forwarded-Proto: https")
+    serve.add_argument("--lease-minutes", type=float, default=10.0,
+                       help="how long a served pair stays reserved for its annotator")
+    serve.add_argument("--session-hours", type=float, default=12.0, help="how long a browser sign-in lasts")
     st = cmds.add_parser("stats", help="labels per annotator, throughput, agreement, tie and both-bad rates")
     st.add_argument("--db", default="labels.sqlite")
     st.add_argument("--json", action="store_true")
@@ -45,9 +56,11 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
+    from rlhf.errors import RlhfError
+
     try:
         return _run(args)
-    except (ValueError, FileExistsError, FileNotFoundError) as e:  # the user's to fix: say it, exit 2
+    except (RlhfError, ValueError, FileExistsError, FileNotFoundError) as e:  # the user's to fix: say it, exit 2
         print(f"rlhf: error: {e}", file=sys.stderr)
         return 2
 
@@ -71,10 +84,18 @@ def _run(args: argparse.Namespace) -> int:
         token = store.add_annotator(store.connect(args.db), args.name, args.admin)
         print(f"[rlhf] annotator {args.name!r}{' (admin)' if args.admin else ''}; their access token "
               f"(shown once, stored only as a hash):\n{token}")
+    elif cmd == "revoke":
+        ended = store.revoke(store.connect(args.db), args.name)
+        print(f"[rlhf] revoked {args.name!r}: their token no longer works and {ended} browser session(s) ended; "
+              "their labels stay")
     elif cmd == "serve":
-        from rlhf.label.server import serve
+        from rlhf.label.server import Settings, serve
 
-        serve(args.db, args.host, args.port)
+        if args.lease_minutes <= 0 or args.session_hours <= 0:
+            raise ValueError("--lease-minutes and --session-hours must be > 0")
+        serve(args.db, args.host, args.port, Settings(lease_s=60 * args.lease_minutes,
+                                                      session_s=3600 * args.session_hours,
+                                                      secure_cookies=args.secure_cookies))
     elif cmd == "stats":
         s = project.stats(store.connect(args.db))
         if args.json:
@@ -89,7 +110,14 @@ def _run(args: argparse.Namespace) -> int:
             print(f"  {name:<20} {a['labels']:>6} labels  {f(a['per_hour']):>8} per hour")
     else:
         counts = project.export(store.connect(args.db), args.out, args.ties, args.min_labels, args.margin_scale)
-        rest = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items() if k != "written")
-        print(f"[rlhf] wrote {counts['written']} preference pairs to {args.out}" + (f" (left out or tied: {rest})"
-                                                                                    if rest else ""))
+        print(export_message(counts, args.out))
     return 0
+
+
+def export_message(counts: dict[str, int], out: str) -> str:
+    """What was written (clear preferences and ties) and, apart, what was left out and why."""
+    written = f"{counts['preferences']} with a clear preference, {counts['ties']} ties"
+    left = ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in ("unlabelled", "too_few_labels", "both_bad",
+                                                                     "ties_dropped") if counts.get(k))
+    return (f"[rlhf] wrote {counts['written']} preference pairs to {out} ({written}); "
+            f"left out: {left or 'none'}")

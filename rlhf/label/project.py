@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -160,11 +161,15 @@ def stats(engine) -> dict[str, Any]:
 
 
 def export(engine, out: str | Path, ties: str = "keep", min_labels: int = 1, margin_scale: float = 0.5) -> dict[str, int]:
-    """Majority vote per pair -> JSONL rows the reward stage reads as they are:
+    """Vote per pair (agreement.export_vote) -> JSONL rows the reward stage reads as they are:
     {prompt (messages), chosen, rejected, margin, tie, provenance}. Margin = margin_scale x (mean
-    strength of the winning votes - 1): 0 for 'slightly better', up to 1.0 for 'much better'."""
+    strength of the winning votes - 1): 0 for 'slightly better', up to 1.0 for 'much better'.
+    Returns how many rows were written (preferences + ties) and how many pairs were left out, by reason."""
+    out = Path(out)
+    if out.is_dir():
+        raise store.LabelError(f"--out {out} is a directory; give a file to write, e.g. {out / 'prefs.jsonl'}")
     by_pair = _labels_by_pair(engine)
-    counts = Counter()
+    counts = Counter({"preferences": 0, "ties": 0})
     with engine.connect() as c:
         cands = {r.id: r for r in c.execute(select(store.candidates))}
         prompts = {r.id: json.loads(r.messages) for r in c.execute(select(store.prompts))}
@@ -172,29 +177,44 @@ def export(engine, out: str | Path, ties: str = "keep", min_labels: int = 1, mar
     rows = []
     for p in all_pairs:
         labels = by_pair.get(p.id, [])
-        if len(labels) < min_labels or not labels:
-            counts["unlabelled"] += 1
+        if not labels or len(labels) < min_labels:
+            counts["too_few_labels" if labels else "unlabelled"] += 1
             continue
-        winner = agreement.majority([lab["choice"] for lab in labels])
+        winner = agreement.export_vote([lab["choice"] for lab in labels])
         if winner == "both_bad":
             counts["both_bad"] += 1
             continue
         if winner == "tie" and ties == "drop":
             counts["ties_dropped"] += 1
             continue
-        chosen, rejected = (p.b_id, p.a_id) if winner == "b" else (p.a_id, p.b_id)
-        strengths = [lab["strength"] for lab in labels if lab["choice"] == winner and lab["strength"]]
-        margin = margin_scale * (sum(strengths) / len(strengths) - 1) if strengths and winner != "tie" else 0.0
-        rows.append({"prompt": prompts[p.prompt_id], "chosen": cands[chosen].text, "rejected": cands[rejected].text,
-                     "margin": margin, "tie": winner == "tie",
-                     "provenance": {"pair_id": p.id, "votes": dict(Counter(lab["choice"] for lab in labels)),
-                                    "annotators": sorted(lab["name"] for lab in labels),
-                                    "chosen_source": cands[chosen].source, "rejected_source": cands[rejected].source}})
-        counts["ties" if winner == "tie" else "pairs"] += 1
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(str(out) + ".tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(out)
+        rows.append(_export_row(p, winner, labels, cands, prompts, margin_scale))
+        counts["ties" if winner == "tie" else "preferences"] += 1
+    _write_jsonl(out, rows)
     return {"written": len(rows), **counts}
+
+
+def _export_row(p, winner: str, labels: list[dict[str, Any]], cands, prompts, margin_scale: float) -> dict[str, Any]:
+    chosen, rejected = (p.b_id, p.a_id) if winner == "b" else (p.a_id, p.b_id)
+    strengths = [lab["strength"] for lab in labels if lab["choice"] == winner and lab["strength"]]
+    margin = margin_scale * (sum(strengths) / len(strengths) - 1) if strengths and winner != "tie" else 0.0
+    return {"prompt": prompts[p.prompt_id], "chosen": cands[chosen].text, "rejected": cands[rejected].text,
+            "margin": margin, "tie": winner == "tie",
+            "provenance": {"pair_id": p.id, "votes": dict(Counter(lab["choice"] for lab in labels)),
+                           "annotators": sorted(lab["name"] for lab in labels),
+                           "chosen_source": cands[chosen].source, "rejected_source": cands[rejected].source}}
+
+
+def _write_jsonl(out: Path, rows: list[dict[str, Any]]) -> None:
+    """Whole file or nothing: written next to `out` and renamed over it; no .tmp is left behind."""
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with tmp.open("w") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+        tmp.replace(out)
+    except OSError as e:
+        raise store.LabelError(f"cannot write the export to {out}: {e.strerror or e}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)

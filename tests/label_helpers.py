@@ -45,3 +45,36 @@ def put_label(engine, pair_id: int, name: str, choice: str, strength: int | None
         a_id = c.execute(select(store.pairs.c.a_id).where(store.pairs.c.id == pair_id)).scalar()
         c.execute(store.labels.insert().values(pair_id=pair_id, annotator_id=c.execute(find).scalar(), choice=choice,
                                                strength=strength, comment="", left_id=a_id, created_at=store.now()))
+
+
+def race_for_pair_one(db_url: str, annotator_ids: list[int]) -> list[str]:
+    """Every annotator holds a lapsed lease on pair 1 and labels it at the same instant, each through
+    its own engine (as separate server processes would); returns 'ok' / 'full' per attempt."""
+    import threading
+
+    from rlhf.label import assign
+
+    with store.connect(db_url).begin() as c:
+        c.execute(store.assignments.insert(), [{"pair_id": 1, "annotator_id": i, "served_at": store.now(),
+                                                "expires_at": store.now()} for i in annotator_ids])
+    outcomes: list[str] = []
+    start = threading.Barrier(len(annotator_ids))
+
+    def one(annotator_id: int) -> None:
+        own = store.connect(db_url)  # no in-process lock shared with the others
+        start.wait()
+        try:
+            assign.add_label(own, pair_id=1, annotator_id=annotator_id, choice="a", strength=1, comment="",
+                             left_id=1)
+            outcomes.append("ok")
+        except store.PairFull:
+            outcomes.append("full")
+        finally:
+            own.dispose()
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in annotator_ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes

@@ -8,16 +8,15 @@ import datetime as dt
 import json
 import re
 import sqlite3
-import threading
 
 import pytest
 from fastapi.testclient import TestClient
 
 from conftest import REPO
-from label_helpers import make_project, put_label
+from label_helpers import make_project, put_label, race_for_pair_one
 from rlhf.cli import main
 from rlhf.config import load_recipe
-from rlhf.label import assign, project, store
+from rlhf.label import project, store
 from rlhf.label.security import LoginLimiter
 from rlhf.label.server import Settings, create_app
 
@@ -272,27 +271,7 @@ def test_concurrent_labels_never_exceed_the_overlap(tmp_path):
     for i in range(12):
         store.add_annotator(engine, f"a{i}")
         ids.append(sql(db, "select id from annotators where name = ?", f"a{i}")[0][0])
-    with engine.begin() as c:
-        c.execute(store.assignments.insert(), [{"pair_id": 1, "annotator_id": i, "served_at": store.now(),
-                                                "expires_at": store.now()} for i in ids])
-    outcomes: list[str] = []
-    start = threading.Barrier(len(ids))
-
-    def one(annotator_id: int) -> None:
-        own = store.connect(str(db))  # its own engine: no in-process lock shared with the others
-        start.wait()
-        try:
-            assign.add_label(own, pair_id=1, annotator_id=annotator_id, choice="a", strength=1, comment="",
-                             left_id=1)
-            outcomes.append("ok")
-        except store.PairFull:
-            outcomes.append("full")
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in ids]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    outcomes = race_for_pair_one(str(db), ids)
     assert sorted(outcomes) == ["full"] * 9 + ["ok"] * 3
     assert count_labels(db) == 3
 

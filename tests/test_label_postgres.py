@@ -11,12 +11,12 @@ import json
 import os
 import shutil
 import subprocess
-import threading
 
 import pytest
 from fastapi.testclient import TestClient
 
 from conftest import free_port
+from label_helpers import race_for_pair_one
 
 BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
 pytestmark = [pytest.mark.slow,
@@ -93,36 +93,16 @@ def test_label_and_export_on_postgres(pg_url, tmp_path):
 
 
 def test_concurrent_labels_never_exceed_the_overlap_on_postgres(pg_url, tmp_path):
-    from rlhf.label import assign, store
+    from rlhf.label import store
 
     url = fresh(pg_url, "labels_race")
     init(url, tmp_path, n=1, overlap=3)
     engine = store.connect(url)
     for i in range(12):
         store.add_annotator(engine, f"a{i}")
-    with engine.begin() as c:  # 12 lapsed leases on the one pair: each may label while a place is free
+    with engine.connect() as c:  # 12 lapsed leases on the one pair: each may label while a place is free
         ids = [r.id for r in c.execute(store.annotators.select())]
-        c.execute(store.assignments.insert(), [{"pair_id": 1, "annotator_id": i, "served_at": store.now(),
-                                                "expires_at": store.now()} for i in ids])
-    outcomes: list[str] = []
-    start = threading.Barrier(len(ids))
-
-    def one(annotator_id: int) -> None:
-        own = store.connect(url)  # separate engines, as separate server processes would be
-        start.wait()
-        try:
-            assign.add_label(own, pair_id=1, annotator_id=annotator_id, choice="a", strength=1, comment="",
-                             left_id=1)
-            outcomes.append("ok")
-        except store.PairFull:
-            outcomes.append("full")
-        own.dispose()
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in ids]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    outcomes = race_for_pair_one(url, ids)
     assert sorted(outcomes) == ["full"] * 9 + ["ok"] * 3
     with engine.connect() as c:
         assert len(c.execute(store.labels.select()).all()) == 3

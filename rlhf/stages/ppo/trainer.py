@@ -14,6 +14,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -146,10 +147,8 @@ def train_step(recipe: PPORecipe, m: engines.Models, data: Data, state: RunState
                              f"(ppo.max_bad_steps={recipe.ppo.max_bad_steps}); last good state is in {checkpoints}")
         return ro, {"skipped_step": 1.0, **{f"time/{k}": v for k, v in times.items()}}
     state.bad_steps = 0
-    ptx_source = None
-    if data.ptx:
-        def ptx_source(index: int) -> list[Messages]:
-            return stream_batch(data.ptx, index, recipe.train.micro_batch_size, recipe.train.seed + 1)
+    ptx_source = (partial(stream_batch, data.ptx, batch=recipe.train.micro_batch_size, seed=recipe.train.seed + 1)
+                  if data.ptx else None)
     update = ppo_update(m, recipe, ro, step, ptx_source)
     times["training"] = time.perf_counter() - t0
     local = {**rollout_metrics(ro, state.kl_ctl.value), **update}

@@ -25,6 +25,7 @@ def test_unknown_key_exits_2_with_suggestion(capsys):
     assert "unknown key 'train.max_step'. Did you mean 'max_steps'?" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_missing_model_dir_is_a_handoff_error(tmp_path, capsys):
     rc = main(["sft", "--config", str(REPO / "recipes/demo/sft.yaml"), "demo_assets=null",
                f"model.name_or_path={tmp_path / 'nothing'}", f"output_dir={tmp_path}"])

@@ -658,6 +658,7 @@ def test_init_from_two_policies_with_active_sampling(sft_dir, reward_dir, demo_a
     assert first == least_certain
 
 
+@pytest.mark.slow
 def test_reward_stage_trains_on_the_export(demo_assets, sft_dir, tmp_path):
     """Candidates from the demo's preference pairs, labelled through the API as the annotator
     stand-in judged them, exported, and trained on by the reward stage with no conversion."""

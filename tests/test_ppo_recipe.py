@@ -127,6 +127,7 @@ def test_nan_reward_skips_the_step_and_repeated_nans_abort(demo_assets, sft_dir,
         run_ppo(recipe(demo_assets, sft_dir, reward_dir, tmp_path / "two", "ppo.max_bad_steps=2"))
 
 
+@pytest.mark.slow
 def test_resume_continues_as_if_never_stopped(demo_assets, sft_dir, reward_dir, tmp_path):
     clean = run_ppo(recipe(demo_assets, sft_dir, reward_dir, tmp_path / "clean"))
     interrupted = recipe(demo_assets, sft_dir, reward_dir, tmp_path / "resumed")
@@ -187,6 +188,7 @@ def test_lora_actor_and_critic_with_adapter_disabled_reference(demo_assets, sft_
     assert not torch.allclose(merged(x).logits, sft(x).logits), "LoRA PPO changed nothing"
 
 
+@pytest.mark.slow
 def test_ppo_ptx_end_to_end_with_length_filtered_demonstrations(demo_assets, sft_dir, reward_dir, tmp_path):
     """PPO-ptx: SFT demonstrations mixed into the policy loss; rows over max_length are dropped and
     counted like any stage's data, never truncated."""

@@ -76,10 +76,9 @@ def is_complete(stage: PlannedStage) -> bool:
     if not path.is_file():
         return False
     manifest = json.loads(path.read_text())
-    made_by = _outcome(manifest.get("recipe", {}))
-    if made_by == _outcome(stage.resolved):
+    diffs = sorted(_diff(_outcome(manifest.get("recipe", {})), _outcome(stage.resolved)))
+    if not diffs:
         return not _stale(stage, manifest)
-    diffs = sorted(_diff(made_by, _outcome(stage.resolved)))
     shown = "; ".join(diffs[:5]) + (f"; ... {len(diffs) - 5} more" if len(diffs) > 5 else "")
     raise HandoffError(f"{stage.out} is complete but was made by a different '{stage.name}' recipe ({shown}). "
                        f"Delete {stage.out} to redo it, or choose another output_dir.")
@@ -102,10 +101,13 @@ def _outcome(recipe: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in recipe.items() if k not in NOT_OUTCOME}
 
 
-def _diff(a: Any, b: Any, where: str = "") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{where}.{k}" if where else k)]
-    return [] if a == b else [f"{where}: {a!r} then, {b!r} now"]
+def _diff(then: Any, now: Any, where: str = "") -> list[str]:
+    """Differences between the recipe an output was made by and today's. A key the old manifest does
+    not have is not one: that setting was added to rlhf after the output was made, and its default
+    keeps the old behaviour (an upgrade must not invalidate finished stages)."""
+    if isinstance(then, dict) and isinstance(now, dict):
+        return [d for k in sorted(then) for d in _diff(then[k], now.get(k), f"{where}.{k}" if where else k)]
+    return [] if then == now else [f"{where}: {then!r} then, {now!r} now"]
 
 
 def launch_command(stage: PlannedStage, launcher: LauncherConfig) -> list[str]:
@@ -172,6 +174,9 @@ def print_summary(run_dir: Path) -> None:
     print(f"\n[pipeline] report: {run_dir / 'eval' / 'report.md'}")
     cols = [c for c in ("reward_mean", "win_rate_vs_sft", "ground_truth", "kl_to_sft", "forgetting_ppl_rise")
             if c in summary.get("sft", {})]
-    print(f"{'model':<8}" + "".join(f"{c:>18}" for c in cols))
+    first = max(8, *(len(n) + 2 for n in summary))
+    width = {c: max(18, len(c) + 2) for c in cols}
+    print(f"{'model':<{first}}" + "".join(f"{c:>{width[c]}}" for c in cols))
     for name, row in summary.items():
-        print(f"{name:<8}" + "".join(f"{row[c]:>18.3f}" if c in row else f"{'-':>18}" for c in cols))
+        print(f"{name:<{first}}" + "".join(f"{row[c]:>{width[c]}.3f}" if c in row else f"{'-':>{width[c]}}"
+                                          for c in cols))

@@ -123,3 +123,15 @@ def test_interrupted_stage_resumes(pipeline_run):
     steps = [json.loads(line)["step"] for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]  # steps 3-4 logged again after the resume, once each
     assert (out / "ppo" / MANIFEST).is_file()
+
+
+def test_a_setting_added_after_an_output_was_made_does_not_invalidate_it():
+    """Upgrading rlhf adds recipe keys with defaults that keep the old behaviour: a finished stage
+    whose manifest predates a key is still complete; a changed value is still a difference."""
+    from rlhf.pipeline import _diff
+
+    then = {"train": {"max_steps": 60}, "ppo": {"kl_coef": 0.05}}
+    now = {"train": {"max_steps": 60}, "ppo": {"kl_coef": 0.05, "new_knob": 0}, "model": {"autocast": "none"}}
+    assert _diff(then, now) == []
+    assert _diff(then, {**now, "train": {"max_steps": 61}}) == ["train.max_steps: 60 then, 61 now"]
+    assert _diff({**then, "gone": 1}, now) == ["gone: 1 then, None now"]

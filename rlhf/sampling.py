@@ -229,8 +229,9 @@ class Samples:
 
 @torch.no_grad()
 def sample(policy, tokenizer, prompt_ids: list[list[int]], n: int, gen: GenerationSettings, seed: int,
-           batch_size: int, device) -> Samples:
-    """`n` sampled responses per prompt; seeded, so two runs of the same policy agree."""
+           batch_size: int, device, greedy: bool = False) -> Samples:
+    """`n` sampled responses per prompt; seeded, so two runs of the same policy agree (`greedy`:
+    the most likely answer instead)."""
     torch.manual_seed(seed)
     flat = [(i, ids) for i, ids in enumerate(prompt_ids) for _ in range(n)]
     out = Samples([], [], [])
@@ -239,7 +240,7 @@ def sample(policy, tokenizer, prompt_ids: list[list[int]], n: int, gen: Generati
         chunk = flat[start:start + batch_size]
         ids, mask = left_pad([c[1] for c in chunk], tokenizer.pad_token_id)
         resp = generate(policy, ids.to(device), mask.to(device), gen, tokenizer.eos_token_id,
-                        tokenizer.pad_token_id).cpu()
+                        tokenizer.pad_token_id, greedy=greedy).cpu()
         keep = response_mask_of(resp, tokenizer.eos_token_id)
         for (i, _), row, k in zip(chunk, resp, keep):
             tokens = row[: int(k.sum())].tolist()

@@ -45,3 +45,22 @@ def test_eval_refuses_wrong_stage_outputs(demo_assets, sft_dir, reward_dir, tmp_
         run_eval(recipe(demo_assets, sft_dir, reward_dir, tmp_path, f"ppo_dir={sft_dir}"))
     with pytest.raises(HandoffError, match="expects a 'reward' output"):
         run_eval(recipe(demo_assets, sft_dir, sft_dir, tmp_path))
+
+
+def test_best_of_n_row_and_forgetting_measure(demo_assets, sft_dir, reward_dir, tmp_path):
+    """Best-of-n keeps the reward model's pick among n SFT samples (so its mean reward is at least
+    SFT's) with the analytic KL; forgetting is 0 for the base model itself and finite for SFT."""
+    import math
+
+    questions = tmp_path / "general.jsonl"
+    questions.write_text("".join(json.dumps({"prompt": f"tell me about the {x} ."}) + "\n"
+                                 for x in ("pizza", "movie", "hotel")))
+    out = run_eval(recipe(demo_assets, sft_dir, reward_dir, tmp_path, "best_of_n=4", "base_few_shot=0",
+                          f"forgetting_prompts={{path: {questions}}}", "forgetting_max_new_tokens=8"))
+    s = json.loads((out / "report.json").read_text())["summary"]
+    assert list(s) == ["base", "sft", "sft_best_of_4"]
+    assert s["sft_best_of_4"]["reward_mean"] >= s["sft"]["reward_mean"]
+    assert s["sft_best_of_4"]["kl_to_sft"] == pytest.approx(math.log(4) - 3 / 4)
+    assert s["base"]["forgetting_ppl_rise"] == pytest.approx(0.0, abs=1e-6)
+    assert math.isfinite(s["sft"]["forgetting_ppl_rise"]) and s["sft"]["forgetting_ppl_rise"] != 0.0
+    assert "forgetting_ppl_rise" not in s["sft_best_of_4"]  # the SFT weights: measured once, in the SFT row

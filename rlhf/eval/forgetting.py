@@ -10,29 +10,15 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from rlhf.config import GenerationSettings
-from rlhf.sampling import Samples, generate, left_pad, response_mask_of, sequence_logprobs
+from rlhf.sampling import Samples, sample, sequence_logprobs
 
 
-@torch.no_grad()
 def reference_answers(base, tokenizer, question_ids: list[list[int]], max_new_tokens: int, batch_size: int,
                       device) -> Samples:
     """The base model's greedy answer to each question (cut after its eos), as `Samples`."""
-    out = Samples([], [], [])
     gen = GenerationSettings(max_new_tokens=max_new_tokens)
-    base.eval()
-    for start in range(0, len(question_ids), batch_size):
-        ids, mask = left_pad(question_ids[start:start + batch_size], tokenizer.pad_token_id)
-        resp = generate(base, ids.to(device), mask.to(device), gen, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                        greedy=True).cpu()
-        for i, (row, keep) in enumerate(zip(resp, response_mask_of(resp, tokenizer.eos_token_id))):
-            tokens = row[: int(keep.sum())].tolist()
-            out.prompt_index.append(start + i)
-            out.responses.append(tokens)
-            out.hit_limit.append(tokenizer.eos_token_id not in tokens)
-    return out
+    return sample(base, tokenizer, question_ids, 1, gen, 0, batch_size, device, greedy=True)
 
 
 def nll_per_token(model, tokenizer, question_ids: list[list[int]], answers: Samples, batch_size: int,

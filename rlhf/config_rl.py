@@ -80,10 +80,84 @@ class PPOSettings:
     """Initialise the critic from the reward model (default) or from the SFT model with a new head."""
     critic_learning_rate: float = 1e-4
     """Learning rate of the critic (the actor's is train.learning_rate)."""
+    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "gae"
+    """How advantages are formed (`rlhf.stages.ppo.advantages.ESTIMATORS`): 'gae' is PPO with a
+    critic; the others need no critic, and 'grpo', 'dr_grpo', 'rloo' and 'reinforce_pp_baseline'
+    compare the ppo.rollouts_per_prompt responses to each prompt."""
+    rollouts_per_prompt: int = 1
+    """Responses sampled per prompt (the group size k); ppo.rollout_batch_size counts responses."""
+    kl_in: Literal["auto", "reward", "loss"] = "auto"
+    """Where the KL penalty (weight kl_coef) goes: folded into the reward, or a k3 term of the
+    policy loss; 'auto' is the estimator's published choice (loss for GRPO / Dr. GRPO)."""
+    loss_aggregation: Literal["auto", "token_mean", "sequence_mean", "constant"] = "auto"
+    """How token losses are averaged (`losses.aggregate`); 'auto' is the estimator's published
+    choice (sequence_mean for GRPO, constant for Dr. GRPO, token_mean otherwise)."""
+    importance_ratio: Literal["token", "sequence"] = "token"
+    """'sequence' is GSPO: one importance ratio per response, clipped with sequence_clip_ratio
+    (critic-free estimators only)."""
+    sequence_clip_ratio: float = 4e-4
+    """Clip range of the sequence-level ratio (the GSPO paper used 3e-4 to 4e-4)."""
+    max_minibatch_kl: float | None = 1.0
+    """Guard: a mini-batch whose approx KL to the rollout policy exceeds this is not applied, and
+    the rest of the step's updates are skipped (the policy has left the region its rollouts
+    describe). Checked before the optimizer step; healthy updates stay below ~0.1 (null: off)."""
 
     def __post_init__(self) -> None:
         if self.rollout_batch_size < 1 or self.ppo_epochs < 1:
             raise ConfigError("ppo.rollout_batch_size and ppo.ppo_epochs must be >= 1")
+        from rlhf.stages.ppo.advantages import ESTIMATORS
+
+        est = ESTIMATORS[self.advantage_estimator]
+        if self.rollouts_per_prompt < 1 or self.rollout_batch_size % self.rollouts_per_prompt:
+            raise ConfigError(f"ppo.rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
+                              f"ppo.rollouts_per_prompt ({self.rollouts_per_prompt})")
+        if est.needs_groups and self.rollouts_per_prompt < 2:
+            raise ConfigError(f"ppo.advantage_estimator={self.advantage_estimator} compares responses to the same "
+                              "prompt: set ppo.rollouts_per_prompt >= 2 (e.g. 4 or 8)")
+        if self.importance_ratio == "sequence" and est.needs_critic:
+            raise ConfigError("ppo.importance_ratio=sequence (GSPO) needs one advantage per response: use a "
+                              "critic-free ppo.advantage_estimator (grpo, dr_grpo, rloo, ...), not gae")
+
+    @property
+    def estimator(self):
+        """The chosen `advantages.Estimator`."""
+        from rlhf.stages.ppo.advantages import ESTIMATORS
+
+        return ESTIMATORS[self.advantage_estimator]
+
+    @property
+    def kl_placement(self) -> str:
+        return self.estimator.kl_in if self.kl_in == "auto" else self.kl_in
+
+    @property
+    def aggregation(self) -> str:
+        return self.estimator.loss_aggregation if self.loss_aggregation == "auto" else self.loss_aggregation
+
+    @property
+    def needs_critic(self) -> bool:
+        return self.estimator.needs_critic
+
+
+@dataclass
+class RewardFunction:
+    """A reward written in Python: `module:function` or `path/to/file.py:function`. It is called
+    as fn(prompt, response, **fields) -> float, where fields are the prompt row's other columns
+    (e.g. `answer`), in a separate process (`rlhf.rewards.functions`)."""
+
+    function: str
+    """`package.module:function`, or a file path `rewards.py:function` (relative to the working directory)."""
+    weight: float = 1.0
+    """Weight of this source in the mixed score (each source is normalised first)."""
+    normalize: bool = True
+    """Normalise this source to zero mean and unit variance with a running estimate over all ranks."""
+    timeout_seconds: float = 30.0
+    """A call that takes longer is abandoned (its process killed) and the response dropped."""
+
+    def __post_init__(self) -> None:
+        if ":" not in self.function:
+            raise ConfigError(f"reward function {self.function!r}: write it as module:function or file.py:function")
+        if self.timeout_seconds <= 0:
+            raise ConfigError(f"reward function {self.function!r}: timeout_seconds must be > 0")
 
 
 @dataclass
@@ -92,8 +166,9 @@ class PPORecipe:
 
     sft_dir: str
     """The SFT stage's output: actor and frozen reference start from it."""
-    reward_dir: str
-    """The reward stage's output: the frozen reward model (and the critic's initialisation)."""
+    reward_dir: str | None
+    """The reward stage's output: the frozen reward model (and the critic's initialisation); null
+    when the rewards come from `reward_functions` alone."""
     prompts: DataConfig
     """Prompts to sample rollouts from: rows with `prompt` (string or messages) or `messages`."""
     model: RLModelConfig = field(default_factory=RLModelConfig)
@@ -123,8 +198,17 @@ class PPORecipe:
     """'auto' continues from the newest complete state in the output directory."""
     demo_assets: str | None = None
     """Build the demo assets into this directory first (demo recipes only)."""
+    reward_functions: list[RewardFunction] = field(default_factory=list)
+    """Rewards computed by Python functions, alone or mixed with the reward model."""
+    reward_model_weight: float = 1.0
+    """Weight of the reward model's (normalised) score when mixed with reward_functions."""
 
     def __post_init__(self) -> None:
+        if self.reward_dir is None and not self.reward_functions:
+            raise ConfigError("no reward: set reward_dir (a reward model) and/or reward_functions")
+        if self.ppo.needs_critic and self.ppo.critic_init == "reward" and self.reward_dir is None:
+            raise ConfigError("ppo.advantage_estimator=gae initialises its critic from the reward model, but there is "
+                              "no reward_dir: set ppo.critic_init=sft, or use a critic-free estimator (e.g. grpo)")
         if self.train.max_steps < 1:
             raise ConfigError("train.max_steps must be set (>= 1) for PPO: it counts PPO steps")
         mini = self.train.micro_batch_size * self.train.gradient_accumulation_steps

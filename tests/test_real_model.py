@@ -103,7 +103,7 @@ def test_ratio_is_one_and_kl_zero_on_a_pad_eq_eos_chatml_model(smollm2_stages, t
     tok, _ = ppo.check_handoff(r)  # ChatML template, pad == eos, scalar head reading before pad id 2
     m = engines.build_models(r, tok)
     data = ppo.prepare_data(r, tok, {"reward_stats": {"mean": 0.0, "std": 1.0}})
-    ro = rollout.make_rollout(m, r, data.prompts.train[:4], (0.0, 1.0), 0.05, {})
+    ro = rollout.make_rollout(m, r, [p["messages"] for p in data.prompts.train[:4]], (0.0, 1.0), 0.05, {})
     assert (ro.input_ids[:, : ro.prompt_width] == tok.eos_token_id).any(), "the prompts contain the pad/eos id"
     # Two copies of 30 layers in fp32: rounding differs by ~1e-5 per token between them, nothing more.
     assert ro.kl[ro.response_mask.bool()].abs().max().item() <= 1e-4

@@ -167,3 +167,12 @@ def normalize_prompt(data: dict[str, Any]) -> Messages:
     if not messages[-1]["content"].strip():
         raise EmptyRow("the prompt is empty")
     return messages
+
+
+PROMPT_KEYS = ("prompt", "messages")
+
+
+def normalize_prompt_row(data: dict[str, Any]) -> dict[str, Any]:
+    """An RL prompt with the row's other columns: {"messages": prompt messages, "fields": {...}}.
+    The fields (e.g. a checked `answer`) go to reward functions; nothing else reads them."""
+    return {"messages": normalize_prompt(data), "fields": {k: v for k, v in data.items() if k not in PROMPT_KEYS}}

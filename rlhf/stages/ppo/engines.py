@@ -1,4 +1,5 @@
-"""The four PPO models and the DeepSpeed engines around them.
+"""The four PPO models and the DeepSpeed engines around them (fewer for critic-free estimators
+and for rewards from functions alone).
 
 actor (SFT weights, trained) and critic (reward-model weights, trained) are DeepSpeed training
 engines; the reference (SFT) and the reward model are frozen and inference-only: partitioned
@@ -50,9 +51,9 @@ class Models:
     """The four models of one RL run on this rank."""
 
     actor: DeepSpeedEngine  # training engine around the policy (a PeftModel under LoRA)
-    critic: DeepSpeedEngine  # training engine around TokenValues (per-token values)
+    critic: DeepSpeedEngine | None  # training engine around TokenValues (per-token values); None if critic-free
     reference: PreTrainedModel | None  # frozen SFT policy; None under LoRA (the adapter-disabled actor)
-    reward: PreTrainedModel  # frozen scalar-head reward model
+    reward: PreTrainedModel | None  # frozen scalar-head reward model; None when rewards come from functions only
     tokenizer: PreTrainedTokenizerBase
     device: torch.device
     autocast: bool  # forward passes under bf16 autocast (recipe.model.autocast)
@@ -123,12 +124,16 @@ def build_models(recipe: PPORecipe, tokenizer) -> Models:
     pad = tokenizer.pad_token_id
     policy = with_lora(load_policy(recipe.sft_dir, recipe), recipe, "CAUSAL_LM")
     actor = training_engine(policy, recipe, recipe.train.learning_rate)
-    critic_src = recipe.reward_dir if recipe.ppo.critic_init == "reward" else recipe.sft_dir
-    scorer = with_lora(load_scorer(critic_src, recipe, pad), recipe, "SEQ_CLS")
-    critic = training_engine(TokenValues(scorer), recipe, recipe.ppo.critic_learning_rate)
+    critic = None  # critic-free estimators (GRPO, RLOO, REINFORCE++) hold no value model at all
+    if recipe.ppo.needs_critic:
+        critic_src = recipe.reward_dir if recipe.ppo.critic_init == "reward" else recipe.sft_dir
+        scorer = with_lora(load_scorer(critic_src, recipe, pad), recipe, "SEQ_CLS")
+        critic = training_engine(TokenValues(scorer), recipe, recipe.ppo.critic_learning_rate)
     # With LoRA the reference is the actor with its adapter disabled: no second copy of the policy.
     reference = None if recipe.peft.enabled else inference_model(load_policy(recipe.sft_dir, recipe), recipe, device)
-    reward = inference_model(load_scorer(recipe.reward_dir, recipe, pad), recipe, device)
+    reward = None  # rewards from functions alone need no reward model
+    if recipe.reward_dir is not None:
+        reward = inference_model(load_scorer(recipe.reward_dir, recipe, pad), recipe, device)
     return Models(actor, critic, reference, reward, tokenizer, device, recipe.model.autocast == "bf16")
 
 

@@ -99,27 +99,77 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, returns
 
 
+def aggregate(x: torch.Tensor, mask: torch.Tensor, how: str = "token_mean", max_tokens: int | None = None
+              ) -> torch.Tensor:
+    """Average token losses (B, T) -> scalar, the way a method defines its objective.
+
+    token_mean: over every counted token of the batch (long responses weigh more; DAPO, PPO here);
+    sequence_mean: over tokens within each response, then over responses (GRPO as published);
+    constant: the sum divided by B x max_tokens, a constant (Dr. GRPO: no length bias at all).
+    Responses without counted tokens are left out of every average.
+    """
+    if how == "token_mean":
+        return masked_mean(x, mask)
+    if how == "sequence_mean":
+        lengths = mask.sum(1)
+        rows = lengths > 0
+        per_row = (x * mask).sum(1) / lengths.clamp(min=1)
+        return per_row[rows].sum() / rows.sum().clamp(min=1)
+    if how == "constant":
+        if not max_tokens:
+            raise ValueError("aggregation 'constant' needs max_tokens (the generation budget)")
+        return (x * mask).sum() / (mask.shape[0] * max_tokens)
+    raise ValueError(f"unknown loss aggregation {how!r} (token_mean, sequence_mean or constant)")
+
+
 @dataclass
 class PolicyLossOut:
-    loss: torch.Tensor  # scalar, to minimise
-    clip_fraction: torch.Tensor  # share of tokens where the clipped branch was taken
-    approx_kl: torch.Tensor  # mean of k3(old, new): how far this update moved the policy
+    loss: torch.Tensor  # scalar, to minimise (includes the KL loss when there is one)
+    clip_fraction: torch.Tensor  # share of tokens (sequences, for a sequence ratio) on the clipped branch
+    approx_kl: torch.Tensor  # mean of k3(old, new) per token: how far this update moved the policy
     ratio_mean: torch.Tensor  # mean probability ratio new / old
+    kl_loss: torch.Tensor | None = None  # the k3 KL-to-reference term, when the method puts KL in the loss
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip: float) -> PolicyLossOut:
-    """Clipped surrogate objective (Schulman et al. 2017, eq. 7), (B, T) each -> PolicyLossOut."""
+                clip: float, aggregation: str = "token_mean", max_tokens: int | None = None,
+                ratio_level: str = "token", ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0
+                ) -> PolicyLossOut:
+    """Clipped surrogate objective (Schulman et al. 2017, eq. 7), (B, T) each -> PolicyLossOut.
+
+    ratio_level 'token' clips each token's ratio p/p_old; 'sequence' is GSPO (Zheng et al. 2025):
+    one ratio per response, exp(mean_t log p/p_old), clipped with a far smaller range, against the
+    response's advantage. With `ref_logprobs` and `kl_coef`, kl_coef x k3 KL to the reference is
+    added to the loss (GRPO's KL term), aggregated like the policy term.
+    """
     log_ratio = (logprobs - old_logprobs) * mask
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    if ratio_level == "token":
+        ratio = torch.exp(log_ratio)
+        unclipped = -advantages * ratio
+        clipped = -advantages * torch.clamp(ratio, 1.0 - clip, 1.0 + clip)
+        loss = aggregate(torch.maximum(unclipped, clipped), mask, aggregation, max_tokens)
+        with torch.no_grad():
+            clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+    elif ratio_level == "sequence":
+        rows = mask.sum(1) > 0
+        lengths = mask.sum(1).clamp(min=1)
+        seq_ratio = torch.exp(log_ratio.sum(1) / lengths)
+        seq_adv = (advantages * mask).sum(1) / lengths
+        unclipped = -seq_adv * seq_ratio
+        clipped = -seq_adv * torch.clamp(seq_ratio, 1.0 - clip, 1.0 + clip)
+        loss = torch.maximum(unclipped, clipped)[rows].sum() / rows.sum().clamp(min=1)
+        with torch.no_grad():
+            clip_fraction = (clipped > unclipped)[rows].float().sum() / rows.sum().clamp(min=1)
+    else:
+        raise ValueError(f"unknown ratio level {ratio_level!r} (token or sequence)")
+    kl_loss = None
+    if ref_logprobs is not None and kl_coef:
+        kl_loss = aggregate(kl_penalty(logprobs, ref_logprobs, "k3") * mask, mask, aggregation, max_tokens)
+        loss = loss + kl_coef * kl_loss
     with torch.no_grad():
-        clip_fraction = masked_mean((clipped > unclipped).float(), mask)
         approx_kl = masked_mean(torch.expm1(-log_ratio) + log_ratio, mask)
-        ratio_mean = masked_mean(ratio, mask)
-    return PolicyLossOut(loss, clip_fraction, approx_kl, ratio_mean)
+        ratio_mean = masked_mean(torch.exp(log_ratio), mask)
+    return PolicyLossOut(loss, clip_fraction, approx_kl, ratio_mean, kl_loss)
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,

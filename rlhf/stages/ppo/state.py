@@ -1,6 +1,6 @@
 """Full PPO training state on disk: written atomically, read back exactly.
 
-A state directory `step-N/` holds both DeepSpeed engines' checkpoints (weights, optimizer,
+A state directory `step-N/` holds the DeepSpeed engines' checkpoints (actor, and critic if any) (weights, optimizer,
 scheduler: each rank writes its shards), `trainer_state.json` (step, KL controller, reward
 normaliser, consecutive bad steps) and one RNG file per rank. It is written as `step-N.tmp` and
 renamed only after every rank finished, so a crash during a save leaves the previous state as the
@@ -63,7 +63,8 @@ def save_state(root: Path, step: int, actor, critic, trainer_state: dict[str, An
         tmp.mkdir(parents=True)
     distributed.barrier()
     actor.save_checkpoint(str(tmp / "actor"), tag="state")
-    critic.save_checkpoint(str(tmp / "critic"), tag="state")
+    if critic is not None:
+        critic.save_checkpoint(str(tmp / "critic"), tag="state")
     torch.save(rng_state(), tmp / f"rng_rank{distributed.rank()}.pt")
     distributed.barrier()
     if distributed.is_main():
@@ -79,7 +80,8 @@ def save_state(root: Path, step: int, actor, critic, trainer_state: dict[str, An
 def load_state(path: Path, actor, critic) -> dict[str, Any]:
     """Restore engines, this rank's RNG, and return the trainer state dict."""
     actor.load_checkpoint(str(path / "actor"), tag="state")
-    critic.load_checkpoint(str(path / "critic"), tag="state")
+    if critic is not None:
+        critic.load_checkpoint(str(path / "critic"), tag="state")
     rng_file = path / f"rng_rank{distributed.rank()}.pt"
     if not rng_file.is_file():
         raise HandoffError(f"{path} was saved with a different number of processes (no {rng_file.name}); "

@@ -24,7 +24,7 @@ from rlhf import distributed, handoff
 from rlhf.checkpoint import parent_ref, write_manifest
 from rlhf.config import to_dict
 from rlhf.config_rl import PPORecipe
-from rlhf.data.formats import Messages, normalize_prompt, normalize_sft
+from rlhf.data.formats import Messages, normalize_prompt_row, normalize_sft
 from rlhf.data.prepare import Splits, prepare_splits
 from rlhf.errors import DataError, HandoffError, TrainingAborted
 from rlhf.models import load_tokenizer
@@ -32,6 +32,7 @@ from rlhf.sampling import render_conversation, render_for_loss, render_prompt
 from rlhf.stages import common
 from rlhf.stages.ppo import engines, losses
 from rlhf.stages.ppo.rollout import Rollout, is_finite, make_rollout, rollout_metrics
+from rlhf.stages.ppo.scoring import CodeRewards
 from rlhf.stages.ppo.state import complete_states, load_state, save_state
 from rlhf.stages.ppo.update import ppo_update
 from rlhf.tracking import METRICS_FILE, Tracker, truncate_after
@@ -44,12 +45,15 @@ class PPOAborted(TrainingAborted):
 
 
 def check_handoff(recipe: PPORecipe):
-    """Before any compute: both parents are finished outputs of the right stage, the SFT weights are
-    full (not an unmerged adapter), and the reward model shares the policy's tokenizer and reads
-    its score where our padding puts it. Returns (tokenizer, reward manifest)."""
+    """Before any compute: the parents are finished outputs of the right stage, the SFT weights are
+    full (not an unmerged adapter), and the reward model (when there is one) shares the policy's
+    tokenizer and reads its score where our padding puts it. Returns (tokenizer, reward manifest;
+    {} without a reward model)."""
     sft = handoff.parent_stage(recipe.sft_dir, "sft", needed_by="the PPO stage")
     handoff.merged_adapter(recipe.sft_dir, sft, needed_by="the PPO stage")
     tok = load_tokenizer(recipe.sft_dir)
+    if recipe.reward_dir is None:
+        return tok, {}
     reward_manifest = handoff.reward_model(recipe.reward_dir, tok, f"actor/reference ({recipe.sft_dir})",
                                            needed_by="the PPO stage")
     return tok, reward_manifest
@@ -69,6 +73,14 @@ def stream_batch(rows: list, step: int, batch: int, seed: int) -> list:
     return out
 
 
+def rollout_prompts(rows: list[dict], step: int, recipe: PPORecipe) -> list[dict]:
+    """This rank's prompt rows for `step`: rollout_batch_size / k prompts of the stream, each
+    repeated k = ppo.rollouts_per_prompt times in a row (a group never spans ranks)."""
+    k = recipe.ppo.rollouts_per_prompt
+    return [row for row in stream_batch(rows, step, recipe.ppo.rollout_batch_size // k, recipe.train.seed)
+            for _ in range(k)]
+
+
 @dataclass
 class RunState:
     """What the loop carries from step to step, all of it saved in every state directory."""
@@ -77,22 +89,27 @@ class RunState:
     running: losses.RunningMoments = field(default_factory=losses.RunningMoments)
     start_step: int = 0
     bad_steps: int = 0
+    code: CodeRewards | None = None  # reward functions and their running normalisers
 
     def saved(self) -> dict:
-        return {"bad_steps": self.bad_steps, "kl_controller": self.kl_ctl.state_dict(),
-                "reward_normaliser": self.running.state_dict()}
+        out = {"bad_steps": self.bad_steps, "kl_controller": self.kl_ctl.state_dict(),
+               "reward_normaliser": self.running.state_dict()}
+        if self.code is not None:
+            out["reward_function_normalisers"] = self.code.state_dict()
+        return out
 
 
 @dataclass
 class Data:
-    prompts: Splits  # the prompt splits (report goes into the manifest)
+    prompts: Splits  # the prompt splits of {"messages", "fields"} rows (report goes into the manifest)
     ptx: list[Messages] | None  # SFT demonstrations for PPO-ptx, length-filtered like all data
     reward_stats: dict  # the reward manifest's mean / std of chosen-response scores
 
 
 def prepare_data(recipe: PPORecipe, tokenizer, reward_manifest: dict) -> Data:
     """Prompts and ptx rows through the same cleaning and length filter as every stage's data."""
-    prompts = prepare_splits(recipe.prompts, normalize_prompt, lambda msgs: len(render_prompt(tokenizer, msgs)))
+    prompts = prepare_splits(recipe.prompts, normalize_prompt_row,
+                             lambda row: len(render_prompt(tokenizer, row["messages"])))
     ptx = None
     if recipe.ptx_data and recipe.ppo.ptx_coef:
         ptx = prepare_splits(recipe.ptx_data, normalize_sft,
@@ -103,20 +120,22 @@ def prepare_data(recipe: PPORecipe, tokenizer, reward_manifest: dict) -> Data:
             except ValueError as e:
                 raise DataError(f"ptx_data example {i} ({msgs[0]['content'][:60]!r}...): {e}") from None
     stats = reward_manifest.get("reward_stats") or {}
-    if recipe.ppo.reward_normalization == "manifest" and not stats:
+    if recipe.reward_dir is not None and recipe.ppo.reward_normalization == "manifest" and not stats:
         raise HandoffError(f"{recipe.reward_dir} manifest has no reward_stats; use ppo.reward_normalization=running")
     return Data(prompts, ptx, stats)
 
 
-def resume(recipe: PPORecipe, m: engines.Models, checkpoints: Path) -> RunState:
+def resume(recipe: PPORecipe, m: engines.Models, checkpoints: Path, code: CodeRewards | None = None) -> RunState:
     """The newest complete state when `resume: auto` finds one, else a fresh start."""
-    state = RunState(losses.KLController(recipe.ppo.kl_coef, recipe.ppo.kl_target, recipe.ppo.kl_horizon))
+    state = RunState(losses.KLController(recipe.ppo.kl_coef, recipe.ppo.kl_target, recipe.ppo.kl_horizon), code=code)
     states = complete_states(checkpoints)
     if recipe.resume == "auto" and states:
         saved = load_state(states[-1][1], m.actor, m.critic)
         state.start_step, state.bad_steps = saved["step"], saved["bad_steps"]
         state.kl_ctl.load_state_dict(saved["kl_controller"])
         state.running.load_state_dict(saved["reward_normaliser"])
+        if code is not None:
+            code.load_state_dict(saved.get("reward_function_normalisers", []))
         log.info("resumed PPO from %s (step %d)", states[-1][1], state.start_step)
     return state
 
@@ -135,13 +154,14 @@ def train_step(recipe: PPORecipe, m: engines.Models, data: Data, state: RunState
                checkpoints: Path) -> tuple[Rollout, dict[str, float]]:
     """Steps 4-6 of one PPO step; returns the rollout and the metrics, averaged over ranks."""
     times: dict[str, float] = {}
-    batch = stream_batch(data.prompts.train, step, recipe.ppo.rollout_batch_size, recipe.train.seed)
-    ro = make_rollout(m, recipe, batch, normaliser(recipe, data, state), state.kl_ctl.value, times)
+    batch = rollout_prompts(data.prompts.train, step, recipe)
+    ro = make_rollout(m, recipe, [r["messages"] for r in batch], normaliser(recipe, data, state), state.kl_ctl.value,
+                      times, code=state.code, fields=[r["fields"] for r in batch])
     t0 = time.perf_counter()
     if distributed.reduce_floats([float(not is_finite(ro))], "max")[0] > 0:
         state.bad_steps += 1
-        log.warning("step %d: non-finite rewards/log-probs/values; update skipped (%d in a row)", step,
-                    state.bad_steps)
+        log.warning("step %d: non-finite rewards/log-probs/values (or no row with a usable reward); update "
+                    "skipped (%d in a row)", step, state.bad_steps)
         if state.bad_steps >= recipe.ppo.max_bad_steps:
             raise PPOAborted(f"{state.bad_steps} consecutive PPO steps had NaN/inf in rewards, log-probs or values "
                              f"(ppo.max_bad_steps={recipe.ppo.max_bad_steps}); last good state is in {checkpoints}")
@@ -149,14 +169,15 @@ def train_step(recipe: PPORecipe, m: engines.Models, data: Data, state: RunState
     state.bad_steps = 0
     ptx_source = (partial(stream_batch, data.ptx, batch=recipe.train.micro_batch_size, seed=recipe.train.seed + 1)
                   if data.ptx else None)
-    update = ppo_update(m, recipe, ro, step, ptx_source)
+    update = ppo_update(m, recipe, ro, step, ptx_source, kl_coef=state.kl_ctl.value)
     times["training"] = time.perf_counter() - t0
-    local = {**rollout_metrics(ro, state.kl_ctl.value), **update}
+    local = {**rollout_metrics(ro, state.kl_ctl.value, with_critic=m.critic is not None), **update}
     keys = sorted(local)
     metrics = dict(zip(keys, distributed.reduce_floats([local[k] for k in keys])))
     # 6. Statistics from every rank: the normaliser sees all ranks' scores, the controller the mean KL.
     if recipe.ppo.reward_normalization == "running":
-        state.running.update(distributed.gather_over_ranks(ro.raw_scores))
+        everyone = distributed.gather_over_ranks(ro.raw_scores)
+        state.running.update(everyone[torch.isfinite(everyone)])
     state.kl_ctl.update(metrics["kl"], recipe.ppo.rollout_batch_size * distributed.world_size())
     metrics.update(_rank_spread(state))
     metrics.update({f"time/{k}": v for k, v in times.items()})
@@ -195,7 +216,7 @@ def export(recipe: PPORecipe, m: engines.Models, dirs: common.StageDirs, data: D
         m.tokenizer.save_pretrained(dirs.out)
         final = {k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)}
         write_manifest(dirs.out, stage="ppo", recipe=to_dict(recipe), started_at=dirs.started_at,
-                       parents=[parent_ref(recipe.sft_dir), parent_ref(recipe.reward_dir)],
+                       parents=[parent_ref(d) for d in (recipe.sft_dir, recipe.reward_dir) if d is not None],
                        datasets={"prompts": data.prompts.report()},
                        metrics={**final, "steps": recipe.train.max_steps, "train_seconds": seconds},
                        world_size=distributed.world_size(), peft=peft_info)
@@ -210,9 +231,19 @@ def run_ppo(recipe: PPORecipe, on_step_end: Callable[[int, dict], bool] | None =
     dirs = common.start_stage(recipe.output_dir, "ppo", recipe.demo_assets)
     tokenizer, reward_manifest = check_handoff(recipe)
     data = prepare_data(recipe, tokenizer, reward_manifest)
+    code = CodeRewards.start(recipe)  # imports the reward functions now: a typo fails before models load
+    try:
+        return _train(recipe, dirs, tokenizer, data, code, on_step_end)
+    finally:
+        if code is not None:
+            code.close()
+
+
+def _train(recipe: PPORecipe, dirs: common.StageDirs, tokenizer, data: Data, code: CodeRewards | None,
+           on_step_end: Callable[[int, dict], bool] | None) -> Path:
     torch.manual_seed(recipe.train.seed)
     m = engines.build_models(recipe, tokenizer)
-    state = resume(recipe, m, dirs.checkpoints)
+    state = resume(recipe, m, dirs.checkpoints, code)
     for name in (METRICS_FILE, "samples.jsonl"):
         truncate_after(dirs.out / name, state.start_step)
     tracker = Tracker(recipe.tracking, dirs.run, "ppo", dirs.out, to_dict(recipe))

@@ -18,7 +18,8 @@ from rlhf.sampling import policy_outputs, render_for_loss, right_pad
 from rlhf.stages.ppo import engines, losses
 from rlhf.stages.ppo.rollout import Rollout
 
-STATS = ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "value_clip_fraction", "ratio_mean", "ptx_loss")
+STATS = ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "value_clip_fraction", "ratio_mean", "ptx_loss",
+         "kl_loss")
 
 
 def ptx_batch(tokenizer, rows: list[Messages], device) -> dict[str, torch.Tensor]:
@@ -44,44 +45,75 @@ def ptx_stream_index(step: int, epoch: int, k: int, ppo_epochs: int, minibatches
 @dataclass
 class MinibatchLosses:
     policy: losses.PolicyLossOut  # clipped surrogate and its diagnostics
-    total: torch.Tensor  # scalar actor loss: policy - entropy bonus + ptx_coef * ptx
-    value: torch.Tensor  # scalar clipped value loss
-    value_clip_fraction: torch.Tensor  # share of tokens where the clipped value branch was taken
+    total: torch.Tensor  # scalar actor loss: policy (+ KL loss) - entropy bonus + ptx_coef * ptx
+    value: torch.Tensor | None  # scalar clipped value loss (None without a critic)
+    value_clip_fraction: torch.Tensor | None  # share of tokens where the clipped value branch was taken
     ptx: torch.Tensor | None  # scalar SFT loss on demonstrations (PPO-ptx), when mixed in
     max_abs_log_ratio: float  # max |log new/old| over the response tokens
 
 
-def minibatch_losses(m: engines.Models, recipe: PPORecipe, mb: Rollout, ptx_rows: list | None) -> MinibatchLosses:
-    """Forward the actor and critic on one mini-batch and form the PPO losses (Schulman et al. 2017)."""
+def minibatch_losses(m: engines.Models, recipe: PPORecipe, mb: Rollout, ptx_rows: list | None,
+                     kl_coef: float = 0.0) -> MinibatchLosses:
+    """Forward the actor (and critic) on one mini-batch and form the losses (Schulman et al. 2017);
+    the estimator decides the loss aggregation, the ratio level and whether KL is a loss term."""
     ppo, dev = recipe.ppo, m.device
     on = [x.to(dev) for x in (mb.input_ids, mb.attention_mask, mb.position_ids, mb.input_ids[:, mb.prompt_width:])]
     mask = mb.response_mask.float().to(dev)
+    sequence = ppo.importance_ratio == "sequence"
     with engines.compute(m):
         logp, ent = policy_outputs(m.actor, *on, recipe.generation.temperature, with_entropy=ppo.entropy_coef > 0)
-        pl = losses.policy_loss(logp, mb.logprobs.to(dev), mb.advantages.to(dev), mask, ppo.clip_ratio)
+        pl = losses.policy_loss(logp, mb.logprobs.to(dev), mb.advantages.to(dev), mask,
+                                ppo.sequence_clip_ratio if sequence else ppo.clip_ratio,
+                                aggregation=ppo.aggregation, max_tokens=recipe.generation.max_new_tokens,
+                                ratio_level=ppo.importance_ratio,
+                                ref_logprobs=mb.ref_logprobs.to(dev) if ppo.kl_placement == "loss" else None,
+                                kl_coef=kl_coef if ppo.kl_placement == "loss" else 0.0)
         total = pl.loss - (ppo.entropy_coef * losses.masked_mean(ent, mask) if ent is not None else 0.0)
         ptx = None
         if ptx_rows:
             ptx = m.actor(**ptx_batch(m.tokenizer, ptx_rows, dev), use_cache=False).loss
             total = total + ppo.ptx_coef * ptx
-        values = m.critic(on[0], on[1], on[2])[:, mb.prompt_width - 1:-1]
-        vl, vclip = losses.value_loss(values, mb.values.to(dev), mb.returns.to(dev), mask, ppo.value_clip)
+        vl = vclip = None
+        if m.critic is not None:
+            values = m.critic(on[0], on[1], on[2])[:, mb.prompt_width - 1:-1]
+            vl, vclip = losses.value_loss(values, mb.values.to(dev), mb.returns.to(dev), mask, ppo.value_clip)
     dev_log = ((logp.detach() - mb.logprobs.to(dev)).abs() * mask)
     return MinibatchLosses(pl, total, vl, vclip, ptx, float(dev_log.max()) if mask.any() else 0.0)
 
 
+def _verdict(out: MinibatchLosses, ppo) -> str | None:
+    """Why this mini-batch must not be applied, or None. Checked before any optimizer step."""
+    if not torch.isfinite(out.total) or (out.value is not None and not torch.isfinite(out.value)):
+        return "non-finite loss"
+    if out.policy.ratio_mean.item() > ppo.ratio_threshold:
+        return "ratio"
+    if ppo.max_minibatch_kl is not None and out.policy.approx_kl.item() > ppo.max_minibatch_kl:
+        return "kl"
+    return None
+
+
 def ppo_update(m: engines.Models, recipe: PPORecipe, ro: Rollout, step: int,
-               ptx_source: Callable[[int], list] | None = None) -> dict[str, float]:
-    """PPO epochs of clipped policy and value updates over shuffled mini-batches; returns their means.
+               ptx_source: Callable[[int], list] | None = None, kl_coef: float | None = None) -> dict[str, float]:
+    """PPO epochs of clipped policy (and value) updates over shuffled mini-batches; returns their means.
 
     `ptx_source(index)` gives the demonstrations of ptx stream position `index` (`ptx_stream_index`).
+    `kl_coef` weighs the KL loss term of estimators that put KL in the loss (default ppo.kl_coef).
     Also reports `initial_max_abs_log_ratio`, max |log new/old| on the step's first mini-batch: it
     must be 0 (up to rounding), because nothing has been updated yet when it is computed.
+
+    Guards, decided on every rank together (a rank skipping alone would leave the others waiting
+    in the gradient all-reduce): a mini-batch with a non-finite loss or a mean ratio above
+    ppo.ratio_threshold is skipped; one whose approx KL to the rollout policy exceeds
+    ppo.max_minibatch_kl is skipped and ends the step's updates, because every later mini-batch
+    would start from a policy its rollouts no longer describe.
     """
     ppo, micro = recipe.ppo, recipe.train.micro_batch_size
+    kl_coef = ppo.kl_coef if kl_coef is None else kl_coef
     stats: dict[str, list[float]] = {k: [] for k in STATS}
-    skipped, epochs_run, initial = 0, 0, None
-    m.actor.module.train(), m.critic.module.train()
+    skipped, epochs_run, initial, stopped = 0, 0, None, 0.0
+    m.actor.module.train()
+    if m.critic is not None:
+        m.critic.module.train()
     gen = torch.Generator().manual_seed(recipe.train.seed * 7919 + step)
     n_mini = -(-ro.input_ids.shape[0] // micro)
     for epoch in range(ppo.ppo_epochs):
@@ -89,31 +121,35 @@ def ppo_update(m: engines.Models, recipe: PPORecipe, ro: Rollout, step: int,
         epoch_kl = []
         for k, start in enumerate(range(0, len(order), micro)):
             ptx_rows = ptx_source(ptx_stream_index(step, epoch, k, ppo.ppo_epochs, n_mini)) if ptx_source else None
-            out = minibatch_losses(m, recipe, ro.select(order[start:start + micro]), ptx_rows)
+            out = minibatch_losses(m, recipe, ro.select(order[start:start + micro]), ptx_rows, kl_coef)
             initial = out.max_abs_log_ratio if initial is None else initial
-            # Guard: a non-finite loss or an exploding ratio on any rank skips this mini-batch on all
-            # ranks (skipping alone would leave the others waiting in the gradient all-reduce).
-            bad = (not (torch.isfinite(out.total) and torch.isfinite(out.value))
-                   or out.policy.ratio_mean.item() > ppo.ratio_threshold)
-            if distributed.reduce_floats([float(bad)], "max")[0] > 0:
+            verdict = _verdict(out, ppo)
+            worst = distributed.reduce_floats([float(verdict is not None), float(verdict == "kl")], "max")
+            if worst[0] > 0:
                 skipped += 1
+                if worst[1] > 0:
+                    stopped = 1.0
+                    break
                 continue
             m.actor.backward(out.total)
             m.actor.step()
-            m.critic.backward(out.value)
-            m.critic.step()
+            if m.critic is not None:
+                m.critic.backward(out.value)
+                m.critic.step()
             pl = out.policy
             for key, val in (("policy_loss", pl.loss), ("value_loss", out.value), ("clip_fraction", pl.clip_fraction),
                              ("approx_kl", pl.approx_kl), ("value_clip_fraction", out.value_clip_fraction),
-                             ("ratio_mean", pl.ratio_mean), ("ptx_loss", out.ptx)):
+                             ("ratio_mean", pl.ratio_mean), ("ptx_loss", out.ptx), ("kl_loss", pl.kl_loss)):
                 if val is not None:
                     stats[key].append(float(val.detach()))
             epoch_kl.append(pl.approx_kl.item())
         epochs_run = epoch + 1
+        if stopped:
+            break
         mean_kl = distributed.reduce_floats([sum(epoch_kl) / max(len(epoch_kl), 1)])[0]
         if ppo.target_approx_kl is not None and mean_kl > ppo.target_approx_kl:
             break
     out_stats = {k: sum(v) / len(v) for k, v in stats.items() if v}
-    out_stats.update({"skipped_minibatches": skipped, "ppo_epochs_run": epochs_run,
+    out_stats.update({"skipped_minibatches": skipped, "ppo_epochs_run": epochs_run, "kl_guard_stop": stopped,
                       "initial_max_abs_log_ratio": initial or 0.0})
     return out_stats

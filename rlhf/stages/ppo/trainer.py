@@ -143,6 +143,8 @@ def resume(recipe: PPORecipe, m: engines.Models, checkpoints: Path, code: CodeRe
 def normaliser(recipe: PPORecipe, data: Data, state: RunState) -> tuple[float, float]:
     """(mean, std) that raw reward-model scores are normalised with at this step."""
     mode = recipe.ppo.reward_normalization
+    if recipe.reward_dir is None:  # no reward model; each reward function has its own normaliser
+        return 0.0, 1.0
     if mode == "manifest":
         return data.reward_stats["mean"], data.reward_stats["std"]
     if mode == "running":

@@ -98,6 +98,32 @@ def test_ppo_under_deepspeed_launcher(demo_assets, sft_dir, reward_dir, tmp_path
         ["rng_rank0.pt", "rng_rank1.pt"]
 
 
+@pytest.mark.parametrize("zero,estimator", [(2, "grpo"), (3, "rloo")])
+def test_critic_free_estimators_under_deepspeed_launcher(demo_assets, sft_dir, reward_dir, tmp_path, zero, estimator):
+    """2 processes, no critic, the reward model mixed with a reward function (each rank has its
+    own function process): trains, checkpoints without a critic, and every rank agrees on the KL
+    coefficient and the function's normaliser."""
+    fn = tmp_path / "len_reward.py"
+    fn.write_text("def short(prompt, response, **fields):\n    return -float(len(response.split()))\n")
+    out = tmp_path / "run"
+    launch("scripts/train_ppo.py", "recipes/demo/ppo.yaml",
+           ppo_overrides(demo_assets, sft_dir, reward_dir, out)
+           + [f"deepspeed.zero_stage={zero}", "train.max_steps=3", "train.save_steps=2", "ppo.rollouts_per_prompt=4",
+              f"ppo.advantage_estimator={estimator}", "ppo.kl_target=0.5", "ppo.kl_horizon=200",
+              f"reward_functions=[{{function: '{fn}:short', weight: 0.5}}]"],
+           tmp_path / "log.txt")
+    manifest = json.loads((out / "ppo" / MANIFEST).read_text())
+    assert manifest["world_size"] == 2 and manifest["recipe"]["ppo"]["advantage_estimator"] == estimator
+    rows = _metrics(out / "ppo" / "metrics.jsonl")
+    assert sorted(rows) == [1, 2, 3]
+    assert all(r["rank_spread/kl_coef"] == 0.0 and r["reward_function_failures"] == 0 for r in rows.values())
+    assert all(r["rank_spread/reward_fn_norm_mean_0"] == r["rank_spread/reward_fn_norm_std_0"] == 0.0
+               for r in rows.values())
+    assert all("value_loss" not in r and r["reward_fn/short"] < 0 for r in rows.values())
+    state = out / "ppo" / "checkpoints" / "step-3"
+    assert (state / "actor").is_dir() and not (state / "critic").exists()
+
+
 def _metrics(path: Path) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, path.read_text().splitlines())}
 

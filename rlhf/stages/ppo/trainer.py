@@ -191,8 +191,11 @@ def _rank_spread(state: RunState) -> dict[str, float]:
     if distributed.world_size() < 2:
         return {}
     values = [state.kl_ctl.value, state.running.mean, state.running.std, float(state.running.count)]
+    names = ["kl_coef", "reward_norm_mean", "reward_norm_std", "reward_norm_count"]
+    for j, moments in enumerate(state.code.moments if state.code else []):
+        values += [moments.mean, moments.std]
+        names += [f"reward_fn_norm_mean_{j}", f"reward_fn_norm_std_{j}"]
     hi, lo = distributed.reduce_floats(values, "max"), distributed.reduce_floats(values, "min")
-    names = ("kl_coef", "reward_norm_mean", "reward_norm_std", "reward_norm_count")
     return {f"rank_spread/{n}": h - l for n, h, l in zip(names, hi, lo)}
 
 

@@ -49,6 +49,9 @@ class EvalRecipe:
     """Demonstrations (prompt/completion or messages) for few-shot prompts."""
     extra_policies: list[PolicySpec] = field(default_factory=list)
     """Any other policies to put in the table."""
+    rl_variants: list[PolicySpec] = field(default_factory=list)
+    """Other RL runs (e.g. GRPO, RLOO beside PPO), compared like the PPO row; the pipeline fills
+    this from its `rl_variants`. Their training time and peak memory come from their manifests."""
     heldout_reward_dir: str | None = None
     """A second reward model that PPO never optimised against: a drop under it while the training
     reward rises is the signature of reward hacking."""
@@ -114,6 +117,20 @@ class LauncherConfig:
 
 
 @dataclass
+class RLVariant:
+    """One more RL run beside the pipeline's PPO stage, from the same SFT and reward outputs."""
+
+    name: str
+    """Row label in the report, and the run's directory: `<output_dir>/variants/<name>/ppo`."""
+    overrides: list[str] = field(default_factory=list)
+    """`key=value` overrides of the PPO recipe, e.g. ppo.advantage_estimator=grpo."""
+
+    def __post_init__(self) -> None:
+        if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"rl_variants: name {self.name!r} must be letters, digits, - or _")
+
+
+@dataclass
 class StageOverrides:
     """Extra `key=value` overrides per stage, applied after the pipeline's own wiring."""
 
@@ -148,6 +165,8 @@ class PipelineRecipe:
     """wandb group of all stages; default: the output directory's name."""
     stages: list[str] = field(default_factory=lambda: list(PIPELINE_STAGES))
     """Stages to run, in pipeline order (a stage whose output is complete is skipped anyway)."""
+    rl_variants: list[RLVariant] = field(default_factory=list)
+    """More RL runs after the PPO stage (other estimators, settings), each evaluated beside PPO."""
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in PIPELINE_STAGES]
@@ -155,6 +174,9 @@ class PipelineRecipe:
             raise ConfigError(f"stages: unknown stage(s) {unknown}; choose from {list(PIPELINE_STAGES)}")
         if "eval" in self.stages and self.eval is None:
             self.stages = [s for s in self.stages if s != "eval"]
+        names = [v.name for v in self.rl_variants]
+        if len(set(names)) != len(names) or "ppo" in names:
+            raise ConfigError(f"rl_variants: names must be unique and not 'ppo', got {names}")
 
 
 RECIPES: dict[str, type] = {**STAGES, "eval": EvalRecipe, "pipeline": PipelineRecipe}

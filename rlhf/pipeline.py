@@ -38,6 +38,10 @@ class PlannedStage:
     recipe_path: str
     overrides: list[str]  # everything passed after --config, wiring first, then the user's
     resolved: dict[str, Any]  # the stage recipe as the stage itself will see it
+    label: str = ""  # how logs and messages name it: the stage, or an RL variant's name
+
+    def __post_init__(self) -> None:
+        self.label = self.label or self.name
 
     @property
     def out(self) -> Path:
@@ -50,22 +54,42 @@ def stage_overrides(p: PipelineRecipe, stage: str) -> list[str]:
     wiring = {"sft": [], "reward": [f"model.name_or_path={out}/sft"],
               "ppo": [f"sft_dir={out}/sft", f"reward_dir={out}/reward"],
               "eval": [f"sft_dir={out}/sft", f"reward_dir={out}/reward"] +
-                      ([f"ppo_dir={out}/ppo"] if "ppo" in p.stages else [])}[stage]
+                      ([f"ppo_dir={out}/ppo"] if "ppo" in p.stages else []) +
+                      ([_flow("rl_variants", [{"name": v.name, "path": str(variant_dir(p, v.name) / "ppo")}
+                                              for v in p.rl_variants])] if p.rl_variants else [])}[stage]
     user = {"sft": p.overrides.sft, "reward": p.overrides.reward, "ppo": p.overrides.ppo, "eval": p.overrides.eval}
     return [f"output_dir={out}", f"tracking.group={group}", *wiring, *user[stage]]
 
 
+def variant_dir(p: PipelineRecipe, name: str) -> Path:
+    """Run directory of an RL variant: its PPO-stage output is `<this>/ppo`."""
+    return Path(p.output_dir) / "variants" / name
+
+
+def _flow(key: str, rows: list[dict[str, str]]) -> str:
+    """A `key=[{...}, ...]` override in YAML flow style, each value quoted."""
+    return f"{key}=[" + ", ".join("{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in r.items()) + "}"
+                                  for r in rows) + "]"
+
+
 def plan(p: PipelineRecipe) -> list[PlannedStage]:
-    """Load and validate every stage recipe up front (errors name the stage and the key)."""
+    """Load and validate every stage recipe up front (errors name the stage and the key). RL
+    variants run after the PPO stage, each into its own directory, from the same SFT and reward."""
     paths = {"sft": p.sft, "reward": p.reward, "ppo": p.ppo, "eval": p.eval}
-    out = []
+    runs: list[tuple[str, str, list[str]]] = []
     for stage in p.stages:
-        overrides = stage_overrides(p, stage)
+        runs.append((stage, stage, stage_overrides(p, stage)))
+        if stage == "ppo":
+            runs += [("ppo", v.name, stage_overrides(p, "ppo") + [f"output_dir={variant_dir(p, v.name)}",
+                                                                   *v.overrides]) for v in p.rl_variants]
+    out = []
+    for stage, label, overrides in runs:
+        where = stage if label == stage else f"{stage}, rl variant '{label}'"
         try:
             recipe = load_recipe(RECIPES[stage], paths[stage], overrides)
         except RlhfError as e:
-            raise ConfigError(f"pipeline stage '{stage}' ({paths[stage]}): {e}") from e
-        out.append(PlannedStage(stage, str(paths[stage]), overrides, json.loads(json.dumps(to_dict(recipe)))))
+            raise ConfigError(f"pipeline stage '{where}' ({paths[stage]}): {e}") from e
+        out.append(PlannedStage(stage, str(paths[stage]), overrides, json.loads(json.dumps(to_dict(recipe))), label))
     return out
 
 
@@ -149,18 +173,18 @@ def run_pipeline(p: PipelineRecipe) -> Path:
     record: dict[str, Any] = {}
     for stage in stages:
         if is_complete(stage):
-            print(f"[pipeline] {stage.name}: complete in {stage.out}, skipped", flush=True)
-            record[stage.name] = {"status": "skipped"}
+            print(f"[pipeline] {stage.label}: complete in {stage.out}, skipped", flush=True)
+            record[stage.label] = {"status": "skipped"}
             continue
-        print(f"[pipeline] {stage.name}: running ({stage.recipe_path})", flush=True)
+        print(f"[pipeline] {stage.label}: running ({stage.recipe_path})", flush=True)
         t0 = time.perf_counter()
-        log_path = run_dir / "logs" / f"{stage.name}.log"
+        log_path = run_dir / "logs" / f"{stage.label}.log"
         rc = run_logged(launch_command(stage, p.launcher), log_path)
         if rc != 0 or not (stage.out / MANIFEST).is_file():
-            raise StageFailed(f"stage '{stage.name}' failed (exit code {rc}); see {log_path}. "
+            raise StageFailed(f"stage '{stage.label}' failed (exit code {rc}); see {log_path}. "
                               "Rerun the same command to resume it from its last checkpoint.")
-        record[stage.name] = {"status": "ran", "seconds": round(time.perf_counter() - t0, 1)}
-        print(f"[pipeline] {stage.name}: done in {record[stage.name]['seconds']:.0f}s -> {stage.out}", flush=True)
+        record[stage.label] = {"status": "ran", "seconds": round(time.perf_counter() - t0, 1)}
+        print(f"[pipeline] {stage.label}: done in {record[stage.label]['seconds']:.0f}s -> {stage.out}", flush=True)
     (run_dir / "pipeline.json").write_text(json.dumps({"stages": record, "recipe": to_dict(p)}, indent=2))
     print_summary(run_dir)
     return run_dir
@@ -172,8 +196,8 @@ def print_summary(run_dir: Path) -> None:
         return
     summary = json.loads(report.read_text())["summary"]
     print(f"\n[pipeline] report: {run_dir / 'eval' / 'report.md'}")
-    cols = [c for c in ("reward_mean", "win_rate_vs_sft", "ground_truth", "kl_to_sft", "forgetting_ppl_rise")
-            if c in summary.get("sft", {})]
+    cols = [c for c in ("reward_mean", "win_rate_vs_sft", "ground_truth", "kl_to_sft", "forgetting_ppl_rise",
+                        "train_seconds", "peak_memory_mb") if any(c in row for row in summary.values())]
     first = max(8, *(len(n) + 2 for n in summary))
     width = {c: max(18, len(c) + 2) for c in cols}
     print(f"{'model':<{first}}" + "".join(f"{c:>{width[c]}}" for c in cols))

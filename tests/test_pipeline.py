@@ -35,6 +35,7 @@ def write_pipeline(assets: Path, out: Path, path: Path, ppo_steps: int = 4) -> P
             "eval": common + [f"base_dir={a}/base", f"prompts.sources.0.path={a}/data/heldout_prompts.jsonl",
                               f"few_shot_data.path={a}/data/sft.jsonl", "samples_per_prompt=2"],
         },
+        "rl_variants": [{"name": "grpo", "overrides": ["ppo.advantage_estimator=grpo", "ppo.rollouts_per_prompt=4"]}],
     }))
     return path
 
@@ -58,7 +59,7 @@ def pipeline_run(demo_assets, tmp_path_factory):
 def test_every_stage_output_and_the_report_exist(pipeline_run):
     _, out, proc = pipeline_run
     for stage, parents in (("sft", []), ("reward", ["sft"]), ("ppo", ["sft", "reward"]),
-                           ("eval", ["base", "sft", "ppo"][1:])):
+                           ("eval", ["sft", "ppo", "ppo"])):  # the base has no manifest; PPO and the grpo variant
         m = json.loads((out / stage / MANIFEST).read_text())
         assert m["stage"] == stage
         assert [p["stage"] for p in m["parents"]] == parents, stage
@@ -79,6 +80,21 @@ def test_every_stage_output_and_the_report_exist(pipeline_run):
     assert "[pipeline] report:" in proc.stdout and "ground_truth" in proc.stdout
     record = json.loads((out / "pipeline.json").read_text())["stages"]
     assert all(record[s]["status"] == "ran" for s in ("sft", "reward", "ppo", "eval"))
+
+
+def test_rl_variants_train_beside_ppo_and_the_report_compares_them(pipeline_run):
+    _, out, proc = pipeline_run
+    manifest = json.loads((out / "variants" / "grpo" / "ppo" / MANIFEST).read_text())
+    assert manifest["recipe"]["ppo"]["advantage_estimator"] == "grpo"
+    assert [p["stage"] for p in manifest["parents"]] == ["sft", "reward"]
+    assert manifest["parents"][0]["path"] == str(out / "sft")  # the same SFT and reward outputs as PPO
+    summary = json.loads((out / "eval" / "report.json").read_text())["summary"]
+    for name in ("ppo", "grpo"):
+        assert summary[name]["train_seconds"] > 0 and summary[name]["peak_memory_mb"] > 100, name
+        assert "ground_truth" in summary[name] and "kl_to_sft" in summary[name]
+    report = (out / "eval" / "report.md").read_text()
+    assert "## RL methods side by side" in report and "- grpo: ground truth" in report
+    assert "[pipeline] grpo: done" in proc.stdout
 
 
 def test_rerun_skips_completed_stages(pipeline_run):

@@ -16,11 +16,12 @@ from rlhf.tracking import METRICS_FILE, read_jsonl
 
 HEADLINE = ["reward_mean", "win_rate_vs_sft", "ground_truth", "heldout_reward_mean", "kl_to_sft",
             "forgetting_ppl_rise", "length_mean", "distinct_2", "hit_length_limit", "shorter_than_half_sft",
-            "reward_length_correlation"]
+            "reward_length_correlation", "train_seconds", "peak_memory_mb"]
 LABELS = {"reward_mean": "reward", "win_rate_vs_sft": "win vs SFT", "ground_truth": "ground truth",
           "heldout_reward_mean": "held-out RM", "kl_to_sft": "KL to SFT", "length_mean": "length",
           "distinct_2": "distinct-2", "hit_length_limit": "hit limit", "shorter_than_half_sft": "short",
-          "reward_length_correlation": "corr(reward, len)", "forgetting_ppl_rise": "forgetting"}
+          "reward_length_correlation": "corr(reward, len)", "forgetting_ppl_rise": "forgetting",
+          "train_seconds": "train s", "peak_memory_mb": "peak MB"}
 
 
 def headline(results: list[dict]) -> dict[str, dict[str, float]]:
@@ -83,6 +84,23 @@ def _verdict(summary: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
+def _methods(summary: dict[str, dict[str, float]], recipe: EvalRecipe) -> list[str]:
+    """One line per RL run (PPO and the recipe's rl_variants), for comparing methods."""
+    names = [n for n in ["ppo", *(v.name for v in recipe.rl_variants)] if n in summary]
+    if len(names) < 2:
+        return []
+    sft = summary["sft"]
+    lines = ["## RL methods side by side", ""]
+    for n in names:
+        row = summary[n]
+        gt = (f"ground truth {_fmt(row['ground_truth'])} ({row['ground_truth'] - sft['ground_truth']:+.1f} vs SFT), "
+              if "ground_truth" in row else "")
+        forgot = (f"forgetting {100 * row['forgetting_ppl_rise']:+.1f}%, " if "forgetting_ppl_rise" in row else "")
+        lines.append(f"- {n}: {gt}reward {_fmt(row['reward_mean'])}, KL to SFT {_fmt(row['kl_to_sft'])}, {forgot}"
+                     f"{_fmt(row.get('train_seconds', float('nan')))} s, peak {_fmt(row.get('peak_memory_mb', float('nan')))} MB")
+    return [*lines, ""]
+
+
 def _plots(out: Path, results: list[dict], ppo_dir: str | None) -> list[str]:
     import matplotlib
 
@@ -137,11 +155,12 @@ def write_report(out: Path, results: list[dict], prompts: list[Messages], recipe
           f"{len(prompts)} held-out prompts x {n} samples per model, temperature {recipe.generation.temperature}, "
           f"at most {recipe.generation.max_new_tokens} new tokens. The reward model ({recipe.reward_dir}) scores "
           "every answer and judges win rates against SFT on the same prompt and sample.", "",
-          *_table(summary), "", "## Verdict", "", *_verdict(summary), "",
+          *_table(summary), "", "## Verdict", "", *_verdict(summary), "", *_methods(summary, recipe),
           "Columns: *reward* mean reward-model score; *win vs SFT* share of answers the reward model prefers to "
           "SFT's; *KL to SFT* mean log p(answer) - log p_SFT(answer) in nats; *length* tokens; *distinct-2* unique "
           "bigrams / all bigrams; *hit limit* share of answers cut at the length limit; *short* share of answers under half the SFT median length; *corr(reward, len)* Pearson "
-          "correlation of reward with length (a length-gaming monitor).", "", "## Plots", "",
+          "correlation of reward with length (a length-gaming monitor); *train s* and *peak MB* the RL stage's "
+          "wall time and peak memory (GPU memory allocated, or peak RSS on CPU), from its manifest.", "", "## Plots", "",
           *[f"![{p}]({p})" for p in plots], "", "## Side by side", "", *_side_by_side(results, prompts,
                                                                                      recipe.side_by_side)]
     (out / "report.md").write_text("\n".join(md) + "\n")

@@ -7,6 +7,7 @@ compare against SFT and write the report (`rlhf.eval.report`).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 
 from rlhf import handoff
-from rlhf.checkpoint import now, parent_ref, write_manifest
+from rlhf.checkpoint import MANIFEST, now, parent_ref, write_manifest
 from rlhf.config import ConfigError, DataConfig, to_dict
 from rlhf.config_run import EvalRecipe
 from rlhf.data.formats import Messages, normalize_prompt, normalize_sft
@@ -46,6 +47,7 @@ def policies_of(recipe: EvalRecipe) -> list[Policy]:
     out.append(Policy("sft", recipe.sft_dir))
     if recipe.ppo_dir:
         out.append(Policy("ppo", recipe.ppo_dir))
+    out += [Policy(v.name, v.path) for v in recipe.rl_variants]
     if recipe.best_of_n:
         out.append(Policy(f"sft_best_of_{recipe.best_of_n}", recipe.sft_dir, best_of=recipe.best_of_n))
     out += [Policy(p.name, p.path, p.few_shot) for p in recipe.extra_policies]
@@ -55,11 +57,23 @@ def policies_of(recipe: EvalRecipe) -> list[Policy]:
     return out
 
 
+def training_cost(path: str) -> dict[str, float]:
+    """Wall time and peak memory of the stage that made `path`, from its manifest (RL stages)."""
+    manifest = Path(path) / MANIFEST
+    if not manifest.is_file():
+        return {}
+    m = json.loads(manifest.read_text())
+    if m.get("stage") != "ppo":
+        return {}
+    got = m.get("metrics", {})
+    return {k: float(got[k]) for k in ("train_seconds", "peak_memory_mb") if isinstance(got.get(k), (int, float))}
+
+
 def check_handoff(recipe: EvalRecipe, policies: list[Policy]):
     """Before any sampling: stage outputs are complete and every model shares the judge's tokenizer."""
     handoff.parent_stage(recipe.sft_dir, "sft", needed_by="evaluation")
-    if recipe.ppo_dir:
-        handoff.parent_stage(recipe.ppo_dir, "ppo", needed_by="evaluation")
+    for rl in filter(None, [recipe.ppo_dir, *(v.path for v in recipe.rl_variants)]):
+        handoff.parent_stage(rl, "ppo", needed_by="evaluation")
     sft_tok = load_tokenizer(recipe.sft_dir)
     for judge in filter(None, (recipe.reward_dir, recipe.heldout_reward_dir)):
         handoff.reward_model(judge, sft_tok, f"SFT policy ({recipe.sft_dir})", needed_by="evaluation")
@@ -133,6 +147,7 @@ def evaluate_policy(p: Policy, recipe: EvalRecipe, tok, prompts: list[Messages],
         grade = GRADERS[recipe.ground_truth]
         out["ground_truth"] = metrics.mean([grade(prompts[i][-1]["content"], t, h)
                                             for i, t, h in zip(s.prompt_index, texts, s.hit_limit)])
+    out.update(training_cost(p.path) if p.best_of == 1 else {})
     if "forgetting" in judges and p.best_of == 1:
         questions, answers = judges["forgetting"]
         out["forgetting_nll"] = nll_per_token(model, tok, questions, answers, bs, device)

@@ -85,7 +85,8 @@ def write_manifest(out_dir: Path, *, stage: str, recipe: dict, started_at: str, 
     return manifest
 
 
-def read_manifest(directory: str | Path, expect_stage: str | None = None, needed_by: str = "this stage") -> dict:
+def read_manifest(directory: str | Path, expect_stage: str | tuple[str, ...] | None = None,
+                  needed_by: str = "this stage") -> dict:
     path = Path(directory) / MANIFEST
     if not Path(directory).is_dir():
         raise HandoffError(f"{needed_by} needs {directory!s}, which does not exist (run its stage first)")
@@ -93,9 +94,10 @@ def read_manifest(directory: str | Path, expect_stage: str | None = None, needed
         raise HandoffError(f"{directory!s} has no {MANIFEST}: it is not a finished stage output "
                            "(the stage was interrupted, or the directory was not written by rlhf)")
     manifest = json.loads(path.read_text())
-    if expect_stage and manifest.get("stage") != expect_stage:
-        raise HandoffError(f"{needed_by} expects a '{expect_stage}' output, but {directory!s} is a "
-                           f"'{manifest.get('stage')}' output")
+    allowed = (expect_stage,) if isinstance(expect_stage, str) else expect_stage
+    if allowed and manifest.get("stage") not in allowed:
+        raise HandoffError(f"{needed_by} expects a {' or '.join(repr(a) for a in allowed)} output, but "
+                           f"{directory!s} is a '{manifest.get('stage')}' output")
     return manifest
 
 

@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = sub.add_parser("tasks", help="synthetic tasks with ground-truth graders")
     tasks_sub = tasks.add_subparsers(dest="tasks_command", required=True)
     build_task = tasks_sub.add_parser("build", help="write a task's SFT, preference, prompt and held-out files")
-    build_task.add_argument("name", choices=["instruct"], help="instruct: follow checkable instructions")
+    build_task.add_argument("name", choices=["instruct", "arithmetic"],
+                            help="instruct: follow checkable instructions; arithmetic: checked answers (verifiable rewards)")
     build_task.add_argument("--out", required=True, help="directory for the .jsonl files")
     build_task.add_argument("--seed", type=int, default=0)
     demo = sub.add_parser("demo", help="demo helpers")
@@ -179,9 +180,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"[rlhf] model: {models_get.get_model(args.name, args.out, install=not args.no_install)}")
         return 0
     if args.command == "tasks":
-        from rlhf.tasks import instruct
+        from rlhf.tasks import arithmetic, instruct
 
-        for name, n in instruct.build_data(args.out, args.seed).items():
+        builder = {"instruct": instruct, "arithmetic": arithmetic}[args.name]
+        for name, n in builder.build_data(args.out, args.seed).items():
             print(f"[rlhf] {args.out}/{name}: {n} rows")
         return 0
     if args.command == "demo" and args.demo_command == "build":

@@ -35,8 +35,9 @@ class EvalRecipe:
 
     sft_dir: str
     """SFT output: the KL reference and the baseline of every win rate."""
-    reward_dir: str
-    """Reward model that scores each response and judges win rates."""
+    reward_dir: str | None
+    """Reward model that scores each response and judges win rates (null: none; then the task's
+    ground truth is the measure, as for RL on verifiable rewards)."""
     prompts: DataConfig
     """Held-out prompts (rows with `prompt` or `messages`); every row is used (no split)."""
     ppo_dir: str | None = None
@@ -61,9 +62,9 @@ class EvalRecipe:
     """Sampling settings; the same for every policy."""
     batch_size: int = 64
     """Sequences per forward pass when sampling and scoring."""
-    ground_truth: Literal["none", "demo", "instruct"] = "none"
+    ground_truth: Literal["none", "demo", "instruct", "arithmetic"] = "none"
     """Also grade responses with a task's ground-truth scorer (0-100, `rlhf.tasks.GRADERS`):
-    'demo' for the demo task, 'instruct' for the instruction-following task."""
+    'demo' for the demo task, 'instruct' for the instruction-following task, 'arithmetic' for checked answers."""
     best_of_n: int = 0
     """Add a best-of-n row: n SFT samples per answer, the reward model picks one (0: no row). A
     policy that RL trained should beat it; its KL to SFT is the analytic log(n) - (n-1)/n."""
@@ -94,6 +95,8 @@ class EvalRecipe:
             raise ConfigError("forgetting_prompts needs base_dir (the model whose answers the policies are measured on)")
         if self.best_of_n == 1 or self.best_of_n < 0:
             raise ConfigError(f"best_of_n must be 0 (off) or >= 2, got {self.best_of_n}")
+        if self.best_of_n and not self.reward_dir:
+            raise ConfigError("best_of_n needs reward_dir: the reward model picks the best of n samples")
 
 
 @dataclass

@@ -13,9 +13,14 @@ from rlhf.errors import HandoffError
 from rlhf.models import load_tokenizer, tokenizer_signature
 
 
-def parent_stage(directory: str | Path, stage: str, needed_by: str) -> dict:
-    """`directory` is a finished output of `stage` (its manifest is there and says so); returns the manifest."""
+def parent_stage(directory: str | Path, stage: str | tuple[str, ...], needed_by: str) -> dict:
+    """`directory` is a finished output of `stage` (or of one of several stages); returns the manifest."""
     return read_manifest(directory, expect_stage=stage, needed_by=needed_by)
+
+
+POLICY_STAGES = ("sft", "pretrained")
+"""What RL and evaluation accept as the starting policy: an SFT output, or a chat model that
+`rlhf models get` converted (RL straight from an instruct model, as with verifiable rewards)."""
 
 
 def merged_adapter(directory: str | Path, manifest: dict, needed_by: str) -> None:

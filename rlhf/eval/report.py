@@ -53,8 +53,9 @@ def _verdict(summary: dict[str, dict[str, float]]) -> list[str]:
     if "ppo" not in summary:
         return []
     ppo, sft = summary["ppo"], summary["sft"]
-    lines = [f"- PPO vs SFT: reward {_fmt(sft['reward_mean'])} -> {_fmt(ppo['reward_mean'])}, "
-             f"judged better on {100 * ppo['win_rate_vs_sft']:.0f}% of answers, KL to SFT {_fmt(ppo['kl_to_sft'])} nats."]
+    judged = (f"reward {_fmt(sft['reward_mean'])} -> {_fmt(ppo['reward_mean'])}, judged better on "
+              f"{100 * ppo['win_rate_vs_sft']:.0f}% of answers, " if "win_rate_vs_sft" in ppo else "")
+    lines = [f"- PPO vs SFT: {judged}KL to SFT {_fmt(ppo['kl_to_sft'])} nats."]
     if "ground_truth" in ppo:
         lines.append(f"- Ground truth (never seen in training): {_fmt(sft['ground_truth'])} -> "
                      f"{_fmt(ppo['ground_truth'])} ({ppo['ground_truth'] - sft['ground_truth']:+.1f}).")
@@ -153,8 +154,10 @@ def write_report(out: Path, results: list[dict], prompts: list[Messages], recipe
     n = recipe.samples_per_prompt
     md = [f"# Evaluation report: {Path(recipe.output_dir).name}", "",
           f"{len(prompts)} held-out prompts x {n} samples per model, temperature {recipe.generation.temperature}, "
-          f"at most {recipe.generation.max_new_tokens} new tokens. The reward model ({recipe.reward_dir}) scores "
-          "every answer and judges win rates against SFT on the same prompt and sample.", "",
+          f"at most {recipe.generation.max_new_tokens} new tokens. "
+          + (f"The reward model ({recipe.reward_dir}) scores every answer and judges win rates against SFT on the "
+             "same prompt and sample." if recipe.reward_dir else
+             "No reward model: the task's ground-truth grader is the measure."), "",
           *_table(summary), "", "## Verdict", "", *_verdict(summary), "", *_methods(summary, recipe),
           "Columns: *reward* mean reward-model score; *win vs SFT* share of answers the reward model prefers to "
           "SFT's; *KL to SFT* mean log p(answer) - log p_SFT(answer) in nats; *length* tokens; *distinct-2* unique "

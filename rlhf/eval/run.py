@@ -71,7 +71,7 @@ def training_cost(path: str) -> dict[str, float]:
 
 def check_handoff(recipe: EvalRecipe, policies: list[Policy]):
     """Before any sampling: stage outputs are complete and every model shares the judge's tokenizer."""
-    handoff.parent_stage(recipe.sft_dir, "sft", needed_by="evaluation")
+    handoff.parent_stage(recipe.sft_dir, handoff.POLICY_STAGES, needed_by="evaluation")
     for rl in filter(None, [recipe.ppo_dir, *(v.path for v in recipe.rl_variants)]):
         handoff.parent_stage(rl, "ppo", needed_by="evaluation")
     sft_tok = load_tokenizer(recipe.sft_dir)
@@ -116,8 +116,11 @@ def evaluate_policy(p: Policy, recipe: EvalRecipe, tok, prompts: list[Messages],
     bs, temp = recipe.batch_size, recipe.generation.temperature
     s: Samples = sample(model, tok, shown, recipe.samples_per_prompt * p.best_of, recipe.generation, recipe.seed,
                         bs, device)
-    rewards = score_responses(judges["reward"], tok, [prompts[i] for i in s.prompt_index], s.responses, device,
-                              bs).tolist()
+    if judges["reward"] is not None:
+        rewards = score_responses(judges["reward"], tok, [prompts[i] for i in s.prompt_index], s.responses, device,
+                                  bs).tolist()
+    else:  # no reward model (e.g. verifiable rewards): the task's ground truth is the measure
+        rewards = [math.nan] * len(s.responses)
     if p.best_of > 1:
         s, rewards = _best_of(s, rewards, p.best_of)
     answered = [prompts[i] for i in s.prompt_index]  # scored as the reward model was trained: rendered again
@@ -177,7 +180,8 @@ def run_eval(recipe: EvalRecipe) -> Path:
     prompts = load_prompts(recipe, tok)
     device = default_device()
     torch.manual_seed(recipe.seed)
-    judges = {"reward": _load(recipe.reward_dir, "scorer", device), "reference": _load(recipe.sft_dir, "policy", device)}
+    judges = {"reward": _load(recipe.reward_dir, "scorer", device) if recipe.reward_dir else None,
+              "reference": _load(recipe.sft_dir, "policy", device)}
     if recipe.heldout_reward_dir:
         judges["heldout_reward"] = _load(recipe.heldout_reward_dir, "scorer", device)
     if recipe.forgetting_prompts is not None:
@@ -195,7 +199,8 @@ def run_eval(recipe: EvalRecipe) -> Path:
     sft = next(r for r in results if r["name"] == "sft")
     short = sft["length"]["median"] / 2
     for r in results:  # the reward model judges each pair of answers to the same prompt and sample
-        r["win_rate_vs_sft"] = metrics.win_rate(r["rewards"], sft["rewards"])
+        if recipe.reward_dir:
+            r["win_rate_vs_sft"] = metrics.win_rate(r["rewards"], sft["rewards"])
         # A policy that found answers far shorter than SFT's still scoring well is a classic hack.
         r["shorter_than_half_sft"] = metrics.mean([float(n < short) for n in r["lengths"]])
     out = Path(recipe.output_dir) / "eval"

@@ -1,7 +1,8 @@
 """Synthetic tasks with ground-truth graders, for measuring whether alignment helped.
 
 `GRADERS` maps an evaluation recipe's `ground_truth` value to a function
-(prompt text, response text, hit_length_limit) -> score 0-100. Training never calls them.
+(prompt text, response text, hit_length_limit) -> score 0-100. Training never calls them (a
+verifiable-reward recipe may train on the same checker, as a reward function, on other prompts).
 """
 
 from __future__ import annotations
@@ -21,4 +22,11 @@ def _instruct(prompt: str, response: str, hit_limit: bool) -> float:
     return instruct.score(prompt, response, hit_limit).total
 
 
-GRADERS: dict[str, Callable[[str, str, bool], float]] = {"demo": _demo, "instruct": _instruct}
+def _arithmetic(prompt: str, response: str, hit_limit: bool) -> float:
+    from rlhf.tasks import arithmetic
+
+    return arithmetic.score(prompt, response, hit_limit)
+
+
+GRADERS: dict[str, Callable[[str, str, bool], float]] = {"demo": _demo, "instruct": _instruct,
+                                                         "arithmetic": _arithmetic}

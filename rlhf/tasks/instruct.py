@@ -215,3 +215,11 @@ def build_data(out: str | os.PathLike, seed: int = 0, n_sft: int = 1200, n_pairs
     for name, rows in files.items():
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return {name: len(rows) for name, rows in files.items()}
+
+
+def format_reward(prompt: str, response: str, **fields) -> float:
+    """A reward function for RL (`rlhf.tasks.instruct:format_reward`): the share of the prompt's
+    checkable instructions the response follows, 0 for an empty or over-long answer. Topicality is
+    left to the reward model it is mixed with (recipes/smollm2-135m/grpo_format.yaml)."""
+    s = score(prompt, response)
+    return s.followed * s.form

@@ -49,7 +49,7 @@ def check_handoff(recipe: PPORecipe):
     full (not an unmerged adapter), and the reward model (when there is one) shares the policy's
     tokenizer and reads its score where our padding puts it. Returns (tokenizer, reward manifest;
     {} without a reward model)."""
-    sft = handoff.parent_stage(recipe.sft_dir, "sft", needed_by="the PPO stage")
+    sft = handoff.parent_stage(recipe.sft_dir, handoff.POLICY_STAGES, needed_by="the PPO stage")
     handoff.merged_adapter(recipe.sft_dir, sft, needed_by="the PPO stage")
     tok = load_tokenizer(recipe.sft_dir)
     if recipe.reward_dir is None:

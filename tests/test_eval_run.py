@@ -64,3 +64,17 @@ def test_best_of_n_row_and_forgetting_measure(demo_assets, sft_dir, reward_dir, 
     assert s["base"]["forgetting_ppl_rise"] == pytest.approx(0.0, abs=1e-6)
     assert math.isfinite(s["sft"]["forgetting_ppl_rise"]) and s["sft"]["forgetting_ppl_rise"] != 0.0
     assert "forgetting_ppl_rise" not in s["sft_best_of_4"]  # the SFT weights: measured once, in the SFT row
+
+
+def test_eval_without_a_reward_model_reports_ground_truth_only(demo_assets, sft_dir, tmp_path):
+    """Verifiable-reward runs have no reward model: rewards are n/a, no win rates, ground truth stays."""
+    import math
+
+    out = run_eval(recipe(demo_assets, sft_dir, None, tmp_path, "reward_dir=null", "base_dir=null"))
+    s = json.loads((out / "report.json").read_text())["summary"]
+    assert list(s) == ["sft"]
+    assert math.isnan(s["sft"]["reward_mean"]) and "win_rate_vs_sft" not in s["sft"]
+    assert 0.0 <= s["sft"]["ground_truth"] <= 100.0
+    assert "No reward model" in (out / "report.md").read_text()
+    with pytest.raises(Exception, match="best_of_n needs reward_dir"):
+        recipe(demo_assets, sft_dir, None, tmp_path, "reward_dir=null", "best_of_n=4")

@@ -116,7 +116,8 @@ def evaluate_policy(p: Policy, recipe: EvalRecipe, tok, prompts: list[Messages],
     bs, temp = recipe.batch_size, recipe.generation.temperature
     s: Samples = sample(model, tok, shown, recipe.samples_per_prompt * p.best_of, recipe.generation, recipe.seed,
                         bs, device)
-    if judges["reward"] is not None:
+    judged = judges["reward"] is not None
+    if judged:
         rewards = score_responses(judges["reward"], tok, [prompts[i] for i in s.prompt_index], s.responses, device,
                                   bs).tolist()
     else:  # no reward model (e.g. verifiable rewards): the task's ground truth is the measure
@@ -136,11 +137,12 @@ def evaluate_policy(p: Policy, recipe: EvalRecipe, tok, prompts: list[Messages],
     lengths = [len(r) for r in s.responses]
     out = {
         "name": p.name, "path": p.path, "few_shot": p.few_shot, "n": len(texts),
-        "reward_mean": metrics.mean(rewards), "reward_std": metrics.length_stats(rewards)["std"],
+        "reward_mean": metrics.mean(rewards),
+        "reward_std": metrics.length_stats(rewards)["std"] if judged else math.nan,
         "kl_to_sft": kl, "length": metrics.length_stats(lengths),
         "distinct_1": metrics.distinct_n(s.responses, 1), "distinct_2": metrics.distinct_n(s.responses, 2),
         "hit_length_limit": metrics.mean([float(h) for h in s.hit_limit]),
-        "reward_length_correlation": metrics.pearson(rewards, lengths),
+        "reward_length_correlation": metrics.pearson(rewards, lengths) if judged else math.nan,
         "rewards": rewards, "lengths": lengths, "texts": texts, "prompt_index": s.prompt_index,
     }
     if "heldout_reward" in judges:

@@ -33,7 +33,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if not self.name_or_path:
-            raise ConfigError("model.name_or_path is required (a local HuggingFace model directory)")
+            raise ConfigError("model.name_or_path is required (a local HuggingFace model directory or a hub id)")
 
 
 @dataclass
@@ -41,11 +41,14 @@ class DataSource:
     """One data file or directory in a (possibly weighted) mixture."""
 
     path: str = ""
-    """A .jsonl / .json / .csv / .parquet file, or a `datasets.save_to_disk` directory."""
+    """A .jsonl / .json / .csv / .parquet file, a `datasets.save_to_disk` directory, or a Hugging
+    Face Hub dataset id (`owner/name`, read through the HF cache; see `rlhf.hub`)."""
     weight: float = 1.0
     """Relative share of this source in the mixed training set (weights need not sum to 1)."""
     split: str = "train"
-    """Which split to read from a saved DatasetDict directory."""
+    """Which split to read from a saved DatasetDict directory or a hub dataset (e.g. train_prefs)."""
+    config: str | None = None
+    """Configuration (subset) name of a hub dataset that has several."""
 
     def __post_init__(self) -> None:
         if not self.path:

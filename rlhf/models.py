@@ -23,11 +23,12 @@ def default_device():
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
-def _require_dir(path: str, what: str) -> None:
-    # Only local directories: nothing may be downloaded at run time, and a typo should say so
-    # here instead of surfacing as a hub connection error.
-    if not Path(path).is_dir():
-        raise HandoffError(f"{what} {path!r} is not a directory (expected a local HuggingFace model directory)")
+def _require_dir(path: str, what: str) -> str:
+    """The local directory to load from: `path` itself, or the cached snapshot of a hub id
+    (`rlhf.hub`); a typo fails here with a clear message instead of a hub connection error."""
+    from rlhf.hub import local_dir
+
+    return local_dir(str(path), what)
 
 
 def require_chat_template(tok, path: str) -> None:
@@ -40,7 +41,7 @@ def load_tokenizer(path: str, *, needs_chat_template: bool = False):
     """Load a tokenizer and check what training needs: eos, pad (defaulting to eos), template."""
     from transformers import AutoTokenizer
 
-    _require_dir(path, "tokenizer")
+    path = _require_dir(path, "tokenizer")
     tok = AutoTokenizer.from_pretrained(path)
     if tok.eos_token is None:
         raise HandoffError(f"tokenizer at {path!r} has no eos token; generation could never stop")
@@ -108,7 +109,7 @@ def load_model(path: str | Path, kind: ModelKind, precision: Precision = "fp32",
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    _require_dir(str(path), "model")
+    path = _require_dir(str(path), "model")
     if adapter_base(path):
         return merge_adapter(path, kind, precision, model=model, device=device, **hf_kwargs)
     kwargs: dict[str, Any] = {"dtype": getattr(torch, TORCH_DTYPES[precision])}

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.errors import DataError  # re-exported here for existing imports
+from rlhf.errors import DataError, HandoffError  # DataError re-exported here for existing imports
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
@@ -64,8 +64,31 @@ def _records(frame, path: Path, label: str) -> list[Row]:
     return [Row(f"{path}:{label} {i}", rec, None) for i, rec in enumerate(frame.to_dict(orient="records"), start=1)]
 
 
-def read_rows(path: str | Path, split: str = "train") -> list[Row]:
-    """All rows of one source, in file order. File-level problems raise `DataError`."""
+def _from_hub(name: str, split: str, config: str | None) -> list[Row]:
+    """A hub dataset (`owner/name`), through the Hugging Face cache (works offline once cached)."""
+    import datasets
+
+    from rlhf.hub import local_dir
+
+    try:
+        local = local_dir(name, "data source", repo_type="dataset")
+    except HandoffError as e:
+        raise DataError(str(e)) from None
+    try:
+        ds = datasets.load_dataset(local, name=config, split=split)
+    except Exception as e:  # unknown config or split, unreadable files: say which and why
+        raise DataError(f"data source {name!r} (config {config!r}, split {split!r}): {type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:300]}") from None
+    return [Row(f"{name}[{split}]:row {i}", rec, None) for i, rec in enumerate(ds, start=1)]
+
+
+def read_rows(path: str | Path, split: str = "train", config: str | None = None) -> list[Row]:
+    """All rows of one source, in file order. File-level problems raise `DataError`. A path that
+    does not exist locally but looks like `owner/name` is read as a hub dataset (`config`, `split`)."""
+    from rlhf.hub import is_hub_id
+
+    if not Path(path).exists() and is_hub_id(str(path)):
+        return _from_hub(str(path), split, config)
     path = Path(path)
     if not path.exists():
         raise DataError(f"data source {str(path)!r} does not exist")
@@ -98,7 +121,12 @@ def read_rows(path: str | Path, split: str = "train") -> list[Row]:
 
 
 def fingerprint(path: str | Path) -> str:
-    """sha256 of a file, or of every file under a directory (names and bytes), for manifests."""
+    """sha256 of a file, or of every file under a directory (names and bytes), for manifests; a
+    hub dataset is fingerprinted by its cached snapshot."""
+    from rlhf.hub import is_hub_id, local_dir
+
+    if not Path(path).exists() and is_hub_id(str(path)):
+        path = local_dir(str(path), "data source", repo_type="dataset")
     path = Path(path)
     h = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]

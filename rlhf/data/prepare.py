@@ -118,7 +118,7 @@ def _load_source(
     kept: list[T] = []
     seen: set[str] = set()
     filtered: Counter[str] = Counter()
-    for row in read_rows(src.path, src.split):
+    for row in read_rows(src.path, src.split, src.config):
         report.rows_read += 1
         try:
             if row.data is None:

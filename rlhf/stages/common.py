@@ -121,7 +121,7 @@ def sources_are_conversational(sources, keys: tuple[str, ...]) -> bool:
     from rlhf.data.io import read_rows
 
     for src in sources:
-        for row in read_rows(src.path, src.split)[:50]:
+        for row in read_rows(src.path, src.split, src.config)[:50]:
             if row.data and any(isinstance(_decode(row.data.get(k)), list) for k in keys):
                 return True
     return False

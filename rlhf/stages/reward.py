@@ -138,7 +138,7 @@ def evaluate_reward_model(model, tokenizer, recipe: RewardRecipe, splits: Splits
 
 def _labelled_metrics(model, tokenizer, recipe: RewardRecipe, out: dict, device, bs: int) -> dict[str, Any]:
     rows, bad = [], 0
-    for row in read_rows(recipe.labelled.path, recipe.labelled.split):
+    for row in read_rows(recipe.labelled.path, recipe.labelled.split, recipe.labelled.config):
         try:
             if row.data is None:
                 raise RowError(row.error or "unreadable")

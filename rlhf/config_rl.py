@@ -108,15 +108,19 @@ class PPOSettings:
         from rlhf.stages.ppo.advantages import ESTIMATORS
 
         est = ESTIMATORS[self.advantage_estimator]
-        if self.rollouts_per_prompt < 1 or self.rollout_batch_size % self.rollouts_per_prompt:
+        if self.rollouts_per_prompt < 1:
+            raise ConfigError(f"ppo.rollouts_per_prompt must be >= 1, got {self.rollouts_per_prompt}")
+        if self.sequence_clip_ratio <= 0 or self.clip_ratio <= 0:
+            raise ConfigError("ppo.clip_ratio and ppo.sequence_clip_ratio must be > 0")
+        if self.rollout_batch_size % self.rollouts_per_prompt:
             raise ConfigError(f"ppo.rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
                               f"ppo.rollouts_per_prompt ({self.rollouts_per_prompt})")
         if est.needs_groups and self.rollouts_per_prompt < 2:
             raise ConfigError(f"ppo.advantage_estimator={self.advantage_estimator} compares responses to the same "
                               "prompt: set ppo.rollouts_per_prompt >= 2 (e.g. 4 or 8)")
-        if self.importance_ratio == "sequence" and est.needs_critic:
-            raise ConfigError("ppo.importance_ratio=sequence (GSPO) needs one advantage per response: use a "
-                              "critic-free ppo.advantage_estimator (grpo, dr_grpo, rloo, ...), not gae")
+        if self.importance_ratio == "sequence" and not est.sequence_level:
+            raise ConfigError(f"ppo.importance_ratio=sequence (GSPO) needs one advantage per response, but "
+                              f"{self.advantage_estimator} gives each token its own: use grpo, dr_grpo or rloo")
 
     @property
     def estimator(self):
@@ -211,6 +215,13 @@ class PPORecipe:
                               "no reward_dir: set ppo.critic_init=sft, or use a critic-free estimator (e.g. grpo)")
         if self.train.max_steps < 1:
             raise ConfigError("train.max_steps must be set (>= 1) for PPO: it counts PPO steps")
+        if self.train.gradient_accumulation_steps != 1:
+            # The guards decide per mini-batch (skip it, or stop the step) before its optimizer step;
+            # inside an accumulation window that would leave DeepSpeed's window half filled.
+            raise ConfigError("train.gradient_accumulation_steps must be 1 in the RL stage: a mini-batch is "
+                              "train.micro_batch_size rollouts and each is one optimizer step, so the guards can "
+                              "skip it whole. For memory, lower micro_batch_size or turn on "
+                              "model.gradient_checkpointing")
         mini = self.train.micro_batch_size * self.train.gradient_accumulation_steps
         if self.ppo.rollout_batch_size % mini:
             raise ConfigError(f"ppo.rollout_batch_size ({self.ppo.rollout_batch_size}) must be a multiple of "

@@ -56,7 +56,8 @@ def stage_overrides(p: PipelineRecipe, stage: str) -> list[str]:
               "eval": [f"sft_dir={out}/sft", f"reward_dir={out}/reward"] +
                       ([f"ppo_dir={out}/ppo"] if "ppo" in p.stages else []) +
                       ([_flow("rl_variants", [{"name": v.name, "path": str(variant_dir(p, v.name) / "ppo")}
-                                              for v in p.rl_variants])] if p.rl_variants else [])}[stage]
+                                              for v in p.rl_variants])] if p.rl_variants and "ppo" in p.stages
+                       else [])}[stage]
     user = {"sft": p.overrides.sft, "reward": p.overrides.reward, "ppo": p.overrides.ppo, "eval": p.overrides.eval}
     return [f"output_dir={out}", f"tracking.group={group}", *wiring, *user[stage]]
 

@@ -48,8 +48,23 @@ def test_rloo_leaves_each_response_out_of_its_own_baseline():
     assert adv.flatten().tolist() == pytest.approx([-2.05, -2.05, 2.05, 2.05])
 
 
+def test_grpo_with_the_kl_in_the_reward_subtracts_it_before_the_group_statistics():
+    # r = [1 - 0.5 x (0.2 + 0.8), 3] = [0.5, 3]: Dr. GRPO advantages -+1.25
+    x = inputs([1.0, 3.0], kl=[[0.2, 0.8], [0.0, 0.0]], kl_coef=0.5, R=2)
+    adv, _ = A.dr_grpo(x)
+    assert adv.flatten().tolist() == pytest.approx([-1.25, -1.25, 1.25, 1.25])
+    adv, _ = A.grpo(x)  # std of {0.5, 3} is 2.5 / sqrt(2)
+    s = 2.5 / math.sqrt(2) + 1e-4
+    assert seq(adv) == pytest.approx([-1.25 / s, 1.25 / s], abs=1e-6)
+
+
 def test_a_dropped_response_is_not_a_group_member():
     mask = [[1.0], [1.0], [0.0]]  # the third response's reward failed: all its tokens dropped
+    adv, _ = A.grpo(inputs([1.0, 3.0, math.nan], mask=mask, k=3))  # a failed score is NaN
+    s = math.sqrt(2) + 1e-4
+    assert seq(adv) == pytest.approx([-1 / s, 1 / s, 0.0], abs=1e-6)
+    adv, _ = A.rloo(inputs([1.0, 3.0, math.nan], mask=mask, k=3))
+    assert seq(adv) == pytest.approx([-2.0, 2.0, 0.0])
     adv, _ = A.grpo(inputs([1.0, 3.0, 500.0], mask=mask, k=3))
     s = math.sqrt(2) + 1e-4
     assert seq(adv) == pytest.approx([-1 / s, 1 / s, 0.0], abs=1e-6)
@@ -130,6 +145,12 @@ def test_settings_refuse_what_an_estimator_cannot_do():
         PPOSettings(advantage_estimator="grpo", rollouts_per_prompt=3, rollout_batch_size=32)
     with pytest.raises(ConfigError, match="GSPO"):
         PPOSettings(importance_ratio="sequence")
+    with pytest.raises(ConfigError, match="GSPO"):
+        PPOSettings(advantage_estimator="reinforce_pp", importance_ratio="sequence")
+    with pytest.raises(ConfigError, match="must be > 0"):
+        PPOSettings(advantage_estimator="grpo", rollouts_per_prompt=4, sequence_clip_ratio=-1.0)
+    with pytest.raises(ConfigError, match="rollouts_per_prompt must be >= 1"):
+        PPOSettings(rollouts_per_prompt=0)
     s = PPOSettings(advantage_estimator="dr_grpo", rollouts_per_prompt=4)
     assert (s.kl_placement, s.aggregation, s.needs_critic) == ("loss", "constant", False)
     assert PPOSettings(advantage_estimator="grpo", rollouts_per_prompt=4, kl_in="reward").kl_placement == "reward"

@@ -3,6 +3,7 @@ exact resume, LoRA, no critic built; and rewards from Python functions: isolatio
 
 from __future__ import annotations
 
+import json
 import math
 import textwrap
 
@@ -56,6 +57,12 @@ FUNCTIONS = textwrap.dedent('''
 
     def echo_field(prompt, response, answer=None, **fields):
         return float(answer)
+
+    def noisy(prompt, response, **fields):
+        import sys
+        print("a function that prints")
+        sys.stdin.read()  # and reads stdin: neither may disturb the protocol
+        return 2.5
 ''')
 
 
@@ -133,6 +140,16 @@ def test_reward_function_isolation_raise_nan_hang_and_exit(functions_file):
         assert rf.score(["p"], ["x y"], [{}])[0][0][0] == 2.0  # and it still serves after all of that
 
 
+def test_a_function_that_prints_and_reads_stdin_and_a_file_with_dataclasses(tmp_path, functions_file):
+    typed = tmp_path / "typed.py"
+    typed.write_text("from __future__ import annotations\nfrom dataclasses import dataclass\n\n@dataclass\n"
+                     "class Cfg:\n    bonus: float = 1.5\n\ndef reward(prompt, response, **fields):\n"
+                     "    return Cfg().bonus\n")
+    with RewardFunctions([f"{functions_file}:noisy", f"{typed}:reward"], [5, 5]) as rf:
+        values, failures = rf.score(["p", "q"], ["a", "b"], [{}, {}])
+    assert values == [[2.5, 1.5], [2.5, 1.5]] and not failures
+
+
 def test_reward_function_that_cannot_load_fails_before_any_model(demo_assets, sft_dir, tmp_path, functions_file):
     with pytest.raises(ConfigError, match="has no function 'nope'"):
         RewardFunctions([f"{functions_file}:nope"], [5])
@@ -170,7 +187,7 @@ def test_rewards_from_functions_alone_drop_failed_rows_and_train(demo_assets, sf
     failed = sum(x["reward_function_failures"] for x in rows)
     dropped = sum(x["dropped_rows"] for x in rows)
     assert failed > 0 and failed == dropped  # every failed row left the update, and only those
-    manifest = __import__("json").loads((out / MANIFEST).read_text())
+    manifest = json.loads((out / MANIFEST).read_text())
     assert [p["path"] for p in manifest["parents"]] == [str(sft_dir)]  # no reward model parent
 
 
@@ -196,6 +213,41 @@ def test_reward_functions_receive_the_rows_other_fields(demo_assets, sft_dir, tm
     finally:
         code.close()
     assert out.raw[:, 0].tolist() == [float(row["fields"]["answer"]) for row in rows]
+
+
+@pytest.mark.slow
+def test_resume_with_reward_functions_restores_their_normalisers(demo_assets, sft_dir, reward_dir, tmp_path,
+                                                                 functions_file):
+    mixed = [*CRITIC_FREE["rloo"], f"reward_functions=[{{function: '{functions_file}:length', weight: 0.5}}]"]
+    clean = run_ppo(_recipe(demo_assets, sft_dir, reward_dir, tmp_path / "clean", *mixed))
+    interrupted = _recipe(demo_assets, sft_dir, reward_dir, tmp_path / "resumed", *mixed)
+    out = run_ppo(interrupted, on_step_end=lambda step, _: step == 3)
+    state = json.loads((out / "checkpoints" / "step-3" / "trainer_state.json").read_text())
+    assert state["reward_function_normalisers"][0]["count"] == 3 * 16  # every response of 3 steps
+    run_ppo(interrupted)
+    a = {r["step"]: r for r in read_jsonl(clean / METRICS_FILE)}
+    b = {r["step"]: r for r in read_jsonl(out / METRICS_FILE)}
+    for step in (4, 5, 6):
+        for key in ("reward_mean", "score_mean", "policy_loss", "reward_fn/length"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-6), (step, key)
+
+
+def test_the_minibatch_kl_guard_stops_the_step_before_its_optimizer_step(demo_assets, sft_dir, reward_dir,
+                                                                        tmp_path):
+    r = _recipe(demo_assets, sft_dir, reward_dir, tmp_path, *CRITIC_FREE["grpo"])
+    tok, _ = ppo.check_handoff(r)
+    m = engines.build_models(r, tok)
+    prompts = [p for p in PROMPTS for _ in range(4)]
+    ro = rollout.make_rollout(m, r, prompts, (0.0, 1.0), 0.05, {})
+    before = {k: v.detach().clone() for k, v in m.actor.module.state_dict().items()}
+    # log new/old = 2 on every token: mean ratio e^2 = 7.4 passes ratio_threshold (10), but the
+    # approx KL e^-2 - 1 + 2 = 1.14 exceeds max_minibatch_kl (1.0)
+    ro.logprobs = ro.logprobs - 2.0
+    stats = ppo_update(m, r, ro, step=0)
+    assert stats["kl_guard_stop"] == 1.0 and stats["skipped_minibatches"] == 1
+    assert all(torch.equal(before[k], v) for k, v in m.actor.module.state_dict().items())
+    ok = ppo_update(m, r, rollout.make_rollout(m, r, prompts, (0.0, 1.0), 0.05, {}), step=1)
+    assert ok["kl_guard_stop"] == 0.0 and ok["skipped_minibatches"] == 0  # a healthy batch passes
 
 
 def test_recipes_refuse_impossible_reward_setups(demo_assets, sft_dir, reward_dir, tmp_path):

@@ -170,9 +170,31 @@ def normalize_prompt(data: dict[str, Any]) -> Messages:
 
 
 PROMPT_KEYS = ("prompt", "messages")
+RESERVED_FIELDS = ("response",)  # the argument name a reward function gets the answer under
+
+
+def _json_safe(value: Any, name: str) -> Any:
+    """A column value as plain JSON types (numpy arrays and scalars, dates included), so it can go
+    to a reward function's process and into dedup keys; anything else is a malformed row."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v, f"{name}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v, name) for v in value]
+    if hasattr(value, "tolist"):  # numpy arrays and scalars (parquet list columns)
+        return _json_safe(value.tolist(), name)
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    raise RowError(f"column '{name}' holds a {type(value).__name__}, which reward functions cannot receive "
+                   "(use text, numbers, lists or objects)")
 
 
 def normalize_prompt_row(data: dict[str, Any]) -> dict[str, Any]:
     """An RL prompt with the row's other columns: {"messages": prompt messages, "fields": {...}}.
     The fields (e.g. a checked `answer`) go to reward functions; nothing else reads them."""
-    return {"messages": normalize_prompt(data), "fields": {k: v for k, v in data.items() if k not in PROMPT_KEYS}}
+    fields = {k: _json_safe(v, k) for k, v in data.items() if k not in PROMPT_KEYS}
+    clash = [k for k in fields if k in RESERVED_FIELDS]
+    if clash:
+        raise RowError(f"column {clash[0]!r} clashes with the reward-function argument of that name; rename it")
+    return {"messages": normalize_prompt(data), "fields": fields}

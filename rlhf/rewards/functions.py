@@ -15,10 +15,12 @@ import json
 import logging
 import math
 import os
-import select
+import selectors
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from rlhf.errors import ConfigError
 
@@ -35,10 +37,18 @@ class Failure:
         return f"reward function {self.function} on row {self.row}: {self.reason}"
 
 
+# The child must not join the training job's rendezvous or take its GPU through these.
+_JOB_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
+            "CROSS_SIZE", "GROUP_RANK")
+TIMEOUTS_BEFORE_GIVING_UP = 2  # per function and batch: then its remaining rows fail at once
+
+
 class RewardFunctions:
     """Scores (prompt, response, fields) rows with every function of `specs` in a child process.
 
     Use as a context manager (or call `close`). `timeouts` are seconds per call, one per function.
+    A function that times out TIMEOUTS_BEFORE_GIVING_UP times in one batch is not called again for
+    the rest of that batch, so one that always hangs costs two timeouts per step, not one per row.
     """
 
     def __init__(self, specs: list[str], timeouts: list[float]):
@@ -49,11 +59,13 @@ class RewardFunctions:
 
     # -- the child -----------------------------------------------------------------------------
     def _start(self) -> None:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        root = str(__import__("pathlib").Path(__file__).resolve().parents[2])  # so `-m rlhf...` imports this tree
+        env = {k: v for k, v in os.environ.items() if k not in _JOB_ENV}
+        env.update(PYTHONUNBUFFERED="1", CUDA_VISIBLE_DEVICES="")
+        root = str(Path(__file__).resolve().parents[2])  # so `-m rlhf...` imports this tree
         env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        # Its own session: a timeout kills the function's own children (e.g. a sandbox) too.
         self.proc = subprocess.Popen([sys.executable, "-m", "rlhf.rewards.worker"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=env, cwd=os.getcwd())
+                                     stdout=subprocess.PIPE, env=env, cwd=os.getcwd(), start_new_session=True)
         self._send({"functions": self.specs})
         reply = self._receive(timeout=max(60.0, max(self.timeouts, default=0)))
         if reply is None or "error" in reply:
@@ -69,9 +81,10 @@ class RewardFunctions:
     def _receive(self, timeout: float) -> dict | None:
         """The next reply; None when the child stayed silent for `timeout` seconds (still running)
         or closed its end (it exited: `proc.returncode` is then set)."""
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            return None
+        with selectors.DefaultSelector() as sel:  # not select(): it fails on descriptors >= 1024
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            if not sel.select(timeout):
+                return None
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait()
@@ -85,7 +98,10 @@ class RewardFunctions:
 
     def _kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # the worker and anything it started
+            except ProcessLookupError:
+                pass
         if self.proc is not None:
             self.proc.wait()
             for pipe in (self.proc.stdin, self.proc.stdout):
@@ -108,7 +124,12 @@ class RewardFunctions:
     def call(self, j: int, prompt: str, response: str, fields: dict) -> tuple[float, str | None]:
         """One call of function j: (value, None), or (nan, reason) on any failure."""
         try:
-            self._send({"j": j, "prompt": prompt, "response": response, "fields": fields})
+            request = json.dumps({"j": j, "prompt": prompt, "response": response, "fields": fields})
+        except (TypeError, ValueError) as e:
+            return math.nan, f"the row cannot be sent to the function ({e})"
+        try:
+            self.proc.stdin.write((request + "\n").encode())
+            self.proc.stdin.flush()
         except (BrokenPipeError, OSError):
             reason = f"the process exited (code {self.proc.wait()})"
             self._restart()
@@ -127,10 +148,15 @@ class RewardFunctions:
               ) -> tuple[list[list[float]], list[Failure]]:
         """Every function on every row: values[row][function] (nan where it failed), and the failures."""
         values, failures = [], []
+        timeouts = [0] * len(self.specs)
         for i, (p, r, f) in enumerate(zip(prompts, responses, fields)):
             row = []
             for j, spec in enumerate(self.specs):
-                value, reason = self.call(j, p, r, f)
+                if timeouts[j] >= TIMEOUTS_BEFORE_GIVING_UP:
+                    value, reason = math.nan, f"not called: timed out {timeouts[j]} times in this batch"
+                else:
+                    value, reason = self.call(j, p, r, f)
+                    timeouts[j] += bool(reason and reason.startswith("timed out"))
                 row.append(value)
                 if reason is not None:
                     failures.append(Failure(i, spec, reason))

@@ -51,6 +51,7 @@ class Estimator:
     needs_groups: bool  # rollouts_per_prompt must be >= 2
     kl_in: Literal["reward", "loss"]  # KL folded into the reward, or k3 KL added to the policy loss
     loss_aggregation: Literal["token_mean", "sequence_mean", "constant"]  # see `losses.aggregate`
+    sequence_level: bool = False  # one advantage per response (what GSPO's sequence ratio needs)
 
 
 def _members(mask: torch.Tensor, k: int) -> torch.Tensor:
@@ -58,10 +59,17 @@ def _members(mask: torch.Tensor, k: int) -> torch.Tensor:
     return (mask.sum(1) > 0).float().view(-1, k)
 
 
+def _grouped(scores: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores as (B/k, k) with non-members set to 0 (a dropped row may hold NaN, and NaN x 0 is
+    NaN), and the (B/k, k) membership."""
+    m = _members(mask, k)
+    return torch.where(m > 0, scores.view(-1, k), torch.zeros_like(m, dtype=scores.dtype)), m
+
+
 def group_mean_std(scores: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group mean and unbiased std of scores over its members; (B,) -> (B,), (B,) broadcast back
     to every row of the group. A group with one member has std 0."""
-    s, m = scores.view(-1, k), _members(mask, k)
+    s, m = _grouped(scores, mask, k)
     n = m.sum(1, keepdim=True)
     mean = (s * m).sum(1, keepdim=True) / n.clamp(min=1)
     var = ((s - mean) ** 2 * m).sum(1, keepdim=True) / (n - 1).clamp(min=1)
@@ -71,7 +79,7 @@ def group_mean_std(scores: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[to
 def leave_one_out_baseline(scores: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tensor:
     """Mean of the *other* members' scores for each response (Kool et al. 2019; Ahmadian et al. 2024);
     (B,) -> (B,). A response without other members gets its own score (advantage 0)."""
-    s, m = scores.view(-1, k), _members(mask, k)
+    s, m = _grouped(scores, mask, k)
     total, n = (s * m).sum(1, keepdim=True), m.sum(1, keepdim=True)
     others = n - m
     baseline = torch.where(others > 0, (total - s * m) / others.clamp(min=1), s)
@@ -89,8 +97,15 @@ def returns_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float) -> to
 
 
 def _per_token(seq_adv: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A sequence-level advantage (B,) on every counted token: (B, R)."""
-    return seq_adv[:, None] * mask
+    """A sequence-level advantage (B,) on every counted token: (B, R); 0 on dropped rows."""
+    kept = mask.sum(1) > 0
+    return torch.where(kept, seq_adv, torch.zeros_like(seq_adv))[:, None] * mask
+
+
+def _sequence_reward(x: AdvantageInputs) -> torch.Tensor:
+    """score - kl_coef x sum_t KL_t per response (B,): the KL folded into a sequence-level reward.
+    kl_coef is 0 when the recipe puts the KL in the loss instead."""
+    return x.scores - x.kl_coef * (x.kl * x.mask).sum(1)
 
 
 def gae(x: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,23 +120,26 @@ def gae(x: AdvantageInputs) -> tuple[torch.Tensor, torch.Tensor]:
 
 def grpo(x: AdvantageInputs, eps: float = 1e-4) -> tuple[torch.Tensor, None]:
     """GRPO (Shao et al. 2024): A_i = (r_i - mean(group)) / (std(group) + eps) on every token of
-    response i. The KL penalty is a k3 term of the loss, not part of the reward."""
-    mean, std = group_mean_std(x.scores, x.mask, x.group_size)
-    return _per_token((x.scores - mean) / (std + eps), x.mask), None
+    response i. The KL penalty is a k3 term of the loss (or, with kl_in=reward, r_i = score_i -
+    kl_coef x sum_t KL_t)."""
+    r = _sequence_reward(x)
+    mean, std = group_mean_std(r, x.mask, x.group_size)
+    return _per_token((r - mean) / (std + eps), x.mask), None
 
 
 def dr_grpo(x: AdvantageInputs) -> tuple[torch.Tensor, None]:
     """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-like training"): A_i = r_i - mean(group),
     without the division by the group std (which up-weights too easy and too hard prompts); its
     loss also drops the per-response length normalisation (aggregation 'constant')."""
-    mean, _ = group_mean_std(x.scores, x.mask, x.group_size)
-    return _per_token(x.scores - mean, x.mask), None
+    r = _sequence_reward(x)
+    mean, _ = group_mean_std(r, x.mask, x.group_size)
+    return _per_token(r - mean, x.mask), None
 
 
 def rloo(x: AdvantageInputs) -> tuple[torch.Tensor, None]:
     """RLOO (Ahmadian et al. 2024): sequence reward r_i = score_i - kl_coef * sum_t KL_t, advantage
     r_i minus the mean of the other k - 1 rewards of its group, on every token."""
-    r = x.scores - x.kl_coef * (x.kl * x.mask).sum(1)
+    r = _sequence_reward(x)
     return _per_token(r - leave_one_out_baseline(r, x.mask, x.group_size), x.mask), None
 
 
@@ -141,9 +159,12 @@ def reinforce_pp_baseline(x: AdvantageInputs) -> tuple[torch.Tensor, None]:
 
 ESTIMATORS: dict[str, Estimator] = {
     "gae": Estimator(gae, needs_critic=True, needs_groups=False, kl_in="reward", loss_aggregation="token_mean"),
-    "grpo": Estimator(grpo, needs_critic=False, needs_groups=True, kl_in="loss", loss_aggregation="sequence_mean"),
-    "dr_grpo": Estimator(dr_grpo, needs_critic=False, needs_groups=True, kl_in="loss", loss_aggregation="constant"),
-    "rloo": Estimator(rloo, needs_critic=False, needs_groups=True, kl_in="reward", loss_aggregation="token_mean"),
+    "grpo": Estimator(grpo, needs_critic=False, needs_groups=True, kl_in="loss", loss_aggregation="sequence_mean",
+                      sequence_level=True),
+    "dr_grpo": Estimator(dr_grpo, needs_critic=False, needs_groups=True, kl_in="loss", loss_aggregation="constant",
+                         sequence_level=True),
+    "rloo": Estimator(rloo, needs_critic=False, needs_groups=True, kl_in="reward", loss_aggregation="token_mean",
+                      sequence_level=True),
     "reinforce_pp": Estimator(reinforce_pp, needs_critic=False, needs_groups=False, kl_in="reward",
                               loss_aggregation="token_mean"),
     "reinforce_pp_baseline": Estimator(reinforce_pp_baseline, needs_critic=False, needs_groups=True, kl_in="reward",

@@ -164,7 +164,8 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
         raise ValueError(f"unknown ratio level {ratio_level!r} (token or sequence)")
     kl_loss = None
     if ref_logprobs is not None and kl_coef:
-        kl_loss = aggregate(kl_penalty(logprobs, ref_logprobs, "k3") * mask, mask, aggregation, max_tokens)
+        # masked before the exp: past eos the gap can exceed 88 nats, and inf x 0 is NaN
+        kl_loss = aggregate(kl_penalty(logprobs * mask, ref_logprobs * mask, "k3"), mask, aggregation, max_tokens)
         loss = loss + kl_coef * kl_loss
     with torch.no_grad():
         approx_kl = masked_mean(torch.expm1(-log_ratio) + log_ratio, mask)

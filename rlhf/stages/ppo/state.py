@@ -79,6 +79,11 @@ def save_state(root: Path, step: int, actor, critic, trainer_state: dict[str, An
 
 def load_state(path: Path, actor, critic) -> dict[str, Any]:
     """Restore engines, this rank's RNG, and return the trainer state dict."""
+    has_critic = (path / "critic").is_dir()
+    if has_critic != (critic is not None):
+        raise HandoffError(f"{path} was saved by a run {'with' if has_critic else 'without'} a critic, but this recipe's "
+                           f"estimator {'does not use' if has_critic else 'needs'} one; resume with the recipe that "
+                           "made it, or start over with resume=never (or another output_dir)")
     actor.load_checkpoint(str(path / "actor"), tag="state")
     if critic is not None:
         critic.load_checkpoint(str(path / "critic"), tag="state")

@@ -24,7 +24,7 @@ from rlhf import distributed, handoff
 from rlhf.checkpoint import parent_ref, write_manifest
 from rlhf.config import to_dict
 from rlhf.config_rl import PPORecipe
-from rlhf.data.formats import Messages, normalize_prompt_row, normalize_sft
+from rlhf.data.formats import Messages, normalize_prompt, normalize_prompt_row, normalize_sft
 from rlhf.data.prepare import Splits, prepare_splits
 from rlhf.errors import DataError, HandoffError, TrainingAborted
 from rlhf.models import load_tokenizer
@@ -108,8 +108,11 @@ class Data:
 
 def prepare_data(recipe: PPORecipe, tokenizer, reward_manifest: dict) -> Data:
     """Prompts and ptx rows through the same cleaning and length filter as every stage's data."""
-    prompts = prepare_splits(recipe.prompts, normalize_prompt_row,
-                             lambda row: len(render_prompt(tokenizer, row["messages"])))
+    # Other columns matter only to reward functions; without them a prompt row is its messages
+    # alone (so de-duplication and the data stream are those of the prompts).
+    normalize = (normalize_prompt_row if recipe.reward_functions
+                 else lambda data: {"messages": normalize_prompt(data), "fields": {}})
+    prompts = prepare_splits(recipe.prompts, normalize, lambda row: len(render_prompt(tokenizer, row["messages"])))
     ptx = None
     if recipe.ptx_data and recipe.ppo.ptx_coef:
         ptx = prepare_splits(recipe.ptx_data, normalize_sft,
@@ -176,6 +179,14 @@ def train_step(recipe: PPORecipe, m: engines.Models, data: Data, state: RunState
     local = {**rollout_metrics(ro, state.kl_ctl.value, with_critic=m.critic is not None), **update}
     keys = sorted(local)
     metrics = dict(zip(keys, distributed.reduce_floats([local[k] for k in keys])))
+    # Counts add up over ranks, and the KL that steers the controller is the mean over every kept
+    # response of every rank (a mean of per-rank means would weigh ranks that dropped rows wrongly).
+    mask = ro.response_mask.float()
+    kept = mask.sum(1) > 0
+    counts = {k: local[k] for k in ("dropped_rows", "reward_function_failures") if k in local}
+    totals = distributed.reduce_floats([float((ro.kl * mask).sum()), float(kept.sum()), *counts.values()], "sum")
+    metrics["kl"] = totals[0] / max(totals[1], 1.0)
+    metrics.update(zip(counts, totals[2:]))
     # 6. Statistics from every rank: the normaliser sees all ranks' scores, the controller the mean KL.
     if recipe.ppo.reward_normalization == "running":
         everyone = distributed.gather_over_ranks(ro.raw_scores)

@@ -119,3 +119,27 @@ def test_recipes_exist():
 def test_every_shipped_recipe_loads(path):
     recipe = load_recipe(RECIPES[_stage_of(path)], path)
     assert to_dict(recipe)["output_dir"]
+
+
+def test_rl_variants_are_planned_after_ppo_and_wired_into_the_evaluation():
+    from rlhf.config_run import PipelineRecipe
+    from rlhf.pipeline import plan, stage_overrides
+
+    repo = Path(__file__).resolve().parents[1]
+    p = load_recipe(PipelineRecipe, repo / "recipes/demo/pipeline_methods.yaml", ["output_dir=/tmp/rl_variants_plan"])
+    stages = plan(p)
+    assert [s.label for s in stages] == ["sft", "reward", "ppo", "grpo", "dr_grpo", "rloo", "reinforce_pp", "eval"]
+    grpo = stages[3]
+    assert grpo.name == "ppo" and str(grpo.out) == "/tmp/rl_variants_plan/variants/grpo/ppo"
+    assert grpo.resolved["sft_dir"] == "/tmp/rl_variants_plan/sft"  # the same parents as the PPO stage
+    assert grpo.resolved["ppo"]["advantage_estimator"] == "grpo"
+    assert [v["name"] for v in stages[-1].resolved["rl_variants"]] == ["grpo", "dr_grpo", "rloo", "reinforce_pp"]
+    # without the ppo stage there are no variants, and the evaluation is not pointed at them
+    q = load_recipe(PipelineRecipe, repo / "recipes/demo/pipeline_methods.yaml",
+                    ["output_dir=/tmp/rl_variants_plan", "stages=[sft, reward, eval]"])
+    assert not any(o.startswith("rl_variants=") for o in stage_overrides(q, "eval"))
+    with pytest.raises(ConfigError, match="names must be unique"):
+        load_recipe(PipelineRecipe, repo / "recipes/demo/pipeline_methods.yaml",
+                    ["rl_variants=[{name: a}, {name: a}]"])
+    with pytest.raises(ConfigError, match="letters, digits"):
+        load_recipe(PipelineRecipe, repo / "recipes/demo/pipeline_methods.yaml", ["rl_variants=[{name: 'a/b'}]"])

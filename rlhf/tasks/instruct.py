@@ -220,6 +220,6 @@ def build_data(out: str | os.PathLike, seed: int = 0, n_sft: int = 1200, n_pairs
 def format_reward(prompt: str, response: str, **fields) -> float:
     """A reward function for RL (`rlhf.tasks.instruct:format_reward`): the share of the prompt's
     checkable instructions the response follows, 0 for an empty or over-long answer. Topicality is
-    left to the reward model it is mixed with (recipes/smollm2-135m/grpo_format.yaml)."""
+    left to the reward model it is mixed with (recipes/smollm2-135m/ppo_grpo_format.yaml)."""
     s = score(prompt, response)
     return s.followed * s.form

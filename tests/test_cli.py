@@ -30,7 +30,7 @@ def test_missing_model_dir_is_a_handoff_error(tmp_path, capsys):
     rc = main(["sft", "--config", str(REPO / "recipes/demo/sft.yaml"), "demo_assets=null",
                f"model.name_or_path={tmp_path / 'nothing'}", f"output_dir={tmp_path}"])
     assert rc == 2
-    assert "is not a directory (expected a local HuggingFace model directory)" in capsys.readouterr().err
+    assert "is not a directory (expected a local HuggingFace model directory or a hub id" in capsys.readouterr().err
 
 
 def test_config_prints_resolved_recipe(capsys):

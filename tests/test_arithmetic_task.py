@@ -17,8 +17,8 @@ def test_answer_of_the_prompt(prompt, answer):
 
 
 @pytest.mark.parametrize("response,correct,formatted", [
-    ("54", 1.0, 1.0), (" 54.", 1.0, 1.0), ("The answer is 54.", 1.0, 0.0), ("5 + 4 = 54", 0.0, 0.0),
-    ("53", 0.0, 1.0), ("", 0.0, 0.0), ("1,054", 0.0, 1.0)])
+    ("54", 1.0, 1.0), (" 54.", 1.0, 1.0), ("The answer is 54.", 1.0, 0.0), ("26 + 28 = 54", 1.0, 0.0),
+    ("54, no wait, 55", 0.0, 0.0), ("53", 0.0, 1.0), ("", 0.0, 0.0), ("1,054", 0.0, 1.0)])
 def test_reward_and_format_reward_by_hand(response, correct, formatted):
     prompt = "What is 26 + 28? Reply with just the number."
     assert arithmetic.reward(prompt, response, answer=54) == correct

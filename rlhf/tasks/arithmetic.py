@@ -19,7 +19,7 @@ OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b
 TRAIN_PHRASES = ["What is {a} {op} {b}? Reply with just the number.", "Compute {a} {op} {b}. Give only the result."]
 HELDOUT_PHRASES = ["Calculate {a} {op} {b} and answer with the number alone."]
 _QUESTION = re.compile(r"(-?\d+) ([+\-*]) (-?\d+)")
-_INTEGER = re.compile(r"-?\d[\d,]*")
+_INTEGER = re.compile(r"-?\d+(?:,\d{3})*")
 
 
 def answer_of(prompt: str) -> int:
@@ -30,16 +30,18 @@ def answer_of(prompt: str) -> int:
     return OPS[m.group(2)](int(m.group(1)), int(m.group(3)))
 
 
-def first_integer(response: str) -> int | None:
-    m = _INTEGER.search(response)
-    return int(m.group().replace(",", "")) if m else None
+def final_integer(response: str) -> int | None:
+    """The last integer in the response (the convention of GSM8K-style checkers: "26 + 28 = 54"
+    answers 54, not 26)."""
+    found = _INTEGER.findall(response)
+    return int(found[-1].replace(",", "")) if found else None
 
 
 def reward(prompt: str, response: str, answer: int | None = None, **fields) -> float:
-    """1.0 when the first number in the response is the answer, else 0.0 (the row's `answer`
+    """1.0 when the last number in the response is the answer, else 0.0 (the row's `answer`
     column when present, else recomputed from the prompt)."""
     want = answer_of(prompt) if answer is None else int(answer)
-    return float(first_integer(response) == want)
+    return float(final_integer(response) == want)
 
 
 def format_reward(prompt: str, response: str, **fields) -> float:
@@ -48,7 +50,7 @@ def format_reward(prompt: str, response: str, **fields) -> float:
 
 
 def score(prompt: str, response: str, hit_limit: bool = False) -> float:
-    """Ground truth, 0-100: the right number first (format is not graded)."""
+    """Ground truth, 0-100: the right number last (format is not graded)."""
     return 100.0 * reward(prompt, response)
 
 

@@ -92,6 +92,16 @@ def _verdict(out: MinibatchLosses, ppo) -> str | None:
     return None
 
 
+def _record(stats: dict[str, list[float]], out: MinibatchLosses) -> None:
+    """Append an applied mini-batch's losses and diagnostics to the step's lists (absent ones skipped)."""
+    pl = out.policy
+    for key, val in (("policy_loss", pl.loss), ("value_loss", out.value), ("clip_fraction", pl.clip_fraction),
+                     ("approx_kl", pl.approx_kl), ("value_clip_fraction", out.value_clip_fraction),
+                     ("ratio_mean", pl.ratio_mean), ("ptx_loss", out.ptx), ("kl_loss", pl.kl_loss)):
+        if val is not None:
+            stats[key].append(float(val.detach()))
+
+
 def ppo_update(m: engines.Models, recipe: PPORecipe, ro: Rollout, step: int,
                ptx_source: Callable[[int], list] | None = None, kl_coef: float | None = None) -> dict[str, float]:
     """PPO epochs of clipped policy (and value) updates over shuffled mini-batches; returns their means.
@@ -136,13 +146,8 @@ def ppo_update(m: engines.Models, recipe: PPORecipe, ro: Rollout, step: int,
             if m.critic is not None:
                 m.critic.backward(out.value)
                 m.critic.step()
-            pl = out.policy
-            for key, val in (("policy_loss", pl.loss), ("value_loss", out.value), ("clip_fraction", pl.clip_fraction),
-                             ("approx_kl", pl.approx_kl), ("value_clip_fraction", out.value_clip_fraction),
-                             ("ratio_mean", pl.ratio_mean), ("ptx_loss", out.ptx), ("kl_loss", pl.kl_loss)):
-                if val is not None:
-                    stats[key].append(float(val.detach()))
-            epoch_kl.append(pl.approx_kl.item())
+            _record(stats, out)
+            epoch_kl.append(out.policy.approx_kl.item())
         epochs_run = epoch + 1
         if stopped:
             break

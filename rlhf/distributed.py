@@ -50,11 +50,38 @@ def ensure_process_group_env() -> None:
     DeepSpeed always builds a process group, even for one rank; without these variables it tries
     MPI discovery and fails with an unhelpful message.
     """
-    if launched_by_launcher():
+    if not launched_by_launcher():
+        os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    global _cleanup_registered
+    if not _cleanup_registered:
+        import atexit
+
+        atexit.register(remove_shm_buffers)
+        _cleanup_registered = True
+
+
+_cleanup_registered = False
+
+
+def remove_shm_buffers() -> None:
+    """Unlink this rank's DeepSpeed CPU all-reduce buffers from /dev/shm at exit.
+
+    DeepSpeed's shared-memory communication op (CPU) creates `deepspeed_allreduce_buffer_*` files of
+    67 MB per rank and run and never removes them; /dev/shm is RAM, so a machine that runs many
+    stages fills up until processes are OOM-killed. Unlinking only removes the names: a rank that
+    still has a buffer mapped keeps it until it exits."""
+    import glob
+
+    addr, port, rank = (os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"))
+    if not (addr and port and rank):
         return
-    os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{addr}_{port}_{rank}"):
+        try:
+            os.unlink(path)
+        except OSError:  # already gone
+            pass
 
 
 def barrier() -> None:

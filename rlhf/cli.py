@@ -3,6 +3,7 @@
     rlhf sft --config recipes/demo/sft.yaml train.max_steps=20 output_dir=runs/try1
     rlhf reward --config recipes/demo/reward.yaml
     rlhf ppo --config recipes/demo/ppo.yaml
+    rlhf dpo --config recipes/demo/dpo.yaml                 # offline preference optimisation (DPO, IPO, KTO)
     rlhf sft --config recipes/demo/sft.yaml --dry-run       # print the resolved recipe, run nothing
     rlhf demo build --out runs/demo/assets                  # tokenizer, tiny model, task data
 
@@ -33,6 +34,10 @@ def _run_stage(stage: str) -> Callable[[object], object]:
         from rlhf.stages.ppo.trainer import run_ppo
 
         return run_ppo
+    if stage == "dpo":
+        from rlhf.stages.dpo import run_dpo
+
+        return run_dpo
     if stage == "eval":
         from rlhf.eval.run import run_eval
 

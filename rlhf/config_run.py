@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from rlhf.config import ConfigError, DataConfig, DataSource, GenerationSettings, TrackingConfig
+from rlhf.config_dpo import DPORecipe
 from rlhf.config_rl import STAGES
 
 
@@ -182,4 +183,4 @@ class PipelineRecipe:
             raise ConfigError(f"rl_variants: names must be unique and not 'ppo', got {names}")
 
 
-RECIPES: dict[str, type] = {**STAGES, "eval": EvalRecipe, "pipeline": PipelineRecipe}
+RECIPES: dict[str, type] = {**STAGES, "dpo": DPORecipe, "eval": EvalRecipe, "pipeline": PipelineRecipe}

@@ -152,6 +152,56 @@ def normalize_labelled(data: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": prompt, "response": as_messages(data["response"], "response", "assistant"), "label": int(label)}
 
 
+GOOD = ("true", "1", "1.0", "yes", "good", "desirable", "thumbs_up", "up")
+BAD = ("false", "0", "0.0", "no", "bad", "undesirable", "thumbs_down", "down")
+
+
+def _as_label(value: Any) -> bool:
+    """A desirable / undesirable judgement: bool, 0/1, or a word such as good / bad."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, (int, float)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in GOOD + BAD:
+        return value.strip().lower() in GOOD
+    raise RowError(f"'label' must be true/false, 1/0 or good/bad, got {value!r}")
+
+
+def normalize_unpaired(data: dict[str, Any]) -> dict[str, Any]:
+    """One KTO example: {"prompt", "completion": messages, "label": bool}, from a single judged
+    response (prompt / completion or response / label), or a preference pair kept whole (it is
+    split into a desirable and an undesirable response after the splits are made, so both halves
+    of one pair always land in the same split)."""
+    if "chosen" in data or "rejected" in data:
+        return normalize_preference(data)
+    answer = "completion" if "completion" in data else "response"
+    if answer not in data or "label" not in data:
+        raise _missing(data, "'completion' (or 'response') and 'label', or a pair with 'chosen' and 'rejected'")
+    prompt = as_messages(data["prompt"], "prompt", "user") if data.get("prompt") not in (None, "") else []
+    try:
+        completion = as_messages(data[answer], answer, "assistant")
+    except EmptyRow as e:
+        raise RowError(f"empty {answer}: {e}") from None
+    if not completion or completion[-1]["role"] != "assistant" or not completion[-1]["content"].strip():
+        raise RowError(f"'{answer}' must end with a non-empty assistant reply")
+    return {"prompt": prompt, "completion": completion, "label": _as_label(data["label"])}
+
+
+def unpair(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
+    """Pairs -> a desirable and an undesirable single response each (ties dropped and counted);
+    single responses pass through."""
+    out, ties = [], 0
+    for r in rows:
+        if "completion" in r:
+            out.append(r)
+        elif r["tie"]:
+            ties += 1
+        else:
+            out += [{"prompt": r["prompt"], "completion": r["chosen"], "label": True},
+                    {"prompt": r["prompt"], "completion": r["rejected"], "label": False}]
+    return out, ties
+
+
 def normalize_prompt(data: dict[str, Any]) -> Messages:
     """A PPO prompt as chat messages ending with a user turn (a `messages` row drops trailing replies)."""
     if data.get("prompt") not in (None, ""):

@@ -171,3 +171,15 @@ def export(trainer, tokenizer, out: Path, lora: LoraConfig, base_path: str, kind
     distributed.barrier()
     return info
 
+
+
+def peak_memory_mb(device) -> float:
+    """This process's peak memory: GPU memory allocated by torch on a GPU, else peak resident set
+    size (each pipeline stage is its own process, so this is the stage's peak)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -235,20 +235,10 @@ def export(recipe: PPORecipe, m: engines.Models, dirs: common.StageDirs, data: D
                        parents=[parent_ref(d) for d in (recipe.sft_dir, recipe.reward_dir) if d is not None],
                        datasets={"prompts": data.prompts.report()},
                        metrics={**final, "steps": recipe.train.max_steps, "train_seconds": seconds,
-                                "peak_memory_mb": peak_memory_mb(m.device)},
+                                "peak_memory_mb": common.peak_memory_mb(m.device)},
                        world_size=distributed.world_size(), peft=peft_info)
         log.info("PPO done: %d steps -> %s", recipe.train.max_steps, dirs.out)
     distributed.barrier()
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """This process's peak memory: GPU memory allocated by torch on a GPU, else peak resident set
-    size (each pipeline stage is its own process, so this is the stage's peak)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def run_ppo(recipe: PPORecipe, on_step_end: Callable[[int, dict], bool] | None = None) -> Path:

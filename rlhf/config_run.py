@@ -52,8 +52,9 @@ class EvalRecipe:
     extra_policies: list[PolicySpec] = field(default_factory=list)
     """Any other policies to put in the table."""
     rl_variants: list[PolicySpec] = field(default_factory=list)
-    """Other RL runs (e.g. GRPO, RLOO beside PPO), compared like the PPO row; the pipeline fills
-    this from its `rl_variants`. Their training time and peak memory come from their manifests."""
+    """Other methods' outputs compared like the PPO row: RL runs (GRPO, RLOO, ...) and DPO-stage
+    runs (DPO, IPO, KTO, ...); the pipeline fills this from its `rl_variants` and `dpo_variants`.
+    Their training time and peak memory come from their manifests."""
     heldout_reward_dir: str | None = None
     """A second reward model that PPO never optimised against: a drop under it while the training
     reward rises is the signature of reward hacking."""
@@ -122,16 +123,17 @@ class LauncherConfig:
 
 @dataclass
 class RLVariant:
-    """One more RL run beside the pipeline's PPO stage, from the same SFT and reward outputs."""
+    """One more run of a method stage (PPO or DPO) beside the pipeline's own, from the same SFT
+    (and reward) outputs, with some recipe values changed."""
 
     name: str
-    """Row label in the report, and the run's directory: `<output_dir>/variants/<name>/ppo`."""
+    """Row label in the report, and the run's directory: `<output_dir>/variants/<name>/<stage>`."""
     overrides: list[str] = field(default_factory=list)
-    """`key=value` overrides of the PPO recipe, e.g. ppo.advantage_estimator=grpo."""
+    """`key=value` overrides of the stage's recipe, e.g. ppo.advantage_estimator=grpo, or loss_type=ipo."""
 
     def __post_init__(self) -> None:
         if not self.name or not self.name.replace("_", "").replace("-", "").isalnum():
-            raise ConfigError(f"rl_variants: name {self.name!r} must be letters, digits, - or _")
+            raise ConfigError(f"variant name {self.name!r} must be letters, digits, - or _")
 
 
 @dataclass
@@ -141,26 +143,30 @@ class StageOverrides:
     sft: list[str] = field(default_factory=list)
     reward: list[str] = field(default_factory=list)
     ppo: list[str] = field(default_factory=list)
+    dpo: list[str] = field(default_factory=list)
     eval: list[str] = field(default_factory=list)
 
 
-PIPELINE_STAGES = ("sft", "reward", "ppo", "eval")
+PIPELINE_STAGES = ("sft", "reward", "ppo", "dpo", "eval")
 
 
 @dataclass
 class PipelineRecipe:
-    """SFT -> reward -> PPO -> evaluation, each stage consuming the previous stage's directory."""
+    """SFT -> reward -> PPO (and/or DPO) -> evaluation, each stage consuming the previous stages' directories."""
 
     sft: str
     """Path of the SFT recipe."""
-    reward: str
-    """Path of the reward recipe (its model is wired to `<output_dir>/sft`)."""
-    ppo: str
-    """Path of the PPO recipe (wired to `<output_dir>/sft` and `<output_dir>/reward`)."""
+    reward: str | None = None
+    """Path of the reward recipe (its model is wired to `<output_dir>/sft`; null: no reward model)."""
+    ppo: str | None = None
+    """Path of the PPO recipe (wired to `<output_dir>/sft` and `<output_dir>/reward`; null: no RL)."""
+    dpo: str | None = None
+    """Path of a DPO-stage recipe (DPO, IPO, robust DPO, KTO; wired to `<output_dir>/sft`), run
+    beside PPO or instead of it; null: none. The method is chosen in that recipe (`method`, `loss_type`)."""
     eval: str | None = None
     """Path of the evaluation recipe (null: no evaluation)."""
     output_dir: str = "runs/demo"
-    """Run directory shared by every stage: `<output_dir>/{sft,reward,ppo,eval}/`."""
+    """Run directory shared by every stage: `<output_dir>/{sft,reward,ppo,dpo,eval}/`."""
     overrides: StageOverrides = field(default_factory=StageOverrides)
     """Per-stage recipe overrides."""
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
@@ -168,19 +174,27 @@ class PipelineRecipe:
     group: str | None = None
     """wandb group of all stages; default: the output directory's name."""
     stages: list[str] = field(default_factory=lambda: list(PIPELINE_STAGES))
-    """Stages to run, in pipeline order (a stage whose output is complete is skipped anyway)."""
+    """Stages to run, in pipeline order (a stage whose output is complete is skipped anyway).
+    Stages without a recipe path are left out."""
     rl_variants: list[RLVariant] = field(default_factory=list)
     """More RL runs after the PPO stage (other estimators, settings), each evaluated beside PPO."""
+    dpo_variants: list[RLVariant] = field(default_factory=list)
+    """More DPO-stage runs after the DPO stage (other losses, KTO), each evaluated beside the rest."""
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in PIPELINE_STAGES]
         if unknown:
             raise ConfigError(f"stages: unknown stage(s) {unknown}; choose from {list(PIPELINE_STAGES)}")
-        if "eval" in self.stages and self.eval is None:
-            self.stages = [s for s in self.stages if s != "eval"]
-        names = [v.name for v in self.rl_variants]
-        if len(set(names)) != len(names) or "ppo" in names:
-            raise ConfigError(f"rl_variants: names must be unique and not 'ppo', got {names}")
+        self.stages = [s for s in self.stages if getattr(self, s) is not None]
+        if "ppo" in self.stages and self.reward is None:
+            raise ConfigError("the ppo stage needs a reward recipe (reward: path) to train its reward model")
+        if self.rl_variants and "ppo" not in self.stages:
+            raise ConfigError("rl_variants need the ppo stage (a ppo recipe)")
+        if self.dpo_variants and "dpo" not in self.stages:
+            raise ConfigError("dpo_variants need the dpo stage (a dpo recipe)")
+        names = [v.name for v in self.rl_variants + self.dpo_variants]
+        if len(set(names)) != len(names) or {"ppo", "dpo"} & set(names):
+            raise ConfigError(f"rl_variants and dpo_variants: names must be unique and not 'ppo' or 'dpo', got {names}")
 
 
 RECIPES: dict[str, type] = {**STAGES, "dpo": DPORecipe, "eval": EvalRecipe, "pipeline": PipelineRecipe}

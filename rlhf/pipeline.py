@@ -1,4 +1,4 @@
-"""`rlhf pipeline`: SFT -> reward -> PPO -> evaluation, one command, resumable.
+"""`rlhf pipeline`: SFT -> reward -> PPO and/or DPO -> evaluation, one command, resumable.
 
 Each training stage runs under the `deepspeed` launcher (processes, nodes, hostfile from the
 recipe), so the pipeline scales exactly as the stages do. Every stage recipe is loaded and
@@ -26,7 +26,7 @@ from rlhf.config_run import RECIPES, LauncherConfig, PipelineRecipe
 from rlhf.distributed import free_port
 from rlhf.errors import ConfigError, HandoffError, RlhfError, StageFailed
 
-TRAINING = ("sft", "reward", "ppo")
+TRAINING = ("sft", "reward", "ppo", "dpo")
 # Recipe sections that do not change what a stage produces: a rerun with another wandb group or
 # resume policy still finds the stage complete.
 NOT_OUTCOME = ("tracking", "resume")
@@ -53,17 +53,31 @@ def stage_overrides(p: PipelineRecipe, stage: str) -> list[str]:
     out, group = p.output_dir, p.group or Path(p.output_dir).resolve().name
     wiring = {"sft": [], "reward": [f"model.name_or_path={out}/sft"],
               "ppo": [f"sft_dir={out}/sft", f"reward_dir={out}/reward"],
-              "eval": [f"sft_dir={out}/sft", f"reward_dir={out}/reward"] +
-                      ([f"ppo_dir={out}/ppo"] if "ppo" in p.stages else []) +
-                      ([_flow("rl_variants", [{"name": v.name, "path": str(variant_dir(p, v.name) / "ppo")}
-                                              for v in p.rl_variants])] if p.rl_variants and "ppo" in p.stages
-                       else [])}[stage]
-    user = {"sft": p.overrides.sft, "reward": p.overrides.reward, "ppo": p.overrides.ppo, "eval": p.overrides.eval}
+              "dpo": [f"model.name_or_path={out}/sft"],
+              "eval": _eval_wiring(p)}[stage]
+    user = {"sft": p.overrides.sft, "reward": p.overrides.reward, "ppo": p.overrides.ppo, "dpo": p.overrides.dpo,
+            "eval": p.overrides.eval}
     return [f"output_dir={out}", f"tracking.group={group}", *wiring, *user[stage]]
 
 
+def _eval_wiring(p: PipelineRecipe) -> list[str]:
+    """Evaluation sees the SFT output, the reward model (when the pipeline trains one) and every
+    method's output: PPO, the DPO stage and their variants, side by side."""
+    out = p.output_dir
+    judge = [f"reward_dir={out}/reward"] if "reward" in p.stages else ["reward_dir=null", "best_of_n=0"]
+    compared = []
+    if "dpo" in p.stages:
+        compared += [{"name": "dpo", "path": f"{out}/dpo"}]
+        compared += [{"name": v.name, "path": str(variant_dir(p, v.name) / "dpo")} for v in p.dpo_variants]
+    if "ppo" in p.stages:
+        compared += [{"name": v.name, "path": str(variant_dir(p, v.name) / "ppo")} for v in p.rl_variants]
+    ppo = [f"ppo_dir={out}/ppo"] if "ppo" in p.stages else ["ppo_dir=null"] if p.ppo is None else []
+    return ([f"sft_dir={out}/sft", *judge, *ppo]
+            + ([_flow("rl_variants", compared)] if compared else []))
+
+
 def variant_dir(p: PipelineRecipe, name: str) -> Path:
-    """Run directory of an RL variant: its PPO-stage output is `<this>/ppo`."""
+    """Run directory of a variant: its stage output is `<this>/ppo` or `<this>/dpo`."""
     return Path(p.output_dir) / "variants" / name
 
 
@@ -76,16 +90,16 @@ def _flow(key: str, rows: list[dict[str, str]]) -> str:
 def plan(p: PipelineRecipe) -> list[PlannedStage]:
     """Load and validate every stage recipe up front (errors name the stage and the key). RL
     variants run after the PPO stage, each into its own directory, from the same SFT and reward."""
-    paths = {"sft": p.sft, "reward": p.reward, "ppo": p.ppo, "eval": p.eval}
+    paths = {"sft": p.sft, "reward": p.reward, "ppo": p.ppo, "dpo": p.dpo, "eval": p.eval}
+    variants = {"ppo": p.rl_variants, "dpo": p.dpo_variants}
     runs: list[tuple[str, str, list[str]]] = []
     for stage in p.stages:
         runs.append((stage, stage, stage_overrides(p, stage)))
-        if stage == "ppo":
-            runs += [("ppo", v.name, stage_overrides(p, "ppo") + [f"output_dir={variant_dir(p, v.name)}",
-                                                                   *v.overrides]) for v in p.rl_variants]
+        runs += [(stage, v.name, stage_overrides(p, stage) + [f"output_dir={variant_dir(p, v.name)}", *v.overrides])
+                 for v in variants.get(stage, [])]
     out = []
     for stage, label, overrides in runs:
-        where = stage if label == stage else f"{stage}, rl variant '{label}'"
+        where = stage if label == stage else f"{stage}, variant '{label}'"
         try:
             recipe = load_recipe(RECIPES[stage], paths[stage], overrides)
         except RlhfError as e:
@@ -132,6 +146,8 @@ def _diff(then: Any, now: Any, where: str = "") -> list[str]:
     keeps the old behaviour (an upgrade must not invalidate finished stages)."""
     if isinstance(then, dict) and isinstance(now, dict):
         return [d for k in sorted(then) for d in _diff(then[k], now.get(k), f"{where}.{k}" if where else k)]
+    if isinstance(then, list) and isinstance(now, list) and len(then) == len(now):
+        return [d for i, (a, b) in enumerate(zip(then, now)) for d in _diff(a, b, f"{where}.{i}")]
     return [] if then == now else [f"{where}: {then!r} then, {now!r} now"]
 
 
@@ -172,8 +188,10 @@ def run_pipeline(p: PipelineRecipe) -> Path:
     stages = plan(p)
     run_dir = Path(p.output_dir)
     record: dict[str, Any] = {}
+    ran_any = False
     for stage in stages:
-        if is_complete(stage):
+        # Evaluation is redone whenever a stage before it ran: its report must cover the new outputs.
+        if is_complete(stage) and not (ran_any and stage.name not in TRAINING):
             print(f"[pipeline] {stage.label}: complete in {stage.out}, skipped", flush=True)
             record[stage.label] = {"status": "skipped"}
             continue
@@ -184,6 +202,7 @@ def run_pipeline(p: PipelineRecipe) -> Path:
         if rc != 0 or not (stage.out / MANIFEST).is_file():
             raise StageFailed(f"stage '{stage.label}' failed (exit code {rc}); see {log_path}. "
                               "Rerun the same command to resume it from its last checkpoint.")
+        ran_any = True
         record[stage.label] = {"status": "ran", "seconds": round(time.perf_counter() - t0, 1)}
         print(f"[pipeline] {stage.label}: done in {record[stage.label]['seconds']:.0f}s -> {stage.out}", flush=True)
     (run_dir / "pipeline.json").write_text(json.dumps({"stages": record, "recipe": to_dict(p)}, indent=2))

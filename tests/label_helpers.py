@@ -13,7 +13,7 @@ from rlhf.label import project, store
 
 
 def make_project(tmp: Path, n_prompts: int = 6, overlap: int = 1, prompt_text: str | None = None,
-                 reward_model: str | None = None, answers: tuple[str, str] | None = None) -> Path:
+                 reward_model: str | None = None, answers: tuple[str, str] | None = None, mode: str = "pairs") -> Path:
     """`n_prompts` prompts with 2 candidates each (one pair per prompt); `answers` replaces the two
     candidate texts of every prompt (the prompt number is appended to the second)."""
     rows = []
@@ -29,7 +29,7 @@ def make_project(tmp: Path, n_prompts: int = 6, overlap: int = 1, prompt_text: s
     db = tmp / "labels.sqlite"
     project.init_project(str(db), prompts_path=None, policy=None, policy_b=None, samples=2,
                          candidates_path=str(cands), overlap=overlap, reward_model=reward_model,
-                         gen=GenerationSettings())
+                         gen=GenerationSettings(), mode=mode)
     return db
 
 

@@ -93,7 +93,7 @@ def test_rl_variants_train_beside_ppo_and_the_report_compares_them(pipeline_run)
         assert summary[name]["train_seconds"] > 0 and summary[name]["peak_memory_mb"] > 100, name
         assert "ground_truth" in summary[name] and "kl_to_sft" in summary[name]
     report = (out / "eval" / "report.md").read_text()
-    assert "## RL methods side by side" in report and "- grpo: ground truth" in report
+    assert "## Methods side by side" in report and "- grpo: ground truth" in report
     assert "[pipeline] grpo: done" in proc.stdout
 
 

@@ -86,12 +86,12 @@ def _verdict(summary: dict[str, dict[str, float]]) -> list[str]:
 
 
 def _methods(summary: dict[str, dict[str, float]], recipe: EvalRecipe) -> list[str]:
-    """One line per RL run (PPO and the recipe's rl_variants), for comparing methods."""
+    """One line per method run (PPO and the recipe's rl_variants: RL and DPO-family runs)."""
     names = [n for n in ["ppo", *(v.name for v in recipe.rl_variants)] if n in summary]
     if len(names) < 2:
         return []
     sft = summary["sft"]
-    lines = ["## RL methods side by side", ""]
+    lines = ["## Methods side by side", ""]
     for n in names:
         row = summary[n]
         gt = (f"ground truth {_fmt(row['ground_truth'])} ({row['ground_truth'] - sft['ground_truth']:+.1f} vs SFT), "

@@ -31,6 +31,9 @@ from rlhf.tasks import GRADERS
 
 log = logging.getLogger("rlhf")
 
+COMPARED_STAGES = ("ppo", "dpo")
+"""Stages whose outputs are compared as methods (PPO and its critic-free relatives, DPO and KTO)."""
+
 
 @dataclass
 class Policy:
@@ -58,12 +61,12 @@ def policies_of(recipe: EvalRecipe) -> list[Policy]:
 
 
 def training_cost(path: str) -> dict[str, float]:
-    """Wall time and peak memory of the stage that made `path`, from its manifest (RL stages)."""
+    """Wall time and peak memory of the stage that made `path`, from its manifest (RL and DPO stages)."""
     manifest = Path(path) / MANIFEST
     if not manifest.is_file():
         return {}
     m = json.loads(manifest.read_text())
-    if m.get("stage") != "ppo":
+    if m.get("stage") not in COMPARED_STAGES:
         return {}
     got = m.get("metrics", {})
     return {k: float(got[k]) for k in ("train_seconds", "peak_memory_mb") if isinstance(got.get(k), (int, float))}
@@ -73,7 +76,7 @@ def check_handoff(recipe: EvalRecipe, policies: list[Policy]):
     """Before any sampling: stage outputs are complete and every model shares the judge's tokenizer."""
     handoff.parent_stage(recipe.sft_dir, handoff.POLICY_STAGES, needed_by="evaluation")
     for rl in filter(None, [recipe.ppo_dir, *(v.path for v in recipe.rl_variants)]):
-        handoff.parent_stage(rl, "ppo", needed_by="evaluation")
+        handoff.parent_stage(rl, COMPARED_STAGES, needed_by="evaluation")
     sft_tok = load_tokenizer(recipe.sft_dir)
     for judge in filter(None, (recipe.reward_dir, recipe.heldout_reward_dir)):
         handoff.reward_model(judge, sft_tok, f"SFT policy ({recipe.sft_dir})", needed_by="evaluation")

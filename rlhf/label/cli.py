@@ -17,6 +17,9 @@ def add_parser(sub) -> None:
     init.add_argument("--policy-b", help="a second model: pairs are then A's answer against B's")
     init.add_argument("--samples", type=int, default=2, help="candidates per prompt (split over both policies)")
     init.add_argument("--candidates", help="JSONL of ready candidates {prompt, response, model} instead")
+    init.add_argument("--mode", choices=["pairs", "single"], default="pairs",
+                      help="pairs: which of two answers is better (reward model, DPO); single: is one answer "
+                           "good or bad (KTO)")
     init.add_argument("--overlap", type=int, default=1, help="annotators per pair (>1 measures agreement)")
     init.add_argument("--reward-model", help="serve the pairs it is least certain about first")
     init.add_argument("--max-new-tokens", type=int, default=64)
@@ -44,7 +47,8 @@ def add_parser(sub) -> None:
     st = cmds.add_parser("stats", help="labels per annotator, throughput, agreement, tie and both-bad rates")
     st.add_argument("--db", default="labels.sqlite")
     st.add_argument("--json", action="store_true")
-    exp = cmds.add_parser("export", help="write preference pairs in the reward stage's format")
+    exp = cmds.add_parser("export", help="write preference pairs in the reward stage's format (single mode: "
+                                         "judged responses in the KTO format)")
     exp.add_argument("--db", default="labels.sqlite")
     exp.add_argument("--out", required=True)
     exp.add_argument("--ties", choices=["keep", "drop"], default="keep",
@@ -77,9 +81,12 @@ def _run(args: argparse.Namespace) -> int:
         gen = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
         made = project.init_project(args.db, prompts_path=args.prompts, policy=args.policy, policy_b=args.policy_b,
                                     samples=args.samples, candidates_path=args.candidates, overlap=args.overlap,
-                                    reward_model=args.reward_model, gen=gen, seed=args.seed)
-        print(f"[rlhf] {args.db}: {made['prompts']} prompts, {made['pairs']} pairs to label "
-              f"({made['identical_skipped']} pairs of identical answers left out)")
+                                    reward_model=args.reward_model, gen=gen, seed=args.seed, mode=args.mode)
+        if args.mode == "single":
+            print(f"[rlhf] {args.db}: {made['prompts']} prompts, {made['pairs']} responses to judge good or bad")
+        else:
+            print(f"[rlhf] {args.db}: {made['prompts']} prompts, {made['pairs']} pairs to label "
+                  f"({made['identical_skipped']} pairs of identical answers left out)")
     elif cmd == "add-annotator":
         token = store.add_annotator(store.connect(args.db), args.name, args.admin)
         print(f"[rlhf] annotator {args.name!r}{' (admin)' if args.admin else ''}; their access token "
@@ -116,6 +123,11 @@ def _run(args: argparse.Namespace) -> int:
 
 def export_message(counts: dict[str, int], out: str) -> str:
     """What was written (clear preferences and ties) and, apart, what was left out and why."""
+    if "good" in counts:  # a single-response project
+        left = ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in ("unlabelled", "too_few_labels", "split_votes")
+                         if counts.get(k))
+        return (f"[rlhf] wrote {counts['written']} judged responses to {out} ({counts['good']} good, "
+                f"{counts['bad']} bad); left out: {left or 'none'}")
     written = f"{counts['preferences']} with a clear preference, {counts['ties']} ties"
     left = ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in ("unlabelled", "too_few_labels", "both_bad",
                                                                      "ties_dropped") if counts.get(k))

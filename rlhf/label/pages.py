@@ -57,10 +57,11 @@ JS = """(() => {
     if (e.ctrlKey || e.metaKey || e.altKey || e.repeat || e.isComposing) return;
     if (e.target.tagName === "TEXTAREA") return;
     const k = e.key.toLowerCase();
-    const keys = {a: "left", b: "right", t: "tie", x: "both_bad"};
+    const keys = form.dataset.mode === "single" ? {g: "good", b: "bad"} : {a: "left", b: "right", t: "tie", x: "both_bad"};
+    const strength = document.querySelector(`input[name=strength][value="${k}"]`);
     if (k in keys) choose(keys[k]);
     else if (k === "s") send(skipForm);
-    else if (["1", "2", "3"].includes(k)) document.querySelector(`input[name=strength][value="${k}"]`).checked = true;
+    else if (strength) strength.checked = true;
   });
 })();
 """
@@ -91,6 +92,22 @@ LABEL = """<p class="muted" id="progress"><bdi id="name">{{ name }}</bdi> · you
 <button type="button" class="primary" data-choice="right">B is better<kbd>B</kbd></button>
 <button type="button" data-choice="tie">Tie<kbd>T</kbd></button>
 <button type="button" data-choice="both_bad">Both bad<kbd>X</kbd></button>
+<button type="button" id="skip">Skip<kbd>S</kbd></button></div>
+<textarea name="comment" rows="2" maxlength="2000" placeholder="Comment (optional)"></textarea></form>
+<form method="post" action="/skip" id="skip-form"><input type="hidden" name="csrf" value="{{ csrf or '' }}">
+<input type="hidden" name="pair_id" value="{{ pair_id }}"></form>
+<script src="/static/label.js"></script>"""
+
+# One response judged on its own (KTO data): good or bad, no strength.
+LABEL_SINGLE = """<p class="muted" id="progress"><bdi id="name">{{ name }}</bdi> · you judged <strong>{{ done }}</strong> · {{ open }} responses open</p>
+<div class="prompt">{% for turn in prompt %}<div class="turn"><div class="role"><bdi>{{ turn.role }}</bdi></div><div class="text" dir="auto">{{ turn.content }}</div></div>{% endfor %}</div>
+<div class="resp" id="response"><h3>Response</h3><div class="text" dir="auto">{{ response }}</div></div>
+<form method="post" action="/label" id="label-form" class="controls" data-mode="single">
+<input type="hidden" name="csrf" value="{{ csrf or '' }}">
+<input type="hidden" name="pair_id" value="{{ pair_id }}"><input type="hidden" name="choice" id="choice">
+<div class="muted">Is this a good answer to the prompt?</div>
+<div class="choices"><button type="button" class="primary" data-choice="good">Good<kbd>G</kbd></button>
+<button type="button" class="primary" data-choice="bad">Bad<kbd>B</kbd></button>
 <button type="button" id="skip">Skip<kbd>S</kbd></button></div>
 <textarea name="comment" rows="2" maxlength="2000" placeholder="Comment (optional)"></textarea></form>
 <form method="post" action="/skip" id="skip-form"><input type="hidden" name="csrf" value="{{ csrf or '' }}">

@@ -58,8 +58,13 @@ def _candidates_file(path: str) -> tuple[list[Messages], list[list[tuple[str, st
 
 def init_project(db: str, *, prompts_path: str | None, policy: str | None, policy_b: str | None, samples: int,
                  candidates_path: str | None, overlap: int, reward_model: str | None, gen: GenerationSettings,
-                 seed: int = 0) -> dict[str, int]:
-    """Fill a new database with prompts, candidate responses and the pairs to label."""
+                 seed: int = 0, mode: str = "pairs") -> dict[str, int]:
+    """Fill a new database with prompts, candidate responses and the items to label: pairs of
+    responses, or (mode 'single') each response on its own, to be judged good or bad."""
+    if mode not in store.MODES:
+        raise ValueError(f"mode must be one of {store.MODES}, got {mode!r}")
+    if mode == "single" and policy_b:
+        raise ValueError("--policy-b compares two policies' answers in pairs; single mode judges each answer alone")
     if store.db_url(db).startswith("sqlite") and Path(db).exists():
         raise FileExistsError(f"{db} exists; a project is created once (add annotators or serve it)")
     if candidates_path:
@@ -72,7 +77,8 @@ def init_project(db: str, *, prompts_path: str | None, policy: str | None, polic
         settings = {"temperature": gen.temperature, "top_p": gen.top_p, "max_new_tokens": gen.max_new_tokens,
                     "samples": samples, "seed": seed}
         per = samples if policy_b is None else max(1, samples // 2)
-        a = generate_candidates(prompts, policy, max(per, 2 if policy_b is None else 1), gen, seed)
+        least = 1 if policy_b is not None or mode == "single" else 2
+        a = generate_candidates(prompts, policy, max(per, least), gen, seed)
         b = generate_candidates(prompts, policy_b, per, gen, seed + 1) if policy_b else None
         cands = [[(t, policy) for t in a[i]] + ([(t, policy_b) for t in b[i]] if b else []) for i in range(len(prompts))]
     engine = store.connect(db, create=True)
@@ -80,7 +86,7 @@ def init_project(db: str, *, prompts_path: str | None, policy: str | None, polic
     n_pairs = n_same = 0
     planned: list[tuple[int, int, int]] = []
     with engine.begin() as c:
-        c.execute(store.meta.insert(), [{"key": "overlap", "value": str(overlap)},
+        c.execute(store.meta.insert(), [{"key": "overlap", "value": str(overlap)}, {"key": "mode", "value": mode},
                                         {"key": "created_at", "value": store.now().isoformat()}])
         for msgs, options in zip(prompts, cands):
             pid = c.execute(store.prompts.insert().values(messages=json.dumps(msgs))).inserted_primary_key[0]
@@ -88,6 +94,9 @@ def init_project(db: str, *, prompts_path: str | None, policy: str | None, polic
                                                               settings=json.dumps(settings))).inserted_primary_key[0]
                    for t, src in options]
             texts = [t for t, _ in options]
+            if mode == "single":  # each response alone: an item is the candidate paired with itself
+                planned += [(pid, cid, cid) for cid in ids]
+                continue
             # Two policies: A's i-th sample against B's i-th; one policy: samples two by two.
             half = len(ids) // 2 if policy_b else 0
             idx = [(i, half + i) for i in range(half)] if policy_b else [(i, i + 1) for i in range(0, len(ids) - 1, 2)]
@@ -104,7 +113,8 @@ def init_project(db: str, *, prompts_path: str | None, policy: str | None, polic
 
 
 def _priorities(conn, planned: list[tuple[int, int, int]], reward_model: str | None, rng: random.Random) -> list[float]:
-    """Random order, or with a reward model the least certain pairs first: |P(a > b) - 1/2|."""
+    """Random order, or with a reward model the least certain items first: pairs by |P(a > b) - 1/2|,
+    single responses by their score's distance from the median score (the model's good/bad boundary)."""
     if not reward_model:
         return [rng.random() for _ in planned]
     import torch
@@ -119,6 +129,9 @@ def _priorities(conn, planned: list[tuple[int, int, int]], reward_model: str | N
     seqs = [render_conversation(tok, msgs[p] + [{"role": "assistant", "content": text[cid][0]}])
             for p, a, b in planned for cid in (a, b)]
     scores = score_sequences(model, seqs, tok.pad_token_id, "cpu") if seqs else torch.zeros(0)
+    if planned and planned[0][1] == planned[0][2]:  # single responses (each scored twice, identically)
+        one = scores[0::2]
+        return (one - one.median()).abs().tolist()
     return [abs(1 / (1 + math.exp(-(float(scores[2 * i]) - float(scores[2 * i + 1])))) - 0.5)
             for i in range(len(planned))]
 
@@ -168,6 +181,8 @@ def export(engine, out: str | Path, ties: str = "keep", min_labels: int = 1, mar
     out = Path(out)
     if out.is_dir():
         raise store.LabelError(f"--out {out} is a directory; give a file to write, e.g. {out / 'prefs.jsonl'}")
+    if store.mode(engine) == "single":
+        return export_single(engine, out, min_labels)
     by_pair = _labels_by_pair(engine)
     counts = Counter({"preferences": 0, "ties": 0})
     with engine.connect() as c:
@@ -189,6 +204,36 @@ def export(engine, out: str | Path, ties: str = "keep", min_labels: int = 1, mar
             continue
         rows.append(_export_row(p, winner, labels, cands, prompts, margin_scale))
         counts["ties" if winner == "tie" else "preferences"] += 1
+    _write_jsonl(out, rows)
+    return {"written": len(rows), **counts}
+
+
+def export_single(engine, out: Path, min_labels: int = 1) -> dict[str, int]:
+    """Single-response projects -> JSONL rows the DPO stage's KTO method reads as they are:
+    {prompt (messages), completion, label (true = good), provenance}. The majority vote decides; a
+    response with as many good as bad votes is left out and counted."""
+    by_pair = _labels_by_pair(engine)
+    counts = Counter({"good": 0, "bad": 0})
+    with engine.connect() as c:
+        cands = {r.id: r for r in c.execute(select(store.candidates))}
+        prompts = {r.id: json.loads(r.messages) for r in c.execute(select(store.prompts))}
+        items = list(c.execute(select(store.pairs).order_by(store.pairs.c.id)))
+    rows = []
+    for p in items:
+        labels = by_pair.get(p.id, [])
+        if not labels or len(labels) < min_labels:
+            counts["too_few_labels" if labels else "unlabelled"] += 1
+            continue
+        votes = Counter(lab["choice"] for lab in labels)
+        if votes["good"] == votes["bad"]:
+            counts["split_votes"] += 1
+            continue
+        good = votes["good"] > votes["bad"]
+        counts["good" if good else "bad"] += 1
+        rows.append({"prompt": prompts[p.prompt_id], "completion": cands[p.a_id].text, "label": good,
+                     "provenance": {"item_id": p.id, "votes": dict(votes),
+                                    "annotators": sorted(lab["name"] for lab in labels),
+                                    "source": cands[p.a_id].source}})
     _write_jsonl(out, rows)
     return {"written": len(rows), **counts}
 

@@ -55,7 +55,7 @@ class LabelIn(BaseModel):
 
     model_config = ConfigDict(strict=True, extra="forbid")
     pair_id: int = Field(ge=1, le=MAX_ID)
-    choice: Literal["left", "right", "tie", "both_bad"]
+    choice: Literal["left", "right", "tie", "both_bad", "good", "bad"]  # the last two: single-response projects
     strength: int | None = Field(default=None, ge=1, le=3)
     comment: str = Field(default="", max_length=MAX_COMMENT)
 
@@ -99,6 +99,7 @@ class Ctx:
 
     def __init__(self, db: str, settings: Settings):
         self.engine = store.connect(db)
+        self.mode = store.mode(self.engine)  # fixed when the project is made
         self.settings = settings
         self.limiter = LoginLimiter(settings.login_failures, settings.login_window_s)
 
@@ -136,6 +137,8 @@ class Ctx:
         return resp
 
     def shown(self, pair: dict[str, Any], who: Caller) -> dict[str, Any]:
+        if self.mode == "single":
+            return {"pair_id": pair["pair_id"], "prompt": pair["prompt"], "response": pair["a"], "mode": "single"}
         a_left = left_is_a(pair["pair_id"], who.id)
         return {"pair_id": pair["pair_id"], "prompt": pair["prompt"], "left": pair["a"] if a_left else pair["b"],
                 "right": pair["b"] if a_left else pair["a"]}
@@ -148,6 +151,10 @@ class Ctx:
             raise HTTPException(404, f"no pair {label.pair_id}")
         a_left = left_is_a(p["id"], who.id)
         choice = {"left": "a" if a_left else "b", "right": "b" if a_left else "a"}.get(label.choice, label.choice)
+        if choice not in store.CHOICES[self.mode]:
+            allowed = ("good", "bad") if self.mode == "single" else ("left", "right", "tie", "both_bad")
+            raise HTTPException(422, f"this project labels {'single responses' if self.mode == 'single' else 'pairs'}"
+                                     f": choice must be one of {', '.join(allowed)}, not {label.choice!r}")
         strength = label.strength if choice in ("a", "b") else None
         try:
             return assign.add_label(self.engine, pair_id=p["id"], annotator_id=who.id, choice=choice,
@@ -252,7 +259,8 @@ def _page_routes(ctx: Ctx) -> APIRouter:
         pair = assign.next_pair(ctx.engine, who.id, ctx.settings.lease_s)
         if pair is None:
             return pages.render(pages.DONE, "All done", csrf=who.csrf, **prog)
-        return pages.render(pages.LABEL, "Label", csrf=who.csrf, name=who.name, **prog, **ctx.shown(pair, who))
+        page = pages.LABEL_SINGLE if ctx.mode == "single" else pages.LABEL
+        return pages.render(page, "Label", csrf=who.csrf, name=who.name, **prog, **ctx.shown(pair, who))
 
     @r.post("/label")
     def label_form(pair_id: int = Form(ge=1, le=MAX_ID), choice: str = Form(max_length=20),

@@ -233,6 +233,18 @@ def overlap(conn: Engine | Connection) -> int:
         return int(c.execute(q).scalar() or 1)
 
 
+MODES = ("pairs", "single")
+"""'pairs': which of two responses is better; 'single': is this one response good or bad (KTO data).
+A single-response item is stored as a pair of one candidate with itself (a_id == b_id)."""
+CHOICES = {"pairs": ("a", "b", "tie", "both_bad"), "single": ("good", "bad")}
+
+
+def mode(engine: Engine) -> str:
+    """The project's labelling mode; projects made before modes existed are 'pairs'."""
+    with engine.connect() as c:
+        return c.execute(select(meta.c.value).where(meta.c.key == "mode")).scalar() or "pairs"
+
+
 def pair(engine: Engine, pair_id: int) -> dict[str, Any] | None:
     with engine.connect() as c:
         row = c.execute(select(pairs).where(pairs.c.id == pair_id)).mappings().first()

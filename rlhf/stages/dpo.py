@@ -113,7 +113,7 @@ def check_tokenization(tokenizer, rows: list[dict], tokenized, split: str) -> No
                     f" of {len(ours)}); the chat template does not render the prompt as a prefix of the conversation")
 
 
-def _trainer(recipe: DPORecipe, model, tokenizer, dirs, train_ds, eval_ds, extra_callbacks):
+def _trainer(recipe: DPORecipe, model, ref, tokenizer, dirs, train_ds, eval_ds, extra_callbacks):
     """The TRL trainer for the recipe's method, with our shared training arguments."""
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
@@ -132,7 +132,7 @@ def _trainer(recipe: DPORecipe, model, tokenizer, dirs, train_ds, eval_ds, extra
         args = KTOConfig(**shared, **common_args, loss_type=recipe.loss_type, desirable_weight=recipe.desirable_weight,
                          undesirable_weight=recipe.undesirable_weight)
         cls = KTOTrainer
-    return cls(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+    return cls(model=model, ref_model=ref, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
                peft_config=peft_config(recipe.peft, "CAUSAL_LM"),
                callbacks=common.callbacks(recipe.train, dirs, eval_ds is not None) + list(extra_callbacks or []))
 
@@ -149,8 +149,10 @@ def _split_metrics(trainer, test_ds) -> dict[str, Any]:
     for prefix, ds in (("eval", trainer.eval_dataset), ("test", test_ds)):
         if ds is not None:
             got = trainer.evaluate(None if prefix == "eval" else ds, metric_key_prefix=prefix)
-            out[prefix] = {k[len(prefix) + 1:]: v for k, v in got.items()
-                           if k.startswith(prefix + "_") and isinstance(v, (int, float))}
+            # TRL's `log` adds its own metrics (rewards/accuracies, margins, ...) as eval_* whatever
+            # the prefix; the Trainer's own (loss, runtime) carry the prefix.
+            out[prefix] = {k.split("_", 1)[1]: v for k, v in got.items()
+                           if k.startswith(("eval_", prefix + "_")) and isinstance(v, (int, float))}
             out[prefix]["used_for"] = SPLIT_USE[prefix]
     return out
 
@@ -168,10 +170,17 @@ def run_dpo(recipe: DPORecipe, extra_callbacks: list | None = None) -> Path:
     splits, ties = prepare_data(recipe, tokenizer)
     train_ds, eval_ds, test_ds = (_to_dataset(s) for s in (splits.train, splits.validation, splits.test))
 
-    # 2. Model and trainer: TRL builds the reference (or disables the adapter under LoRA).
-    model = load_model(recipe.model.name_or_path, "causal-lm", recipe.train.precision, model=recipe.model,
-                       lora=recipe.peft)
-    trainer = _trainer(recipe, model, tokenizer, dirs, train_ds, eval_ds, extra_callbacks)
+    # 2. Models and trainer. The reference is a second copy only for full fine-tuning without
+    # precomputed log-probs; under LoRA TRL disables the adapter instead. We load it here, like the
+    # policy and before the DeepSpeed arguments exist: TRL's own loading would run under ZeRO-3's
+    # `zero.Init` before DeepSpeed's communicator is up and fail on the batch-size check.
+    def load() -> Any:
+        return load_model(recipe.model.name_or_path, "causal-lm", recipe.train.precision, model=recipe.model,
+                          lora=recipe.peft)
+
+    model = load()
+    ref = load() if not (recipe.peft.enabled or recipe.precompute_ref_log_probs) else None
+    trainer = _trainer(recipe, model, ref, tokenizer, dirs, train_ds, eval_ds, extra_callbacks)
     check_tokenization(tokenizer, splits.train, trainer.train_dataset, "train")
     check_tokenization(tokenizer, splits.validation, trainer.eval_dataset, "validation")
 

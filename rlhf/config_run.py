@@ -177,9 +177,11 @@ class PipelineRecipe:
     """Stages to run, in pipeline order (a stage whose output is complete is skipped anyway).
     Stages without a recipe path are left out."""
     rl_variants: list[RLVariant] = field(default_factory=list)
-    """More RL runs after the PPO stage (other estimators, settings), each evaluated beside PPO."""
+    """More RL runs after the PPO stage (other estimators, settings), each evaluated beside PPO
+    (left out when the ppo stage is not run)."""
     dpo_variants: list[RLVariant] = field(default_factory=list)
-    """More DPO-stage runs after the DPO stage (other losses, KTO), each evaluated beside the rest."""
+    """More DPO-stage runs after the DPO stage (other losses, KTO), each evaluated beside the rest
+    (left out when the dpo stage is not run)."""
 
     def __post_init__(self) -> None:
         unknown = [s for s in self.stages if s not in PIPELINE_STAGES]
@@ -188,10 +190,6 @@ class PipelineRecipe:
         self.stages = [s for s in self.stages if getattr(self, s) is not None]
         if "ppo" in self.stages and self.reward is None:
             raise ConfigError("the ppo stage needs a reward recipe (reward: path) to train its reward model")
-        if self.rl_variants and "ppo" not in self.stages:
-            raise ConfigError("rl_variants need the ppo stage (a ppo recipe)")
-        if self.dpo_variants and "dpo" not in self.stages:
-            raise ConfigError("dpo_variants need the dpo stage (a dpo recipe)")
         names = [v.name for v in self.rl_variants + self.dpo_variants]
         if len(set(names)) != len(names) or {"ppo", "dpo"} & set(names):
             raise ConfigError(f"rl_variants and dpo_variants: names must be unique and not 'ppo' or 'dpo', got {names}")

@@ -198,7 +198,7 @@ def test_pipeline_wires_dpo_beside_ppo_and_alone(tmp_path):
     from rlhf.config_run import PipelineRecipe
     from rlhf.pipeline import plan
 
-    p = load_recipe(PipelineRecipe, REPO / "recipes/demo/pipeline_dpo.yaml", [f"output_dir={tmp_path}"])
+    p = load_recipe(PipelineRecipe, REPO / "recipes/demo/pipeline_dpo_methods.yaml", [f"output_dir={tmp_path}"])
     stages = plan(p)
     assert [s.label for s in stages] == ["sft", "reward", "ppo", "dpo", "ipo", "robust_dpo", "kto", "eval"]
     assert f"model.name_or_path={tmp_path}/sft" in stages[3].overrides
@@ -207,11 +207,11 @@ def test_pipeline_wires_dpo_beside_ppo_and_alone(tmp_path):
     assert [v["name"] for v in ev["rl_variants"]] == ["dpo", "ipo", "robust_dpo", "kto"]
     assert ev["ppo_dir"] == f"{tmp_path}/ppo" and ev["reward_dir"] == f"{tmp_path}/reward"
     # DPO alone: no reward model and no PPO, the evaluation judges by ground truth only.
-    alone = load_recipe(PipelineRecipe, REPO / "recipes/demo/pipeline_dpo.yaml",
+    alone = load_recipe(PipelineRecipe, REPO / "recipes/demo/pipeline_dpo_methods.yaml",
                         [f"output_dir={tmp_path}", "reward=null", "ppo=null"])
     stages = plan(alone)
     assert [s.label for s in stages] == ["sft", "dpo", "ipo", "robust_dpo", "kto", "eval"]
     ev = stages[-1].resolved
     assert ev["reward_dir"] is None and ev["ppo_dir"] is None and ev["best_of_n"] == 0
     with pytest.raises(ConfigError, match="ppo stage needs a reward recipe"):
-        load_recipe(PipelineRecipe, REPO / "recipes/demo/pipeline_dpo.yaml", ["reward=null"])
+        load_recipe(PipelineRecipe, REPO / "recipes/demo/pipeline_dpo_methods.yaml", ["reward=null"])

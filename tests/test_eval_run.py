@@ -41,7 +41,7 @@ def test_eval_with_heldout_reward_model_and_extra_policy(demo_assets, sft_dir, r
 
 
 def test_eval_refuses_wrong_stage_outputs(demo_assets, sft_dir, reward_dir, tmp_path):
-    with pytest.raises(HandoffError, match="expects a 'ppo' output"):
+    with pytest.raises(HandoffError, match="expects a 'ppo' or 'dpo' output"):
         run_eval(recipe(demo_assets, sft_dir, reward_dir, tmp_path, f"ppo_dir={sft_dir}"))
     with pytest.raises(HandoffError, match="expects a 'reward' output"):
         run_eval(recipe(demo_assets, sft_dir, sft_dir, tmp_path))

@@ -66,11 +66,11 @@ def _eval_wiring(p: PipelineRecipe) -> list[str]:
     out = p.output_dir
     judge = [f"reward_dir={out}/reward"] if "reward" in p.stages else ["reward_dir=null", "best_of_n=0"]
     compared = []
+    if "ppo" in p.stages:
+        compared += [{"name": v.name, "path": str(variant_dir(p, v.name) / "ppo")} for v in p.rl_variants]
     if "dpo" in p.stages:
         compared += [{"name": "dpo", "path": f"{out}/dpo"}]
         compared += [{"name": v.name, "path": str(variant_dir(p, v.name) / "dpo")} for v in p.dpo_variants]
-    if "ppo" in p.stages:
-        compared += [{"name": v.name, "path": str(variant_dir(p, v.name) / "ppo")} for v in p.rl_variants]
     ppo = [f"ppo_dir={out}/ppo"] if "ppo" in p.stages else ["ppo_dir=null"] if p.ppo is None else []
     return ([f"sft_dir={out}/sft", *judge, *ppo]
             + ([_flow("rl_variants", compared)] if compared else []))
@@ -109,8 +109,8 @@ def plan(p: PipelineRecipe) -> list[PlannedStage]:
 
 
 def is_complete(stage: PlannedStage) -> bool:
-    """Complete = a manifest written by the same resolved recipe. A manifest from a different
-    recipe is refused rather than overwritten: that output may be worth keeping."""
+    """Complete = a manifest written by the same resolved recipe. A training stage's manifest from
+    a different recipe is refused rather than overwritten: that output may be worth keeping."""
     path = stage.out / MANIFEST
     if not path.is_file():
         return False
@@ -118,6 +118,8 @@ def is_complete(stage: PlannedStage) -> bool:
     diffs = sorted(_diff(_outcome(manifest.get("recipe", {})), _outcome(stage.resolved)))
     if not diffs:
         return not _stale(stage, manifest)
+    if stage.name not in TRAINING:
+        return False  # evaluation keeps no state worth protecting: redo it with today's recipe
     shown = "; ".join(diffs[:5]) + (f"; ... {len(diffs) - 5} more" if len(diffs) > 5 else "")
     raise HandoffError(f"{stage.out} is complete but was made by a different '{stage.name}' recipe ({shown}). "
                        f"Delete {stage.out} to redo it, or choose another output_dir.")

@@ -185,3 +185,25 @@ def test_mixture_from_two_sources_keeps_validation_per_source(tmp_path):
     val_prompts = {ex[0]["content"] for ex in splits.validation}
     assert len(val_prompts) == 10 + 2
     assert not val_prompts & {ex[0]["content"] for ex in splits.train}, "validation rows leaked into training"
+
+
+def test_malformed_csv_names_the_file_and_the_row(tmp_path):
+    """A row with the wrong number of fields is a bad row like any other (counted, quoted); an
+    unclosed quote, which swallows the rest of the file, stops with the line where it opened."""
+    from rlhf.config import DataConfig, DataSource
+    from rlhf.data.formats import normalize_sft
+    from rlhf.data.io import DataError, read_rows
+    from rlhf.data.prepare import prepare_splits
+
+    ragged = tmp_path / "ragged.csv"
+    ragged.write_text('prompt,completion\n"a","b"\n"c","d",extra\n"e","say ""hi"""\n')
+    rows = read_rows(ragged)
+    assert rows[1].data is None and rows[1].error == "has 3 fields, the header has 2"
+    assert rows[1].where == f"{ragged}:row 2 (line 3)" and rows[2].data["completion"] == 'say "hi"'
+    cfg = DataConfig(sources=[DataSource(path=str(ragged))], validation_fraction=0.0, bad_rows="error")
+    with pytest.raises(DataError, match=r"row 2 \(line 3\).*has 3 fields"):
+        prepare_splits(cfg, normalize_sft)
+    unclosed = tmp_path / "unclosed.csv"
+    unclosed.write_text('prompt,completion\n"a","b"\n"e,f\nmore text\n')
+    with pytest.raises(DataError, match=r"unclosed.csv: malformed CSV in the row starting at line 3: unexpected end"):
+        read_rows(unclosed)

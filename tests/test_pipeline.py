@@ -14,6 +14,7 @@ import yaml
 
 from conftest import REPO
 from rlhf.checkpoint import MANIFEST
+from rlhf.errors import HandoffError
 
 pytestmark = pytest.mark.distributed
 
@@ -151,3 +152,22 @@ def test_a_setting_added_after_an_output_was_made_does_not_invalidate_it():
     assert _diff(then, now) == []
     assert _diff(then, {**now, "train": {"max_steps": 61}}) == ["train.max_steps: 60 then, 61 now"]
     assert _diff({**then, "gone": 1}, now) == ["gone: 1 then, None now"]
+
+
+def test_an_evaluation_made_by_another_recipe_is_redone_not_refused(tmp_path):
+    """Evaluation keeps no state: a new method in the comparison reruns it. A training stage made by
+    another recipe is still refused (its output may be worth keeping)."""
+    from rlhf.checkpoint import write_manifest
+    from rlhf.config import load_recipe
+    from rlhf.config_run import PipelineRecipe
+    from rlhf.pipeline import is_complete, plan
+
+    p = load_recipe(PipelineRecipe, REPO / "recipes/demo/pipeline_dpo_methods.yaml", [f"output_dir={tmp_path}"])
+    stages = {s.label: s for s in plan(p)}
+    for label in ("eval", "sft"):
+        old = dict(stages[label].resolved, seed=12345)  # the same recipe but for one value
+        stages[label].out.mkdir(parents=True)
+        write_manifest(stages[label].out, stage=label, recipe=old, started_at="then")
+    assert is_complete(stages["eval"]) is False
+    with pytest.raises(HandoffError, match="made by a different 'sft' recipe"):
+        is_complete(stages["sft"])

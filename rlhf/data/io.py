@@ -2,8 +2,9 @@
 
 JSONL is parsed line by line by hand (not through `datasets.load_dataset("json")`) because a
 broken line must be reported with its file and line number, and Arrow's JSON reader stops at
-the first bad line without saying where it is. CSV and Parquet go through pandas, saved
-datasets through `datasets.load_from_disk`.
+the first bad line without saying where it is. CSV is read with the standard
+library's reader for the same reason (pandas stops at a malformed row with a traceback), Parquet
+through pandas, saved datasets through `datasets.load_from_disk`.
 """
 
 from __future__ import annotations
@@ -59,8 +60,44 @@ def _read_json(path: Path) -> list[Row]:
             for i, o in enumerate(obj, start=1)]
 
 
+def _read_csv(path: Path) -> list[Row]:
+    """CSV through the standard library's reader rather than pandas, so that a malformed row is
+    named: a row with the wrong number of fields is a bad row (dropped and counted, or fatal, as
+    the recipe says), and an unclosed quote, which swallows the rest of the file, stops with the
+    line where it opened. Cells stay strings; an empty cell is "" (empty), as with JSONL."""
+    import csv
+
+    csv.field_size_limit(2**31 - 1)  # long model answers in one cell are normal here
+    rows: list[Row] = []
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f, strict=True)
+        try:
+            header = next(reader, None)
+        except csv.Error as e:
+            raise DataError(f"{path}: malformed CSV header (line 1: {e})") from None
+        n = 0
+        while header:
+            start = reader.line_num + 1
+            try:
+                fields = next(reader, None)
+            except csv.Error as e:
+                raise DataError(f"{path}: malformed CSV in the row starting at line {start}: {e}. An unclosed "
+                                "quote takes in every line after it; close it or double the quote inside the "
+                                "text (\"\")") from None
+            if fields is None:
+                break
+            if not fields:
+                continue  # a blank line
+            n += 1
+            where = f"{path}:row {n} (line {start})"
+            if len(fields) != len(header):
+                rows.append(Row(where, None, f"has {len(fields)} fields, the header has {len(header)}"))
+            else:
+                rows.append(Row(where, dict(zip(header, fields)), None))
+    return rows
+
+
 def _records(frame, path: Path, label: str) -> list[Row]:
-    # keep_default_na=False keeps empty CSV cells as "" (empty) rather than NaN (a float).
     return [Row(f"{path}:{label} {i}", rec, None) for i, rec in enumerate(frame.to_dict(orient="records"), start=1)]
 
 
@@ -110,9 +147,7 @@ def read_rows(path: str | Path, split: str = "train", config: str | None = None)
     if suffix == ".json":
         return _read_json(path)
     if suffix == ".csv":
-        import pandas as pd
-
-        return _records(pd.read_csv(path, keep_default_na=False, dtype=str), path, "row")
+        return _read_csv(path)
     if suffix == ".parquet":
         import pandas as pd
 

@@ -169,6 +169,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("generate", "chat", "export", "data"):
         return _run_tool(args)
     if args.command == "label":
+        require_label_extra()
         from rlhf.label.cli import run as run_label
 
         return run_label(args)
@@ -197,6 +198,24 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"[rlhf] demo assets: {build_demo_assets(args.out, args.seed)}")
         return 0
     raise AssertionError(args)  # pragma: no cover
+
+
+LABEL_MODULES = {"fastapi": "fastapi", "uvicorn": "uvicorn", "sqlalchemy": "sqlalchemy", "jinja2": "jinja2",
+                 "multipart": "python-multipart"}
+"""What `rlhf label` imports (module: package), installed by the `label` extra."""
+
+
+def require_label_extra() -> None:
+    """`rlhf label` needs the optional web dependencies; without them, say what to install."""
+    import importlib.util
+
+    missing = [pkg for mod, pkg in LABEL_MODULES.items() if importlib.util.find_spec(mod) is None]
+    if missing:
+        from rlhf.errors import ConfigError
+
+        raise ConfigError(f"rlhf label needs the labelling app's packages, and {', '.join(missing)} "
+                          "is not installed; install them with: pip install -e '.[label]' (or pip install "
+                          "'rlhf[label]')")
 
 
 def main(argv: list[str] | None = None) -> int:

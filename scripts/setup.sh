@@ -34,7 +34,7 @@ fi
 stamp=.venv/.rlhf-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   echo "[setup] installing rlhf and its dependencies into .venv"
-  "${PIP[@]}" -e ".[dev]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+  "${PIP[@]}" -e ".[label,dev]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
   touch "$stamp"
 fi
 .venv/bin/python -c "import torch, rlhf; print(f'[setup] ready: rlhf {rlhf.__version__}, torch {torch.__version__}')"

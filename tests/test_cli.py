@@ -47,3 +47,17 @@ def test_console_script_and_launcher_flag(tmp_path):
                            "--local_rank=0"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "output_dir: runs/demo" in proc.stdout
+
+
+def test_label_without_its_extra_says_what_to_install(monkeypatch, capsys):
+    """The labelling app's web packages are the optional `label` extra: without them `rlhf label`
+    names the missing package and the install command instead of an ImportError traceback."""
+    import importlib.util
+
+    from rlhf.cli import main
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "fastapi" else real(name, *a))
+    assert main(["label", "stats", "--db", "nowhere.sqlite"]) == 2
+    err = capsys.readouterr().err
+    assert "fastapi is not installed" in err and "pip install -e '.[label]'" in err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -70,6 +71,35 @@ def test_reward_under_deepspeed_launcher(demo_assets, sft_dir, tmp_path, zero):
     assert v["pairs"] > 150 and 0.0 <= v["accuracy"] <= 1.0
     model = AutoModelForSequenceClassification.from_pretrained(out / "reward")
     assert model.score.weight.shape == (1, model.config.hidden_size)
+
+
+@pytest.mark.parametrize("zero,method", [(2, "dpo"), (3, "dpo"), (3, "kto")])
+def test_dpo_stage_under_deepspeed_launcher(demo_assets, sft_dir, tmp_path, zero, method):
+    """DPO and KTO with a separate reference copy under ZeRO-2/3 on 2 processes: the reference is
+    sharded like the policy, the export gathers full weights, and the held-out metrics are written."""
+    from transformers import AutoModelForCausalLM
+    import torch
+
+    from test_dpo_recipe import dpo_overrides
+
+    out = tmp_path / "run"
+    launch("scripts/train_dpo.py", "recipes/demo/dpo.yaml",
+           dpo_overrides(demo_assets, sft_dir, out) + [f"deepspeed.zero_stage={zero}", "train.max_steps=6",
+                                                       "train.micro_batch_size=8", "train.save_steps=3",
+                                                       "train.eval_steps=3", "train.logging_steps=1",
+                                                       "train.learning_rate=1e-3", f"method={method}",
+                                                       f"loss_type={'sigmoid' if method == 'dpo' else 'kto'}"],
+           tmp_path / "log.txt")
+    manifest = json.loads((out / "dpo" / MANIFEST).read_text())
+    assert manifest["world_size"] == 2 and manifest["recipe"]["deepspeed"]["zero_stage"] == zero
+    assert manifest["parents"][0]["stage"] == "sft" and manifest["metrics"]["global_step"] == 6
+    assert math.isfinite(manifest["metrics"]["test"]["loss"])
+    if method == "dpo":
+        assert 0.0 <= manifest["metrics"]["test"]["rewards/accuracies"] <= 1.0
+    model = AutoModelForCausalLM.from_pretrained(out / "dpo").state_dict()
+    sft = AutoModelForCausalLM.from_pretrained(sft_dir).state_dict()
+    assert all(model[k].shape == v.shape and torch.isfinite(model[k]).all() for k, v in sft.items())
+    assert max((model[k] - v).abs().max().item() for k, v in sft.items()) > 1e-4
 
 
 @pytest.mark.parametrize("zero,lora", [(2, False), (3, False), (3, True)])

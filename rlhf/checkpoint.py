@@ -22,8 +22,6 @@ MANIFEST = "rlhf_manifest.json"
 PACKAGES = ("rlhf", "torch", "transformers", "trl", "peft", "deepspeed", "datasets", "accelerate", "wandb")
 
 
-
-
 def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -42,10 +40,19 @@ def git_state(start: Path | None = None) -> dict[str, Any]:
     """Commit and dirtiness of the checkout the code runs from (None outside a git checkout)."""
     cwd = start or Path(__file__).resolve().parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10).stdout.strip() != ""
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = (
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=cwd,
+                capture_output=True,
+                text=True,
+                timeout=10,
+            ).stdout.strip()
+            != ""
+        )
         return {"commit": commit, "dirty": dirty}
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
@@ -62,12 +69,25 @@ def parent_ref(directory: str | Path) -> dict[str, Any]:
     path = Path(directory) / MANIFEST
     raw = path.read_bytes()
     parent = json.loads(raw)
-    return {"path": str(Path(directory).resolve()), "stage": parent.get("stage"),
-            "manifest_sha256": hashlib.sha256(raw).hexdigest(), "finished_at": parent.get("finished_at")}
+    return {
+        "path": str(Path(directory).resolve()),
+        "stage": parent.get("stage"),
+        "manifest_sha256": hashlib.sha256(raw).hexdigest(),
+        "finished_at": parent.get("finished_at"),
+    }
 
 
-def write_manifest(out_dir: Path, *, stage: str, recipe: dict, started_at: str, parents: list[dict] | None = None,
-                   datasets: dict | None = None, metrics: dict | None = None, **extra: Any) -> dict:
+def write_manifest(
+    out_dir: Path,
+    *,
+    stage: str,
+    recipe: dict,
+    started_at: str,
+    parents: list[dict] | None = None,
+    datasets: dict | None = None,
+    metrics: dict | None = None,
+    **extra: Any,
+) -> dict:
     manifest = {
         "stage": stage,
         "format_version": 1,
@@ -85,19 +105,24 @@ def write_manifest(out_dir: Path, *, stage: str, recipe: dict, started_at: str, 
     return manifest
 
 
-def read_manifest(directory: str | Path, expect_stage: str | tuple[str, ...] | None = None,
-                  needed_by: str = "this stage") -> dict:
+def read_manifest(
+    directory: str | Path, expect_stage: str | tuple[str, ...] | None = None, needed_by: str = "this stage"
+) -> dict:
     path = Path(directory) / MANIFEST
     if not Path(directory).is_dir():
         raise HandoffError(f"{needed_by} needs {directory!s}, which does not exist (run its stage first)")
     if not path.is_file():
-        raise HandoffError(f"{directory!s} has no {MANIFEST}: it is not a finished stage output "
-                           "(the stage was interrupted, or the directory was not written by rlhf)")
+        raise HandoffError(
+            f"{directory!s} has no {MANIFEST}: it is not a finished stage output "
+            "(the stage was interrupted, or the directory was not written by rlhf)"
+        )
     manifest = json.loads(path.read_text())
     allowed = (expect_stage,) if isinstance(expect_stage, str) else expect_stage
     if allowed and manifest.get("stage") not in allowed:
-        raise HandoffError(f"{needed_by} expects a {' or '.join(repr(a) for a in allowed)} output, but "
-                           f"{directory!s} is a '{manifest.get('stage')}' output")
+        raise HandoffError(
+            f"{needed_by} expects a {' or '.join(repr(a) for a in allowed)} output, but "
+            f"{directory!s} is a '{manifest.get('stage')}' output"
+        )
     return manifest
 
 

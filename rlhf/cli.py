@@ -85,7 +85,9 @@ def _add_tool_args(sub) -> None:
     prep.add_argument("--validation", type=float, default=0.05)
     prep.add_argument("--test", type=float, default=0.0)
     prep.add_argument("--seed", type=int, default=0)
-    prep.add_argument("--max-length", type=int, default=None, help="drop longer rows (tokens, or words without --tokenizer)")
+    prep.add_argument(
+        "--max-length", type=int, default=None, help="drop longer rows (tokens, or words without --tokenizer)"
+    )
     prep.add_argument("--tokenizer", default=None, help="tokenizer directory to count lengths with")
     prep.add_argument("--bad-rows", choices=["drop", "error"], default="drop")
 
@@ -112,17 +114,27 @@ def _run_tool(args: argparse.Namespace) -> int:
         return 0
     from rlhf.data.export_splits import prepare_files
 
-    report = prepare_files(args.inputs, args.kind, args.out, validation=args.validation, test=args.test,
-                           seed=args.seed, max_length=args.max_length, tokenizer=args.tokenizer,
-                           bad_rows=args.bad_rows)
+    report = prepare_files(
+        args.inputs,
+        args.kind,
+        args.out,
+        validation=args.validation,
+        test=args.test,
+        seed=args.seed,
+        max_length=args.max_length,
+        tokenizer=args.tokenizer,
+        bad_rows=args.bad_rows,
+    )
     from rlhf.data.prepare import SourceReport
 
     for src in report["sources"]:
         print("[rlhf] " + SourceReport(**src).summary())
         for line in src["bad_examples"]:
             print(f"         dropped {line}")
-    print(f"[rlhf] wrote {args.out}/train.jsonl ({report['train']}), validation.jsonl ({report['validation']}), "
-          f"test.jsonl ({report['test']}) and report.json")
+    print(
+        f"[rlhf] wrote {args.out}/train.jsonl ({report['train']}), validation.jsonl ({report['validation']}), "
+        f"test.jsonl ({report['test']}) and report.json"
+    )
     return 0
 
 
@@ -145,8 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     tasks = sub.add_parser("tasks", help="synthetic tasks with ground-truth graders")
     tasks_sub = tasks.add_subparsers(dest="tasks_command", required=True)
     build_task = tasks_sub.add_parser("build", help="write a task's SFT, preference, prompt and held-out files")
-    build_task.add_argument("name", choices=["instruct", "arithmetic"],
-                            help="instruct: follow checkable instructions; arithmetic: checked answers (verifiable rewards)")
+    build_task.add_argument(
+        "name",
+        choices=["instruct", "arithmetic"],
+        help="instruct: follow checkable instructions; arithmetic: checked answers (verifiable rewards)",
+    )
     build_task.add_argument("--out", required=True, help="directory for the .jsonl files")
     build_task.add_argument("--seed", type=int, default=0)
     demo = sub.add_parser("demo", help="demo helpers")
@@ -200,8 +215,13 @@ def _dispatch(args: argparse.Namespace) -> int:
     raise AssertionError(args)  # pragma: no cover
 
 
-LABEL_MODULES = {"fastapi": "fastapi", "uvicorn": "uvicorn", "sqlalchemy": "sqlalchemy", "jinja2": "jinja2",
-                 "multipart": "python-multipart"}
+LABEL_MODULES = {
+    "fastapi": "fastapi",
+    "uvicorn": "uvicorn",
+    "sqlalchemy": "sqlalchemy",
+    "jinja2": "jinja2",
+    "multipart": "python-multipart",
+}
 """What `rlhf label` imports (module: package), installed by the `label` extra."""
 
 
@@ -213,9 +233,11 @@ def require_label_extra() -> None:
     if missing:
         from rlhf.errors import ConfigError
 
-        raise ConfigError(f"rlhf label needs the labelling app's packages, and {', '.join(missing)} "
-                          "is not installed; install them with: pip install -e '.[label]' (or pip install "
-                          "'rlhf[label]')")
+        raise ConfigError(
+            f"rlhf label needs the labelling app's packages, and {', '.join(missing)} "
+            "is not installed; install them with: pip install -e '.[label]' (or pip install "
+            "'rlhf[label]')"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

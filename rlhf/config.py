@@ -146,8 +146,11 @@ class TrainConfig:
             raise ConfigError(f"train.num_epochs must be > 0, got {self.num_epochs}")
         if self.early_stopping_patience and not self.eval_steps:
             raise ConfigError("train.early_stopping_patience needs train.eval_steps > 0")
-        if (self.early_stopping_patience or self.load_best_at_end) and self.eval_steps and \
-                self.save_steps % self.eval_steps:
+        if (
+            (self.early_stopping_patience or self.load_best_at_end)
+            and self.eval_steps
+            and self.save_steps % self.eval_steps
+        ):
             raise ConfigError(
                 f"train.save_steps ({self.save_steps}) must be a multiple of train.eval_steps "
                 f"({self.eval_steps}) to keep the best checkpoint, so that every evaluation has one"
@@ -317,7 +320,18 @@ class GenerationSettings:
 
 
 __all__ = [
-    "ConfigError", "ModelConfig", "DataSource", "DataConfig", "TrainConfig", "DeepSpeedConfig",
-    "LoraConfig", "TrackingConfig", "SFTRecipe", "RewardRecipe", "GenerationSettings", "load_recipe", "to_dict",
+    "ConfigError",
+    "ModelConfig",
+    "DataSource",
+    "DataConfig",
+    "TrainConfig",
+    "DeepSpeedConfig",
+    "LoraConfig",
+    "TrackingConfig",
+    "SFTRecipe",
+    "RewardRecipe",
+    "GenerationSettings",
+    "load_recipe",
+    "to_dict",
     "dump_yaml",
 ]

@@ -9,16 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rlhf.config import (ConfigError, DataConfig, DeepSpeedConfig, LoraConfig, ModelConfig, TrackingConfig,
-                         TrainConfig)
+from rlhf.config import ConfigError, DataConfig, DeepSpeedConfig, LoraConfig, ModelConfig, TrackingConfig, TrainConfig
 
 DPO_LOSSES = {
     "sigmoid": "DPO, Rafailov et al. 2023 (arXiv:2305.18290). With label_smoothing > 0 it is conservative "
-               "DPO (cDPO, Mitchell 2023): the labels are trusted with probability 1 - label_smoothing.",
+    "DPO (cDPO, Mitchell 2023): the labels are trusted with probability 1 - label_smoothing.",
     "ipo": "IPO, Azar et al. 2023 (arXiv:2310.12036): a squared loss on the log-ratio margin that does not "
-           "push it to infinity on deterministic preferences; beta is the paper's tau.",
+    "push it to infinity on deterministic preferences; beta is the paper's tau.",
     "robust": "Robust DPO, Chowdhury et al. 2024 (arXiv:2403.00409): an unbiased loss under labels flipped "
-              "with probability label_smoothing (in [0, 0.5)).",
+    "with probability label_smoothing (in [0, 0.5)).",
     "hinge": "SLiC-HF hinge loss, Zhao et al. 2023 (arXiv:2305.10425).",
     "exo_pair": "EXO, Ji et al. 2024 (arXiv:2402.00856); needs label_smoothing > 0 (the paper uses 1e-3).",
     "nca_pair": "NCA, Chen et al. 2024 (arXiv:2402.05369).",
@@ -90,15 +89,17 @@ class DPORecipe:
     def __post_init__(self) -> None:
         losses = DPO_LOSSES if self.method == "dpo" else KTO_LOSSES
         if self.loss_type not in losses:
-            raise ConfigError(f"loss_type {self.loss_type!r} is not a {self.method} loss; choose one of "
-                              f"{sorted(losses)}")
+            raise ConfigError(
+                f"loss_type {self.loss_type!r} is not a {self.method} loss; choose one of {sorted(losses)}"
+            )
         if self.beta <= 0:
             raise ConfigError(f"beta must be > 0, got {self.beta}")
         if not 0.0 <= self.label_smoothing < 0.5:
             raise ConfigError(f"label_smoothing is a flip probability in [0, 0.5), got {self.label_smoothing}")
         if self.label_smoothing and self.loss_type not in ("sigmoid", "robust", "exo_pair"):
-            raise ConfigError(f"label_smoothing is used by loss_type sigmoid, robust and exo_pair only, "
-                              f"not {self.loss_type!r}")
+            raise ConfigError(
+                f"label_smoothing is used by loss_type sigmoid, robust and exo_pair only, not {self.loss_type!r}"
+            )
         if self.loss_type == "exo_pair" and not self.label_smoothing:
             raise ConfigError("loss_type exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)")
         if self.best_metric == "accuracy" and self.method == "kto":
@@ -106,11 +107,15 @@ class DPORecipe:
         if min(self.desirable_weight, self.undesirable_weight) <= 0:
             raise ConfigError("desirable_weight and undesirable_weight must be > 0")
         if self.precompute_ref_log_probs and not self.peft.enabled and self.data.test_fraction > 0:
-            raise ConfigError("precompute_ref_log_probs with full fine-tuning drops the reference after the first "
-                              "pass, so the test split could not be scored at the end; use LoRA (the reference is "
-                              "the adapter switched off) or data.test_fraction: 0")
+            raise ConfigError(
+                "precompute_ref_log_probs with full fine-tuning drops the reference after the first "
+                "pass, so the test split could not be scored at the end; use LoRA (the reference is "
+                "the adapter switched off) or data.test_fraction: 0"
+            )
         if self.method == "kto" and self.loss_type == "kto" and self.train.micro_batch_size < 2:
-            raise ConfigError("KTO estimates its KL term from mismatched responses within a batch: "
-                              "train.micro_batch_size must be >= 2")
+            raise ConfigError(
+                "KTO estimates its KL term from mismatched responses within a batch: "
+                "train.micro_batch_size must be >= 2"
+            )
         if self.peft.quantization != "none":
             raise ConfigError("peft.quantization (QLoRA) is not supported by the DPO stage yet")

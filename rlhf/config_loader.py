@@ -20,8 +20,6 @@ from rlhf.errors import ConfigError  # re-exported here for existing imports
 T = TypeVar("T")
 
 
-
-
 def _suggest(key: str, options: list[str]) -> str:
     close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
     return f" Did you mean '{close[0]}'?" if close else f" Known keys: {', '.join(sorted(options))}."
@@ -112,7 +110,8 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
             raise ConfigError(f"unknown key '{dotted}'.{_suggest(str(key), list(known))}")
         kwargs[key] = _coerce(value, hints[key], dotted)
     missing = [
-        n for n, f in known.items()
+        n
+        for n, f in known.items()
         if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:

@@ -9,8 +9,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rlhf.config import (ConfigError, DataConfig, DeepSpeedConfig, GenerationSettings, LoraConfig, RewardRecipe,
-                         SFTRecipe, TrackingConfig, TrainConfig)
+from rlhf.config import (
+    ConfigError,
+    DataConfig,
+    DeepSpeedConfig,
+    GenerationSettings,
+    LoraConfig,
+    RewardRecipe,
+    SFTRecipe,
+    TrackingConfig,
+    TrainConfig,
+)
 
 
 @dataclass
@@ -113,14 +122,20 @@ class PPOSettings:
         if self.sequence_clip_ratio <= 0 or self.clip_ratio <= 0:
             raise ConfigError("ppo.clip_ratio and ppo.sequence_clip_ratio must be > 0")
         if self.rollout_batch_size % self.rollouts_per_prompt:
-            raise ConfigError(f"ppo.rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
-                              f"ppo.rollouts_per_prompt ({self.rollouts_per_prompt})")
+            raise ConfigError(
+                f"ppo.rollout_batch_size ({self.rollout_batch_size}) must be a multiple of "
+                f"ppo.rollouts_per_prompt ({self.rollouts_per_prompt})"
+            )
         if est.needs_groups and self.rollouts_per_prompt < 2:
-            raise ConfigError(f"ppo.advantage_estimator={self.advantage_estimator} compares responses to the same "
-                              "prompt: set ppo.rollouts_per_prompt >= 2 (e.g. 4 or 8)")
+            raise ConfigError(
+                f"ppo.advantage_estimator={self.advantage_estimator} compares responses to the same "
+                "prompt: set ppo.rollouts_per_prompt >= 2 (e.g. 4 or 8)"
+            )
         if self.importance_ratio == "sequence" and not est.sequence_level:
-            raise ConfigError(f"ppo.importance_ratio=sequence (GSPO) needs one advantage per response, but "
-                              f"{self.advantage_estimator} gives each token its own: use grpo, dr_grpo or rloo")
+            raise ConfigError(
+                f"ppo.importance_ratio=sequence (GSPO) needs one advantage per response, but "
+                f"{self.advantage_estimator} gives each token its own: use grpo, dr_grpo or rloo"
+            )
 
     @property
     def estimator(self):
@@ -211,21 +226,27 @@ class PPORecipe:
         if self.reward_dir is None and not self.reward_functions:
             raise ConfigError("no reward: set reward_dir (a reward model) and/or reward_functions")
         if self.ppo.needs_critic and self.ppo.critic_init == "reward" and self.reward_dir is None:
-            raise ConfigError("ppo.advantage_estimator=gae initialises its critic from the reward model, but there is "
-                              "no reward_dir: set ppo.critic_init=sft, or use a critic-free estimator (e.g. grpo)")
+            raise ConfigError(
+                "ppo.advantage_estimator=gae initialises its critic from the reward model, but there is "
+                "no reward_dir: set ppo.critic_init=sft, or use a critic-free estimator (e.g. grpo)"
+            )
         if self.train.max_steps < 1:
             raise ConfigError("train.max_steps must be set (>= 1) for PPO: it counts PPO steps")
         if self.train.gradient_accumulation_steps != 1:
             # The guards decide per mini-batch (skip it, or stop the step) before its optimizer step;
             # inside an accumulation window that would leave DeepSpeed's window half filled.
-            raise ConfigError("train.gradient_accumulation_steps must be 1 in the RL stage: a mini-batch is "
-                              "train.micro_batch_size rollouts and each is one optimizer step, so the guards can "
-                              "skip it whole. For memory, lower micro_batch_size or turn on "
-                              "model.gradient_checkpointing")
+            raise ConfigError(
+                "train.gradient_accumulation_steps must be 1 in the RL stage: a mini-batch is "
+                "train.micro_batch_size rollouts and each is one optimizer step, so the guards can "
+                "skip it whole. For memory, lower micro_batch_size or turn on "
+                "model.gradient_checkpointing"
+            )
         mini = self.train.micro_batch_size * self.train.gradient_accumulation_steps
         if self.ppo.rollout_batch_size % mini:
-            raise ConfigError(f"ppo.rollout_batch_size ({self.ppo.rollout_batch_size}) must be a multiple of "
-                              f"train.micro_batch_size x train.gradient_accumulation_steps ({mini})")
+            raise ConfigError(
+                f"ppo.rollout_batch_size ({self.ppo.rollout_batch_size}) must be a multiple of "
+                f"train.micro_batch_size x train.gradient_accumulation_steps ({mini})"
+            )
         if self.ppo.ptx_coef > 0 and self.ptx_data is None:
             raise ConfigError("ppo.ptx_coef > 0 needs ptx_data (SFT demonstrations)")
         if not self.deepspeed.enabled:
@@ -233,13 +254,17 @@ class PPORecipe:
         if self.keep_checkpoints < 1:
             raise ConfigError("keep_checkpoints must be >= 1")
         if self.generation.top_p < 1.0 or self.generation.top_k:
-            raise ConfigError("generation.top_p / generation.top_k truncate the sampling distribution, but the RL "
-                              "losses need log-probs of the distribution the tokens were drawn from "
-                              "(softmax(logits / temperature)); leave top_p: 1.0 and top_k: 0 for RL "
-                              "(evaluation and `rlhf generate` may use them)")
+            raise ConfigError(
+                "generation.top_p / generation.top_k truncate the sampling distribution, but the RL "
+                "losses need log-probs of the distribution the tokens were drawn from "
+                "(softmax(logits / temperature)); leave top_p: 1.0 and top_k: 0 for RL "
+                "(evaluation and `rlhf generate` may use them)"
+            )
         if self.peft.quantization != "none":
-            raise ConfigError("peft.quantization (QLoRA) is not supported in PPO: actor and critic train in "
-                              "precision, use peft.enabled with quantization: none")
+            raise ConfigError(
+                "peft.quantization (QLoRA) is not supported in PPO: actor and critic train in "
+                "precision, use peft.enabled with quantization: none"
+            )
 
 
 STAGES: dict[str, type] = {"sft": SFTRecipe, "reward": RewardRecipe, "ppo": PPORecipe}

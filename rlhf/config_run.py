@@ -94,7 +94,9 @@ class EvalRecipe:
         if any(p.few_shot for p in self.extra_policies) and self.few_shot_data is None:
             raise ConfigError("extra_policies with few_shot > 0 need few_shot_data")
         if self.forgetting_prompts is not None and not self.base_dir:
-            raise ConfigError("forgetting_prompts needs base_dir (the model whose answers the policies are measured on)")
+            raise ConfigError(
+                "forgetting_prompts needs base_dir (the model whose answers the policies are measured on)"
+            )
         if self.best_of_n == 1 or self.best_of_n < 0:
             raise ConfigError(f"best_of_n must be 0 (off) or >= 2, got {self.best_of_n}")
         if self.best_of_n and not self.reward_dir:

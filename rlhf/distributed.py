@@ -192,8 +192,13 @@ def build_deepspeed_config(
         zero.update({"overlap_comm": pin, "contiguous_gradients": True, "reduce_bucket_size": 5e7})
     if ds.zero_stage == 3:
         # Gather full weights when saving, so `save_pretrained` writes a usable model from shards.
-        zero.update({"stage3_gather_16bit_weights_on_model_save": True, "stage3_prefetch_bucket_size": 5e7,
-                     "stage3_param_persistence_threshold": 1e5})
+        zero.update(
+            {
+                "stage3_gather_16bit_weights_on_model_save": True,
+                "stage3_prefetch_bucket_size": 5e7,
+                "stage3_param_persistence_threshold": 1e5,
+            }
+        )
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
     if ds.offload_params:
@@ -206,8 +211,14 @@ def build_deepspeed_config(
         "gradient_clipping": train.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": train.precision == "bf16"},
-        "fp16": {"enabled": train.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16,
-                 "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1},
+        "fp16": {
+            "enabled": train.precision == "fp16",
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
         "steps_per_print": 10**9,  # we log ourselves; DeepSpeed's own prints only add noise
         "wall_clock_breakdown": False,
     }
@@ -224,6 +235,7 @@ def build_deepspeed_config(
             raise ConfigError(f"deepspeed.config_file {ds.config_file!r} is not valid JSON: {e}") from None
         config = _merge_user_config(config, user)
         if "train_batch_size" not in user:  # keep the three batch numbers consistent
-            config["train_batch_size"] = (config["train_micro_batch_size_per_gpu"]
-                                          * config["gradient_accumulation_steps"] * num_processes)
+            config["train_batch_size"] = (
+                config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * num_processes
+            )
     return config

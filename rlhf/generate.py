@@ -23,24 +23,40 @@ def load_policy(path: str, device):
     return load_model(path, "causal-lm", device=device).eval()
 
 
-def generate_file(model_dir: str, prompts_path: str, out_path: str, gen: GenerationSettings, samples: int = 1,
-                  seed: int = 0, batch_size: int = 32) -> int:
+def generate_file(
+    model_dir: str,
+    prompts_path: str,
+    out_path: str,
+    gen: GenerationSettings,
+    samples: int = 1,
+    seed: int = 0,
+    batch_size: int = 32,
+) -> int:
     """Answer every prompt of a prompts file (any format the stages read); returns rows written."""
     from tqdm.auto import tqdm
 
     tok = load_tokenizer(model_dir)
-    cfg = DataConfig(sources=[DataSource(path=prompts_path)], validation_fraction=0.0, deduplicate=False,
-                     max_length=10**9)
+    cfg = DataConfig(
+        sources=[DataSource(path=prompts_path)], validation_fraction=0.0, deduplicate=False, max_length=10**9
+    )
     prompts = prepare_splits(cfg, normalize_prompt).train
     device = default_device()
     model = load_policy(model_dir, device)
     ids = [render_prompt(tok, p) for p in prompts]
     rows = []
     for start in tqdm(range(0, len(ids), batch_size), desc="generate"):
-        s = sample(model, tok, ids[start:start + batch_size], samples, gen, seed + start, batch_size * samples, device)
+        s = sample(
+            model, tok, ids[start : start + batch_size], samples, gen, seed + start, batch_size * samples, device
+        )
         for i, resp in zip(s.prompt_index, s.responses):
-            rows.append({"prompt": prompts[start + i], "response": tok.decode(resp, skip_special_tokens=True).strip(),
-                         "model": model_dir, "hit_length_limit": len(resp) >= gen.max_new_tokens})
+            rows.append(
+                {
+                    "prompt": prompts[start + i],
+                    "response": tok.decode(resp, skip_special_tokens=True).strip(),
+                    "model": model_dir,
+                    "hit_length_limit": len(resp) >= gen.max_new_tokens,
+                }
+            )
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     with open(out_path, "w") as f:
         for row in rows:
@@ -48,8 +64,13 @@ def generate_file(model_dir: str, prompts_path: str, out_path: str, gen: Generat
     return len(rows)
 
 
-def chat(model_dir: str, gen: GenerationSettings, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout,
-         system: str | None = None) -> None:
+def chat(
+    model_dir: str,
+    gen: GenerationSettings,
+    stdin: TextIO = sys.stdin,
+    stdout: TextIO = sys.stdout,
+    system: str | None = None,
+) -> None:
     """Talk to a model in the terminal; '/reset' clears the conversation, '/quit' or EOF leaves."""
     tok = load_tokenizer(model_dir)
     device = default_device()

@@ -27,9 +27,11 @@ def merged_adapter(directory: str | Path, manifest: dict, needed_by: str) -> Non
     """A stage that starts from full weights cannot start from a LoRA adapter left unmerged."""
     peft = manifest.get("peft") or {}
     if peft and not peft.get("merged", True):
-        raise HandoffError(f"{directory} holds an unmerged LoRA adapter, which {needed_by} cannot start from; "
-                           f"export it first (`rlhf export {directory} NEW_DIR`), or rerun its stage with "
-                           "peft.merge_on_export=true")
+        raise HandoffError(
+            f"{directory} holds an unmerged LoRA adapter, which {needed_by} cannot start from; "
+            f"export it first (`rlhf export {directory} NEW_DIR`), or rerun its stage with "
+            "peft.merge_on_export=true"
+        )
 
 
 def same_tokenizer(a, a_name: str, b, b_name: str) -> None:
@@ -38,8 +40,10 @@ def same_tokenizer(a, a_name: str, b, b_name: str) -> None:
     diffs = [k for k in sa if sa[k] != sb[k]]
     if diffs:
         shown = "; ".join(f"{k}: {a_name}={sa[k]!r:.60} vs {b_name}={sb[k]!r:.60}" for k in diffs)
-        raise HandoffError(f"tokenizers of {a_name} and {b_name} differ ({shown}); token ids would not mean "
-                           "the same text in both models")
+        raise HandoffError(
+            f"tokenizers of {a_name} and {b_name} differ ({shown}); token ids would not mean "
+            "the same text in both models"
+        )
 
 
 def scalar_head(directory: str | Path) -> None:
@@ -47,10 +51,13 @@ def scalar_head(directory: str | Path) -> None:
     from transformers import AutoConfig
 
     cfg = AutoConfig.from_pretrained(directory)
-    if getattr(cfg, "num_labels", None) != 1 or not any(a.endswith("ForSequenceClassification")
-                                                        for a in cfg.architectures or []):
-        raise HandoffError(f"{directory} is not a scalar-head reward model "
-                           f"(architectures={cfg.architectures}, num_labels={getattr(cfg, 'num_labels', None)})")
+    if getattr(cfg, "num_labels", None) != 1 or not any(
+        a.endswith("ForSequenceClassification") for a in cfg.architectures or []
+    ):
+        raise HandoffError(
+            f"{directory} is not a scalar-head reward model "
+            f"(architectures={cfg.architectures}, num_labels={getattr(cfg, 'num_labels', None)})"
+        )
 
 
 def score_position(directory: str | Path, tokenizer) -> None:
@@ -60,9 +67,11 @@ def score_position(directory: str | Path, tokenizer) -> None:
 
     pad = AutoConfig.from_pretrained(directory).get_text_config().pad_token_id
     if pad != tokenizer.pad_token_id:
-        raise HandoffError(f"the reward model at {directory} reads its score before pad id {pad}, but its "
-                           f"tokenizer pads with id {tokenizer.pad_token_id} ({tokenizer.pad_token!r}); set "
-                           "pad_token_id in its config.json to the tokenizer's")
+        raise HandoffError(
+            f"the reward model at {directory} reads its score before pad id {pad}, but its "
+            f"tokenizer pads with id {tokenizer.pad_token_id} ({tokenizer.pad_token!r}); set "
+            "pad_token_id in its config.json to the tokenizer's"
+        )
 
 
 def reward_model(directory: str | Path, policy_tokenizer, policy_name: str, needed_by: str) -> dict:

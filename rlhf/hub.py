@@ -28,18 +28,25 @@ def local_dir(name: str, what: str, repo_type: str = "model") -> str:
     if Path(name).is_dir():
         return name
     if not is_hub_id(name):
-        raise HandoffError(f"{what} {name!r} is not a directory (expected a local HuggingFace {repo_type} directory "
-                           f"or a hub id such as owner/name)")
+        raise HandoffError(
+            f"{what} {name!r} is not a directory (expected a local HuggingFace {repo_type} directory "
+            f"or a hub id such as owner/name)"
+        )
     repo, _, revision = name.partition("@")
     from huggingface_hub import snapshot_download
 
     try:
         return snapshot_download(repo, repo_type=repo_type, revision=revision or None)
     except Exception as e:  # offline, unreachable, unknown repo, gated: all one answer for the user
-        fetch = "hf download" + (" --repo-type dataset" if repo_type == "dataset" else "") + f" {repo}" + \
-                (f" --revision {revision}" if revision else "")
+        fetch = (
+            "hf download"
+            + (" --repo-type dataset" if repo_type == "dataset" else "")
+            + f" {repo}"
+            + (f" --revision {revision}" if revision else "")
+        )
         raise HandoffError(
             f"{what} {name!r} is not a local directory and could not be fetched from the Hugging Face Hub "
             f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'no detail'}). On a machine with "
             f"network, fetch it ahead of time with `{fetch}` (it lands in the cache, HF_HOME), then run with "
-            "HF_HUB_OFFLINE=1 and the same HF_HOME; or download it to a directory and give that path.") from None
+            "HF_HUB_OFFLINE=1 and the same HF_HOME; or download it to a directory and give that path."
+        ) from None

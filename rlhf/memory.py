@@ -29,8 +29,15 @@ class Shape:
     heads: int
 
 
-def model_states(params: int, trainable: int, zero_stage: int, world: int, precision: str = "bf16",
-                 offload_optimizer: bool = False, offload_params: bool = False) -> dict[str, float]:
+def model_states(
+    params: int,
+    trainable: int,
+    zero_stage: int,
+    world: int,
+    precision: str = "bf16",
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+) -> dict[str, float]:
     """Bytes per GPU (and per rank on CPU) of weights, gradients and optimizer states.
 
     `trainable` parameters get gradients and AdamW states (LoRA: the adapters only); the other
@@ -79,8 +86,9 @@ def stage_estimates(shape: Shape, kv_heads: int, intermediate: int, tied: bool, 
 
     def states(r, n: int) -> dict[str, float]:
         ds = r.deepspeed
-        return model_states(n, trainable(r, n), ds.zero_stage, world, r.train.precision, ds.offload_optimizer,
-                            ds.offload_params)
+        return model_states(
+            n, trainable(r, n), ds.zero_stage, world, r.train.precision, ds.offload_optimizer, ds.offload_params
+        )
 
     for name in ("sft", "reward"):
         if name not in recipes:
@@ -88,10 +96,15 @@ def stage_estimates(shape: Shape, kv_heads: int, intermediate: int, tied: bool, 
         r = recipes[name]
         n = shape.params - (head if name == "reward" else 0)
         st = states(r, n)
-        act = activations(shape, r.train.micro_batch_size, r.data.max_length, r.model.gradient_checkpointing,
-                          logits=name == "sft")
-        out[name] = {"model_states": st["gpu"] / GB, "activations": act / GB, "cpu_per_rank": st["cpu"] / GB,
-                     "total": (st["gpu"] + act) / GB}
+        act = activations(
+            shape, r.train.micro_batch_size, r.data.max_length, r.model.gradient_checkpointing, logits=name == "sft"
+        )
+        out[name] = {
+            "model_states": st["gpu"] / GB,
+            "activations": act / GB,
+            "cpu_per_rank": st["cpu"] / GB,
+            "total": (st["gpu"] + act) / GB,
+        }
     if "ppo" in recipes:
         r = recipes["ppo"]
         z3 = r.deepspeed.zero_stage == 3
@@ -106,9 +119,14 @@ def stage_estimates(shape: Shape, kv_heads: int, intermediate: int, tied: bool, 
         train_act = activations(shape, r.train.micro_batch_size, seq, True, logits=True)
         peak_phase = max(gen, train_act)  # generation and training never overlap
         fixed = actor["gpu"] + critic["gpu"] + ref + rm
-        out["ppo"] = {"model_states": (actor["gpu"] + critic["gpu"]) / GB, "frozen_models": (ref + rm) / GB,
-                      "generation": gen / GB, "activations": train_act / GB,
-                      "cpu_per_rank": (actor["cpu"] + critic["cpu"]) / GB, "total": (fixed + peak_phase) / GB}
+        out["ppo"] = {
+            "model_states": (actor["gpu"] + critic["gpu"]) / GB,
+            "frozen_models": (ref + rm) / GB,
+            "generation": gen / GB,
+            "activations": train_act / GB,
+            "cpu_per_rank": (actor["cpu"] + critic["cpu"]) / GB,
+            "total": (fixed + peak_phase) / GB,
+        }
     return out
 
 
@@ -136,6 +154,7 @@ def estimate_recipe_dir(directory, peft: bool | None = None) -> dict:
         from dataclasses import replace
 
         recipes = {s: replace(r, peft=replace(r.peft, enabled=peft)) for s, r in recipes.items()}
-    stages = stage_estimates(shape, cfg.num_key_value_heads, cfg.intermediate_size,
-                             bool(cfg.tie_word_embeddings), world, recipes)
+    stages = stage_estimates(
+        shape, cfg.num_key_value_heads, cfg.intermediate_size, bool(cfg.tie_word_embeddings), world, recipes
+    )
     return {"world": world, "params": params, "stages": stages}

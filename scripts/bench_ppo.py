@@ -36,18 +36,42 @@ def ensure_models(run: Path) -> tuple[Path, Path, Path]:
     rlhf = str(Path(sys.executable).parent / "rlhf")
     assets = run / "assets"
     common = [f"output_dir={run}", f"demo_assets={assets}", "tracking.wandb=false"]
-    subprocess.run([rlhf, "sft", "--config", str(REPO / "recipes/demo/sft.yaml"), *common,
-                    f"model.name_or_path={assets}/base", f"data.sources.0.path={assets}/data/sft.jsonl"], check=True)
-    subprocess.run([rlhf, "reward", "--config", str(REPO / "recipes/demo/reward.yaml"), *common,
-                    f"model.name_or_path={run}/sft", f"data.sources.0.path={assets}/data/preferences.jsonl"],
-                   check=True)
+    subprocess.run(
+        [
+            rlhf,
+            "sft",
+            "--config",
+            str(REPO / "recipes/demo/sft.yaml"),
+            *common,
+            f"model.name_or_path={assets}/base",
+            f"data.sources.0.path={assets}/data/sft.jsonl",
+        ],
+        check=True,
+    )
+    subprocess.run(
+        [
+            rlhf,
+            "reward",
+            "--config",
+            str(REPO / "recipes/demo/reward.yaml"),
+            *common,
+            f"model.name_or_path={run}/sft",
+            f"data.sources.0.path={assets}/data/preferences.jsonl",
+        ],
+        check=True,
+    )
     return run / "sft", run / "reward", assets / "data/prompts.jsonl"
 
 
 def ensure_peer_venv() -> Path:
     python = PEER_VENV / "bin/python"
-    ok = python.exists() and subprocess.run([str(python), "-c", "import trl; assert trl.__version__ == '1.0.0'"],
-                                            capture_output=True).returncode == 0
+    ok = (
+        python.exists()
+        and subprocess.run(
+            [str(python), "-c", "import trl; assert trl.__version__ == '1.0.0'"], capture_output=True
+        ).returncode
+        == 0
+    )
     if not ok:
         print(f"[bench] creating {PEER_VENV} with {' '.join(PEER_PACKAGES)} (once)", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(PEER_VENV)], check=True)
@@ -71,20 +95,39 @@ def run_ours(sft: Path, reward: Path, prompts: Path, steps: int, out: Path) -> d
 
     shutil.rmtree(out, ignore_errors=True)
     m = MATCHED
-    recipe = load_recipe(PPORecipe, REPO / "recipes/demo/ppo.yaml", [
-        f"sft_dir={sft}", f"reward_dir={reward}", f"prompts.sources.0.path={prompts}", f"output_dir={out}",
-        "demo_assets=null", "tracking.wandb=false", "sample_every=0", f"train.max_steps={steps}",
-        f"train.save_steps={steps}", f"ppo.rollout_batch_size={m['rollout_batch']}",
-        f"train.micro_batch_size={m['rollout_batch'] // m['mini_batches']}", "train.gradient_accumulation_steps=1",
-        f"ppo.ppo_epochs={m['ppo_epochs']}", f"generation.max_new_tokens={m['max_new_tokens']}",
-        "generation.temperature=1.0", "ppo.kl_coef=0.05", "ppo.kl_estimator=k1", f"train.learning_rate={m['lr']}",
-        f"train.seed={m['seed']}"])
+    recipe = load_recipe(
+        PPORecipe,
+        REPO / "recipes/demo/ppo.yaml",
+        [
+            f"sft_dir={sft}",
+            f"reward_dir={reward}",
+            f"prompts.sources.0.path={prompts}",
+            f"output_dir={out}",
+            "demo_assets=null",
+            "tracking.wandb=false",
+            "sample_every=0",
+            f"train.max_steps={steps}",
+            f"train.save_steps={steps}",
+            f"ppo.rollout_batch_size={m['rollout_batch']}",
+            f"train.micro_batch_size={m['rollout_batch'] // m['mini_batches']}",
+            "train.gradient_accumulation_steps=1",
+            f"ppo.ppo_epochs={m['ppo_epochs']}",
+            f"generation.max_new_tokens={m['max_new_tokens']}",
+            "generation.temperature=1.0",
+            "ppo.kl_coef=0.05",
+            "ppo.kl_estimator=k1",
+            f"train.learning_rate={m['lr']}",
+            f"train.seed={m['seed']}",
+        ],
+    )
     run_ppo(recipe)
     rows = read_jsonl(out / "ppo/metrics.jsonl")
-    return {"step_seconds": [r["time/step"] for r in rows],
-            "phases": {k: [r[f"time/{k}"] for r in rows] for k in ("generation", "scoring", "training")},
-            "response_length": [r["response_length"] for r in rows],
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {
+        "step_seconds": [r["time/step"] for r in rows],
+        "phases": {k: [r[f"time/{k}"] for r in rows] for k in ("generation", "scoring", "training")},
+        "response_length": [r["response_length"] for r in rows],
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def child(cmd: list[str]) -> dict:
@@ -111,12 +154,41 @@ def main() -> None:
         return
     sft, reward, prompts = ensure_models(work / "models")
     peer = ensure_peer_venv()
-    ours_cmd = [sys.executable, __file__, "--steps", str(args.steps), "--ours-only", str(sft), str(reward), str(prompts)]
+    ours_cmd = [
+        sys.executable,
+        __file__,
+        "--steps",
+        str(args.steps),
+        "--ours-only",
+        str(sft),
+        str(reward),
+        str(prompts),
+    ]
     m = MATCHED
-    trl_cmd = [str(peer), str(REPO / "scripts/bench_ppo_trl_peer.py"), "--sft", str(sft), "--reward", str(reward),
-               "--prompts", str(prompts), "--steps", str(args.steps), "--rollout-batch", str(m["rollout_batch"]),
-               "--mini-batches", str(m["mini_batches"]), "--ppo-epochs", str(m["ppo_epochs"]),
-               "--max-new-tokens", str(m["max_new_tokens"]), "--lr", str(m["lr"]), "--seed", str(m["seed"])]
+    trl_cmd = [
+        str(peer),
+        str(REPO / "scripts/bench_ppo_trl_peer.py"),
+        "--sft",
+        str(sft),
+        "--reward",
+        str(reward),
+        "--prompts",
+        str(prompts),
+        "--steps",
+        str(args.steps),
+        "--rollout-batch",
+        str(m["rollout_batch"]),
+        "--mini-batches",
+        str(m["mini_batches"]),
+        "--ppo-epochs",
+        str(m["ppo_epochs"]),
+        "--max-new-tokens",
+        str(m["max_new_tokens"]),
+        "--lr",
+        str(m["lr"]),
+        "--seed",
+        str(m["seed"]),
+    ]
     runs: dict[str, list[dict]] = {"ours": [], "trl": []}
     for r in range(args.rounds):
         for name, cmd in (("ours", ours_cmd), ("trl", trl_cmd)):
@@ -124,19 +196,31 @@ def main() -> None:
             runs[name].append(child(cmd))
     steady = {k: [s for run in v for s in run["step_seconds"][1:]] for k, v in runs.items()}
     med = {k: statistics.median(v) for k, v in steady.items()}
-    phases = {p: statistics.median([s for run in runs["ours"] for s in run["phases"][p][1:]])
-              for p in ("generation", "scoring", "training")}
+    phases = {
+        p: statistics.median([s for run in runs["ours"] for s in run["phases"][p][1:]])
+        for p in ("generation", "scoring", "training")
+    }
     peak = {k: max(run["peak_rss_mb"] for run in v) for k, v in runs.items()}
     ratio = med["ours"] / med["trl"]
-    print(f"\nPPO step, matched settings {m}, {args.rounds} rounds x {args.steps} steps (first step of each run dropped)")
+    print(
+        f"\nPPO step, matched settings {m}, {args.rounds} rounds x {args.steps} steps (first step of each run dropped)"
+    )
     print(f"{'':<22}{'ours':>10}{'TRL 1.0.0':>12}")
     print(f"{'seconds / step (med)':<22}{med['ours']:>10.3f}{med['trl']:>12.3f}")
     print(f"{'peak RSS (MB)':<22}{peak['ours']:>10.0f}{peak['trl']:>12.0f}")
     print(f"ratio ours / TRL: {ratio:.2f} (goal: <= 0.50)")
     print("our phases (median s): " + ", ".join(f"{p} {v:.3f}" for p, v in phases.items()))
-    result = {"matched": m, "steps": args.steps, "rounds": args.rounds, "median_step_seconds": med,
-              "ratio_ours_over_trl": ratio, "our_phases_median_seconds": phases, "peak_rss_mb": peak,
-              "peer_versions": {k: runs["trl"][0][k] for k in ("trl", "transformers", "torch")}, "runs": runs}
+    result = {
+        "matched": m,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "median_step_seconds": med,
+        "ratio_ours_over_trl": ratio,
+        "our_phases_median_seconds": phases,
+        "peak_rss_mb": peak,
+        "peer_versions": {k: runs["trl"][0][k] for k in ("trl", "transformers", "torch")},
+        "runs": runs,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}")

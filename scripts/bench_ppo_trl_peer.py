@@ -36,8 +36,12 @@ def main() -> None:
     torch.manual_seed(args.seed)
     tok = AutoTokenizer.from_pretrained(args.sft, padding_side="left")
     prompts = [json.loads(line)["prompt"] for line in open(args.prompts) if line.strip()]
-    ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True,
-                                   return_dict=False) for p in prompts]
+    ids = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for p in prompts
+    ]
     dataset = Dataset.from_dict({"input_ids": ids})
     policy = AutoModelForCausalLM.from_pretrained(args.sft)
     ref = AutoModelForCausalLM.from_pretrained(args.sft)
@@ -46,13 +50,33 @@ def main() -> None:
     # Matched to our demo PPO step: `rollout-batch` rollouts per step in `mini-batches` optimizer
     # steps per PPO epoch (per_device_train_batch_size = rollout batch, no accumulation).
     config = PPOConfig(
-        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.rollout_batch, gradient_accumulation_steps=1,
-        num_mini_batches=args.mini_batches, num_ppo_epochs=args.ppo_epochs,
-        total_episodes=args.steps * args.rollout_batch, local_rollout_forward_batch_size=args.rollout_batch,
-        response_length=args.max_new_tokens, stop_token="eos", temperature=1.0, missing_eos_penalty=1.0,
-        kl_coef=0.05, kl_estimator="k1", cliprange=0.2, cliprange_value=0.2, gamma=1.0, lam=0.95,
-        learning_rate=args.lr, lr_scheduler_type="constant", num_sample_generations=0, report_to=[],
-        logging_steps=1, save_strategy="no", use_cpu=True, seed=args.seed, bf16=False, fp16=False,
+        output_dir=tempfile.mkdtemp(),
+        per_device_train_batch_size=args.rollout_batch,
+        gradient_accumulation_steps=1,
+        num_mini_batches=args.mini_batches,
+        num_ppo_epochs=args.ppo_epochs,
+        total_episodes=args.steps * args.rollout_batch,
+        local_rollout_forward_batch_size=args.rollout_batch,
+        response_length=args.max_new_tokens,
+        stop_token="eos",
+        temperature=1.0,
+        missing_eos_penalty=1.0,
+        kl_coef=0.05,
+        kl_estimator="k1",
+        cliprange=0.2,
+        cliprange_value=0.2,
+        gamma=1.0,
+        lam=0.95,
+        learning_rate=args.lr,
+        lr_scheduler_type="constant",
+        num_sample_generations=0,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        seed=args.seed,
+        bf16=False,
+        fp16=False,
         dataloader_num_workers=0,
     )
     marks: list[float] = []
@@ -64,13 +88,29 @@ def main() -> None:
         def on_step_end(self, *a, **k):
             marks.append(time.perf_counter())
 
-    trainer = PPOTrainer(args=config, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
-                         train_dataset=dataset, value_model=value, callbacks=[StepTimes()])
+    trainer = PPOTrainer(
+        args=config,
+        processing_class=tok,
+        model=policy,
+        ref_model=ref,
+        reward_model=reward,
+        train_dataset=dataset,
+        value_model=value,
+        callbacks=[StepTimes()],
+    )
     trainer.train()
     steps = [b - a for a, b in zip(marks, marks[1:])]
-    print(json.dumps({"step_seconds": steps, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "trl": __import__("trl").__version__, "transformers": __import__("transformers").__version__,
-                      "torch": torch.__version__}))
+    print(
+        json.dumps(
+            {
+                "step_seconds": steps,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "trl": __import__("trl").__version__,
+                "transformers": __import__("transformers").__version__,
+                "torch": torch.__version__,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

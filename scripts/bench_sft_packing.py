@@ -24,15 +24,32 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def one_run(assets: Path, out: Path, packing: bool, epochs: float, max_length: int) -> dict:
-    recipe = load_recipe(SFTRecipe, REPO / "recipes/demo/sft.yaml", [
-        f"demo_assets={assets}", f"model.name_or_path={assets / 'base'}",
-        f"data.sources.0.path={assets / 'data' / 'sft.jsonl'}", f"output_dir={out}", "tracking.wandb=false",
-        f"packing={str(packing).lower()}", f"train.num_epochs={epochs}", "train.max_steps=-1", "train.eval_steps=0",
-        "train.save_steps=100000", "train.logging_steps=10", f"data.max_length={max_length}",
-    ])
+    recipe = load_recipe(
+        SFTRecipe,
+        REPO / "recipes/demo/sft.yaml",
+        [
+            f"demo_assets={assets}",
+            f"model.name_or_path={assets / 'base'}",
+            f"data.sources.0.path={assets / 'data' / 'sft.jsonl'}",
+            f"output_dir={out}",
+            "tracking.wandb=false",
+            f"packing={str(packing).lower()}",
+            f"train.num_epochs={epochs}",
+            "train.max_steps=-1",
+            "train.eval_steps=0",
+            "train.save_steps=100000",
+            "train.logging_steps=10",
+            f"data.max_length={max_length}",
+        ],
+    )
     metrics = json.loads((run_sft(recipe) / MANIFEST).read_text())["metrics"]
-    return {"seconds": metrics["train_seconds"], "tokens": metrics["tokens_seen"], "steps": metrics["global_step"],
-            "final_loss": metrics["last_logged_loss"], "train_loss": metrics["train_loss"]}
+    return {
+        "seconds": metrics["train_seconds"],
+        "tokens": metrics["tokens_seen"],
+        "steps": metrics["global_step"],
+        "final_loss": metrics["last_logged_loss"],
+        "train_loss": metrics["train_loss"],
+    }
 
 
 def main() -> None:
@@ -49,21 +66,30 @@ def main() -> None:
         assets = build_demo_assets(Path(tmp) / "assets")
         runs: dict[str, list[dict]] = {"off": [], "on": []}
         for r in range(args.repeats):
-            for arm in (("off", "on") if r % 2 == 0 else ("on", "off")):
+            for arm in ("off", "on") if r % 2 == 0 else ("on", "off"):
                 runs[arm].append(one_run(assets, Path(tmp) / f"{arm}{r}", arm == "on", args.epochs, args.max_length))
     summary = {}
     for arm, rs in runs.items():
         tps = [x["tokens"] / x["seconds"] for x in rs]
-        summary[arm] = {"tokens_per_s": statistics.median(tps), "seconds": statistics.median(x["seconds"] for x in rs),
-                        "tokens": rs[0]["tokens"], "steps": rs[0]["steps"], "runs": rs}
+        summary[arm] = {
+            "tokens_per_s": statistics.median(tps),
+            "seconds": statistics.median(x["seconds"] for x in rs),
+            "tokens": rs[0]["tokens"],
+            "steps": rs[0]["steps"],
+            "runs": rs,
+        }
     ratio = summary["on"]["tokens_per_s"] / summary["off"]["tokens_per_s"]
-    print(f"\nSFT on the demo data: {args.epochs} epoch(s), micro batch 32, max_length {args.max_length}, "
-          f"median of {args.repeats} alternating runs")
+    print(
+        f"\nSFT on the demo data: {args.epochs} epoch(s), micro batch 32, max_length {args.max_length}, "
+        f"median of {args.repeats} alternating runs"
+    )
     print(f"{'packing':<8} {'steps':>6} {'tokens':>9} {'seconds':>8} {'tokens/s':>10} {'train loss':>10}")
     for arm in ("off", "on"):
         s = summary[arm]
-        print(f"{arm:<8} {s['steps']:>6} {s['tokens']:>9} {s['seconds']:>8.2f} {s['tokens_per_s']:>10.0f} "
-              f"{s['runs'][0]['train_loss']:>10.4f}")
+        print(
+            f"{arm:<8} {s['steps']:>6} {s['tokens']:>9} {s['seconds']:>8.2f} {s['tokens_per_s']:>10.0f} "
+            f"{s['runs'][0]['train_loss']:>10.4f}"
+        )
     print(f"packing on / off tokens/s: {ratio:.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

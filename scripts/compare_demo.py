@@ -22,12 +22,21 @@ def sample(model, tok, prompts: list[str], n: int, max_new_tokens: int, seed: in
     torch.manual_seed(seed)
     out = []
     for p in prompts:
-        ids = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                      return_tensors="pt", return_dict=True)
-        gen = model.generate(**ids, do_sample=True, top_k=None, top_p=1.0, temperature=1.0,
-                             max_new_tokens=max_new_tokens, num_return_sequences=n, pad_token_id=tok.pad_token_id)
+        ids = tok.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        gen = model.generate(
+            **ids,
+            do_sample=True,
+            top_k=None,
+            top_p=1.0,
+            temperature=1.0,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=n,
+            pad_token_id=tok.pad_token_id,
+        )
         resp = []
-        for row in gen[:, ids["input_ids"].shape[1]:].tolist():
+        for row in gen[:, ids["input_ids"].shape[1] :].tolist():
             cut = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
             resp.append(row[:cut])
         out.append(resp)
@@ -36,10 +45,9 @@ def sample(model, tok, prompts: list[str], n: int, max_new_tokens: int, seed: in
 
 @torch.no_grad()
 def sequence_logprob(model, tok, prompt: str, response: list[int]) -> float:
-    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                  return_dict=False)
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_dict=False)
     x = torch.tensor([ids + response])
-    logp = torch.log_softmax(model(x).logits[0, len(ids) - 1:-1].float(), -1)
+    logp = torch.log_softmax(model(x).logits[0, len(ids) - 1 : -1].float(), -1)
     return logp.gather(-1, torch.tensor(response)[:, None]).sum().item()
 
 
@@ -83,8 +91,10 @@ def main() -> None:
     print(f"\nheld-out prompts: {len(heldout)} x {args.samples} samples; ground truth 0-100 (training never sees it)")
     print(f"{'policy':<28} {'score':>6} {'sentiment':>9} {'relevance':>9} {'form':>5} {'tokens':>6} {'KL':>6}")
     for path, r in results.items():
-        print(f"{path[-28:]:<28} {r['ground_truth']:>6.1f} {r['sentiment']:>9.3f} {r['relevance']:>9.3f} "
-              f"{r['form']:>5.2f} {r['response_tokens']:>6.1f} {r['kl_to_reference']:>6.2f}")
+        print(
+            f"{path[-28:]:<28} {r['ground_truth']:>6.1f} {r['sentiment']:>9.3f} {r['relevance']:>9.3f} "
+            f"{r['form']:>5.2f} {r['response_tokens']:>6.1f} {r['kl_to_reference']:>6.2f}"
+        )
     for path, r in results.items():
         print(f"  {path}: {r['example']!r}")
     if len(results) > 1:

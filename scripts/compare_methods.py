@@ -25,8 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def seconds_per_step(run: Path) -> float | None:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] \
-        if (run / "metrics.jsonl").is_file() else []
+    rows = (
+        [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        if (run / "metrics.jsonl").is_file()
+        else []
+    )
     times = [r["time/step"] for r in rows if "time/step" in r]
     return statistics.median(times) if times else None
 
@@ -34,7 +37,10 @@ def seconds_per_step(run: Path) -> float | None:
 def table(recipe: dict) -> dict:
     out = Path(recipe["output_dir"])
     summary = json.loads((out / "eval" / "report.json").read_text())["summary"]
-    runs = {"ppo": out / "ppo", **{v["name"]: out / "variants" / v["name"] / "ppo" for v in recipe.get("rl_variants", [])}}
+    runs = {
+        "ppo": out / "ppo",
+        **{v["name"]: out / "variants" / v["name"] / "ppo" for v in recipe.get("rl_variants", [])},
+    }
     sft = summary["sft"]
     rows = {}
     for name, run in runs.items():
@@ -44,18 +50,28 @@ def table(recipe: dict) -> dict:
             "estimator": manifest["recipe"]["ppo"].get("advantage_estimator", "gae"),
             "ground_truth": s.get("ground_truth"),
             "gain_over_sft": s["ground_truth"] - sft["ground_truth"] if "ground_truth" in s else None,
-            "reward_mean": s.get("reward_mean"), "kl_to_sft": s.get("kl_to_sft"),
+            "reward_mean": s.get("reward_mean"),
+            "kl_to_sft": s.get("kl_to_sft"),
             "forgetting_ppl_rise": s.get("forgetting_ppl_rise"),
-            "train_seconds": s.get("train_seconds"), "seconds_per_step": seconds_per_step(run),
+            "train_seconds": s.get("train_seconds"),
+            "seconds_per_step": seconds_per_step(run),
             "peak_memory_mb": s.get("peak_memory_mb"),
         }
     return {"sft": {k: sft.get(k) for k in ("ground_truth", "reward_mean", "forgetting_ppl_rise")}, "methods": rows}
 
 
 def show(result: dict) -> None:
-    cols = [("estimator", "{}"), ("ground_truth", "{:.1f}"), ("gain_over_sft", "{:+.1f}"), ("reward_mean", "{:.3f}"),
-            ("kl_to_sft", "{:.3f}"), ("forgetting_ppl_rise", "{:+.1%}"), ("train_seconds", "{:.0f}"),
-            ("seconds_per_step", "{:.2f}"), ("peak_memory_mb", "{:.0f}")]
+    cols = [
+        ("estimator", "{}"),
+        ("ground_truth", "{:.1f}"),
+        ("gain_over_sft", "{:+.1f}"),
+        ("reward_mean", "{:.3f}"),
+        ("kl_to_sft", "{:.3f}"),
+        ("forgetting_ppl_rise", "{:+.1%}"),
+        ("train_seconds", "{:.0f}"),
+        ("seconds_per_step", "{:.2f}"),
+        ("peak_memory_mb", "{:.0f}"),
+    ]
     print(f"SFT ground truth: {result['sft']['ground_truth']}")
     print(f"{'method':<14}" + "".join(f"{c:>20}" for c, _ in cols))
     for name, row in result["methods"].items():

@@ -31,13 +31,18 @@ def main() -> None:
         lora = estimate_recipe_dir(d, peft=True)
         results[d.name] = {"shipped": est, "lora": lora}
         print(f"\n{d.name}: {est['params'] / 1e9:.2f}B parameters, {est['world']} GPU(s); GB per GPU")
-        print(f"{'stage':<8} {'variant':<9} {'states':>8} {'frozen':>8} {'gen':>8} {'activ.':>8} {'CPU/rank':>9} {'total':>8}")
+        print(
+            f"{'stage':<8} {'variant':<9} {'states':>8} {'frozen':>8} {'gen':>8} {'activ.':>8} "
+            f"{'CPU/rank':>9} {'total':>8}"
+        )
         for stage in est["stages"]:
             for name, e in (("shipped", est), ("LoRA", lora)):
                 s = e["stages"][stage]
-                print(f"{stage:<8} {name:<9} {s['model_states']:>8.1f} {s.get('frozen_models', 0):>8.1f} "
-                      f"{s.get('generation', 0):>8.1f} {s['activations']:>8.1f} {s['cpu_per_rank']:>9.1f} "
-                      f"{s['total']:>8.1f}")
+                print(
+                    f"{stage:<8} {name:<9} {s['model_states']:>8.1f} {s.get('frozen_models', 0):>8.1f} "
+                    f"{s.get('generation', 0):>8.1f} {s['activations']:>8.1f} {s['cpu_per_rank']:>9.1f} "
+                    f"{s['total']:>8.1f}"
+                )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"\nwrote {args.out}")

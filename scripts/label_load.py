@@ -52,8 +52,11 @@ def label_once(http, rng: random.Random, out: dict, record) -> bool:
     nxt = http.get("/api/next").json()["pair"]
     if nxt is None:
         return False
-    body = {"pair_id": nxt["pair_id"], "choice": rng.choice(["left", "right", "tie", "both_bad"]),
-            "strength": rng.randint(1, 3)}
+    body = {
+        "pair_id": nxt["pair_id"],
+        "choice": rng.choice(["left", "right", "tie", "both_bad"]),
+        "strength": rng.randint(1, 3),
+    }
     t0 = time.perf_counter()
     r = http.post("/api/labels", json=body)
     out["latencies"].append(time.perf_counter() - t0)
@@ -65,8 +68,9 @@ def label_once(http, rng: random.Random, out: dict, record) -> bool:
     return True
 
 
-def client_loop(url: str, token: str, n: int, n_pairs: int, deadline: float, acked_file, lock, out: dict,
-                seed: int) -> None:
+def client_loop(
+    url: str, token: str, n: int, n_pairs: int, deadline: float, acked_file, lock, out: dict, seed: int
+) -> None:
     import httpx
 
     rng = random.Random(seed)
@@ -102,27 +106,46 @@ def check_database(engine, acked_path: Path) -> dict[str, int]:
         per_pair = select(func.count().label("n")).select_from(store.labels).group_by(store.labels.c.pair_id).subquery()
         over = c.execute(select(func.count()).where(per_pair.c.n > store.overlap(c))).scalar()
         a = store.assignments
-        unserved = c.execute(select(func.count()).select_from(store.labels.outerjoin(
-            a, (a.c.pair_id == store.labels.c.pair_id) & (a.c.annotator_id == store.labels.c.annotator_id)))
-            .where(a.c.pair_id.is_(None))).scalar()
+        unserved = c.execute(
+            select(func.count())
+            .select_from(
+                store.labels.outerjoin(
+                    a, (a.c.pair_id == store.labels.c.pair_id) & (a.c.annotator_id == store.labels.c.annotator_id)
+                )
+            )
+            .where(a.c.pair_id.is_(None))
+        ).scalar()
         max_per_pair = c.execute(select(func.max(per_pair.c.n))).scalar() or 0
-    return {"labels_in_db": len(stored), "lost": sum(stored.get(r["label_id"]) != r["pair_id"] for r in acked),
-            "over_overlap": int(over), "max_labels_per_pair": int(max_per_pair), "not_served_in_db": int(unserved)}
+    return {
+        "labels_in_db": len(stored),
+        "lost": sum(stored.get(r["label_id"]) != r["pair_id"] for r in acked),
+        "over_overlap": int(over),
+        "max_labels_per_pair": int(max_per_pair),
+        "not_served_in_db": int(unserved),
+    }
 
 
 def summarize(args, results: list[dict], wall: float, db_check: dict[str, int]) -> dict:
     lat = [x for r in results for x in r["latencies"]]
     acked = sum(r["acked"] for r in results)
-    return {"clients": args.clients, "labels_per_client": args.labels, "acked": acked,
-            "errors": sum(r["errors"] for r in results), "seconds": wall, "labels_per_second": acked / wall,
-            "refused": {str(k): sum(r["refused"].get(k, 0) for r in results) for k in
-                        {k for r in results for k in r["refused"]}},
-            "probes_accepted": sum(r["probe_accepted"] for r in results),
-            "not_served": db_check["not_served_in_db"] + sum(r["probe_accepted"] for r in results),
-            **db_check,
-            "latency_ms": {q: 1000 * percentile(lat, p) for q, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99),
-                                                                      ("max", 1.0))},
-            "latency_mean_ms": 1000 * statistics.fmean(lat) if lat else float("nan")}
+    return {
+        "clients": args.clients,
+        "labels_per_client": args.labels,
+        "acked": acked,
+        "errors": sum(r["errors"] for r in results),
+        "seconds": wall,
+        "labels_per_second": acked / wall,
+        "refused": {
+            str(k): sum(r["refused"].get(k, 0) for r in results) for k in {k for r in results for k in r["refused"]}
+        },
+        "probes_accepted": sum(r["probe_accepted"] for r in results),
+        "not_served": db_check["not_served_in_db"] + sum(r["probe_accepted"] for r in results),
+        **db_check,
+        "latency_ms": {
+            q: 1000 * percentile(lat, p) for q, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("max", 1.0))
+        },
+        "latency_mean_ms": 1000 * statistics.fmean(lat) if lat else float("nan"),
+    }
 
 
 def main() -> None:
@@ -152,21 +175,28 @@ def main() -> None:
     deadline = time.monotonic() + args.timeout
     t0 = time.perf_counter()
     with acked_path.open("a") as acked:
-        threads = [threading.Thread(target=client_loop, args=(args.url, tok, args.labels, n_pairs, deadline, acked,
-                                                              lock, res, i))
-                   for i, (tok, res) in enumerate(zip(tokens, results))]
+        threads = [
+            threading.Thread(
+                target=client_loop, args=(args.url, tok, args.labels, n_pairs, deadline, acked, lock, res, i)
+            )
+            for i, (tok, res) in enumerate(zip(tokens, results))
+        ]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
     summary = summarize(args, results, time.perf_counter() - t0, check_database(engine, acked_path))
-    print(f"{summary['acked']} labels acknowledged by {args.clients} clients in {summary['seconds']:.1f}s "
-          f"({summary['labels_per_second']:.0f}/s); {summary['errors']} transport errors; refused {summary['refused']}")
+    print(
+        f"{summary['acked']} labels acknowledged by {args.clients} clients in {summary['seconds']:.1f}s "
+        f"({summary['labels_per_second']:.0f}/s); {summary['errors']} transport errors; refused {summary['refused']}"
+    )
     print("label latency ms: " + ", ".join(f"{k} {v:.1f}" for k, v in summary["latency_ms"].items()))
-    print(f"database: {summary['labels_in_db']} labels, {summary['lost']} acknowledged labels lost, "
-          f"{summary['over_overlap']} pairs over the overlap (most on one pair: {summary['max_labels_per_pair']}), "
-          f"{summary['not_served']} labels for pairs not served ({summary['probes_accepted']} of "
-          f"{args.clients} unserved probes accepted)")
+    print(
+        f"database: {summary['labels_in_db']} labels, {summary['lost']} acknowledged labels lost, "
+        f"{summary['over_overlap']} pairs over the overlap (most on one pair: {summary['max_labels_per_pair']}), "
+        f"{summary['not_served']} labels for pairs not served ({summary['probes_accepted']} of "
+        f"{args.clients} unserved probes accepted)"
+    )
     out = acked_path.with_name("load.json")
     out.write_text(json.dumps(summary, indent=2))
     print(f"wrote {out}")

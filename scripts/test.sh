@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Set up .venv and run the whole test suite (unit, recipe, 2-process DeepSpeed, pipeline, and the
-# labelling app's browser / load / crash / PostgreSQL tests).
+# Set up .venv, lint (ruff) and run the whole test suite (unit, recipe, 2-process DeepSpeed,
+# pipeline, and the labelling app's browser / load / crash / PostgreSQL tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 # `--fast`: the fast tier (about a minute): unit tests and one-process stage runs, no launcher,
@@ -20,5 +20,9 @@ if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/nu
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}") >/dev/null \
     || echo "[test] could not install ${missing[*]}; those tests will be skipped"
 fi
+# Lint and format check first (a few seconds): configured in pyproject.toml's [tool.ruff].
+echo "[test] ruff check and ruff format --check"
+.venv/bin/ruff check rlhf tests scripts
+.venv/bin/ruff format --check --quiet rlhf tests scripts
 export WANDB_MODE=offline WANDB_SILENT=true TOKENIZERS_PARALLELISM=false
 exec .venv/bin/python -m pytest -q -p no:cacheprovider --timeout 900 "$@"

@@ -1,6 +1,6 @@
 """Launch the DPO stage (DPO, IPO, robust DPO, KTO); usable under the deepspeed launcher:
 
-    deepspeed --num_gpus 2 scripts/train_dpo.py --config recipes/demo/dpo.yaml [key=value ...]
+deepspeed --num_gpus 2 scripts/train_dpo.py --config recipes/demo/dpo.yaml [key=value ...]
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Launch the PPO stage; usable under the deepspeed launcher:
 
-    deepspeed --num_gpus 2 scripts/train_ppo.py --config recipes/demo/ppo.yaml [key=value ...]
+deepspeed --num_gpus 2 scripts/train_ppo.py --config recipes/demo/ppo.yaml [key=value ...]
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Launch the reward-model stage; usable under the deepspeed launcher:
 
-    deepspeed --num_gpus 2 scripts/train_reward.py --config recipes/demo/reward.yaml [key=value ...]
+deepspeed --num_gpus 2 scripts/train_reward.py --config recipes/demo/reward.yaml [key=value ...]
 """
 
 import sys

@@ -1,6 +1,6 @@
 """Launch the SFT stage; usable under the deepspeed launcher:
 
-    deepspeed --num_gpus 2 scripts/train_sft.py --config recipes/demo/sft.yaml [key=value ...]
+deepspeed --num_gpus 2 scripts/train_sft.py --config recipes/demo/sft.yaml [key=value ...]
 """
 
 import sys

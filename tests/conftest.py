@@ -36,8 +36,14 @@ def demo_overrides(assets: Path, out: Path) -> list[str]:
 free_port = distributed.free_port  # re-exported for the tests that launch processes
 
 
-SFT_QUICK = ["train.max_steps=60", "train.micro_batch_size=16", "train.logging_steps=1", "train.eval_steps=10",
-             "train.save_steps=10", "train.warmup_ratio=0.0"]
+SFT_QUICK = [
+    "train.max_steps=60",
+    "train.micro_batch_size=16",
+    "train.logging_steps=1",
+    "train.eval_steps=10",
+    "train.save_steps=10",
+    "train.warmup_ratio=0.0",
+]
 
 
 @pytest.fixture(scope="session")
@@ -68,19 +74,29 @@ def reward_dir(demo_assets, sft_dir, tmp_path_factory) -> Path:
     from rlhf.stages.reward import run_reward
 
     out = tmp_path_factory.mktemp("reward_for_ppo")
-    recipe = load_recipe(RewardRecipe, REPO / "recipes/demo/reward.yaml",
-                         reward_overrides(demo_assets, sft_dir, out) +
-                         ["train.max_steps=60", "train.eval_steps=30", "train.save_steps=30"])
+    recipe = load_recipe(
+        RewardRecipe,
+        REPO / "recipes/demo/reward.yaml",
+        reward_overrides(demo_assets, sft_dir, out)
+        + ["train.max_steps=60", "train.eval_steps=30", "train.save_steps=30"],
+    )
     return run_reward(recipe)
 
 
 def ppo_overrides(assets: Path, sft: Path, reward: Path, out: Path) -> list[str]:
     return [
-        f"demo_assets={assets}", f"sft_dir={sft}", f"reward_dir={reward}",
+        f"demo_assets={assets}",
+        f"sft_dir={sft}",
+        f"reward_dir={reward}",
         f"prompts.sources.0.path={assets / 'data' / 'prompts.jsonl'}",
-        f"output_dir={out}", "tracking.wandb=false",
-        "train.max_steps=6", "train.save_steps=3", "train.micro_batch_size=8", "ppo.rollout_batch_size=16",
-        "generation.max_new_tokens=16", "sample_every=3",
+        f"output_dir={out}",
+        "tracking.wandb=false",
+        "train.max_steps=6",
+        "train.save_steps=3",
+        "train.micro_batch_size=8",
+        "ppo.rollout_batch_size=16",
+        "generation.max_new_tokens=16",
+        "sample_every=3",
     ]
 
 

@@ -17,8 +17,9 @@ def inputs(scores, mask=None, kl=None, k=2, kl_coef=0.0, gamma=1.0, R=1):
     scores = torch.tensor(scores, dtype=torch.float32)
     mask = torch.ones(len(scores), R) if mask is None else torch.tensor(mask, dtype=torch.float32)
     kl = torch.zeros_like(mask) if kl is None else torch.tensor(kl, dtype=torch.float32)
-    return A.AdvantageInputs(scores=scores, kl=kl * mask, mask=mask, values=None, kl_coef=kl_coef, group_size=k,
-                             gamma=gamma)
+    return A.AdvantageInputs(
+        scores=scores, kl=kl * mask, mask=mask, values=None, kl_coef=kl_coef, group_size=k, gamma=gamma
+    )
 
 
 def seq(adv: torch.Tensor) -> list[float]:
@@ -103,8 +104,12 @@ def test_gae_estimator_is_todays_ppo():
 
 def test_registry_says_who_needs_a_critic_groups_and_where_kl_goes():
     assert [n for n, e in A.ESTIMATORS.items() if e.needs_critic] == ["gae"]
-    assert {n for n, e in A.ESTIMATORS.items() if e.needs_groups} == {"grpo", "dr_grpo", "rloo",
-                                                                      "reinforce_pp_baseline"}
+    assert {n for n, e in A.ESTIMATORS.items() if e.needs_groups} == {
+        "grpo",
+        "dr_grpo",
+        "rloo",
+        "reinforce_pp_baseline",
+    }
     assert A.ESTIMATORS["grpo"].kl_in == "loss" and A.ESTIMATORS["rloo"].kl_in == "reward"
     assert A.ESTIMATORS["dr_grpo"].loss_aggregation == "constant"
     assert A.ESTIMATORS["grpo"].loss_aggregation == "sequence_mean"
@@ -131,8 +136,7 @@ def test_gspo_sequence_ratio_is_clipped_per_response():
 def test_kl_in_the_loss_is_k3_to_the_reference():
     logp = torch.tensor([[-1.0, -2.0]])
     ref = logp - 0.1  # log p - log ref = 0.1 on each token: k3 = e^-0.1 - 1 + 0.1
-    out = losses.policy_loss(logp, logp, torch.zeros(1, 2), torch.ones(1, 2), clip=0.2, ref_logprobs=ref,
-                             kl_coef=2.0)
+    out = losses.policy_loss(logp, logp, torch.zeros(1, 2), torch.ones(1, 2), clip=0.2, ref_logprobs=ref, kl_coef=2.0)
     k3 = math.exp(-0.1) - 1 + 0.1
     assert out.kl_loss.item() == pytest.approx(k3, abs=1e-6)
     assert out.loss.item() == pytest.approx(2.0 * k3, abs=1e-6)

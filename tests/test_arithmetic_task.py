@@ -9,16 +9,31 @@ import pytest
 from rlhf.tasks import GRADERS, arithmetic
 
 
-@pytest.mark.parametrize("prompt,answer", [("What is 26 + 28? Reply with just the number.", 54),
-                                           ("Compute 21 - 32. Give only the result.", -11),
-                                           ("Calculate 45 * 5 and answer with the number alone.", 225)])
+@pytest.mark.parametrize(
+    "prompt,answer",
+    [
+        ("What is 26 + 28? Reply with just the number.", 54),
+        ("Compute 21 - 32. Give only the result.", -11),
+        ("Calculate 45 * 5 and answer with the number alone.", 225),
+    ],
+)
 def test_answer_of_the_prompt(prompt, answer):
     assert arithmetic.answer_of(prompt) == answer
 
 
-@pytest.mark.parametrize("response,correct,formatted", [
-    ("54", 1.0, 1.0), (" 54.", 1.0, 1.0), ("The answer is 54.", 1.0, 0.0), ("26 + 28 = 54", 1.0, 0.0),
-    ("54, no wait, 55", 0.0, 0.0), ("53", 0.0, 1.0), ("", 0.0, 0.0), ("1,054", 0.0, 1.0)])
+@pytest.mark.parametrize(
+    "response,correct,formatted",
+    [
+        ("54", 1.0, 1.0),
+        (" 54.", 1.0, 1.0),
+        ("The answer is 54.", 1.0, 0.0),
+        ("26 + 28 = 54", 1.0, 0.0),
+        ("54, no wait, 55", 0.0, 0.0),
+        ("53", 0.0, 1.0),
+        ("", 0.0, 0.0),
+        ("1,054", 0.0, 1.0),
+    ],
+)
 def test_reward_and_format_reward_by_hand(response, correct, formatted):
     prompt = "What is 26 + 28? Reply with just the number."
     assert arithmetic.reward(prompt, response, answer=54) == correct

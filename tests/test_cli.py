@@ -12,9 +12,11 @@ from rlhf.cli import main
 
 
 def test_import_rlhf_is_cheap():
-    code = ("import sys, rlhf, rlhf.config, rlhf.cli, rlhf.data.prepare, rlhf.demo.task, rlhf.distributed; "
-            "heavy = [m for m in ('deepspeed', 'wandb', 'torch', 'torch.distributed', 'transformers') "
-            "if m in sys.modules]; print(heavy)")
+    code = (
+        "import sys, rlhf, rlhf.config, rlhf.cli, rlhf.data.prepare, rlhf.demo.task, rlhf.distributed; "
+        "heavy = [m for m in ('deepspeed', 'wandb', 'torch', 'torch.distributed', 'transformers') "
+        "if m in sys.modules]; print(heavy)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
 
@@ -27,8 +29,16 @@ def test_unknown_key_exits_2_with_suggestion(capsys):
 
 @pytest.mark.slow
 def test_missing_model_dir_is_a_handoff_error(tmp_path, capsys):
-    rc = main(["sft", "--config", str(REPO / "recipes/demo/sft.yaml"), "demo_assets=null",
-               f"model.name_or_path={tmp_path / 'nothing'}", f"output_dir={tmp_path}"])
+    rc = main(
+        [
+            "sft",
+            "--config",
+            str(REPO / "recipes/demo/sft.yaml"),
+            "demo_assets=null",
+            f"model.name_or_path={tmp_path / 'nothing'}",
+            f"output_dir={tmp_path}",
+        ]
+    )
     assert rc == 2
     assert "is not a directory (expected a local HuggingFace model directory or a hub id" in capsys.readouterr().err
 
@@ -43,8 +53,11 @@ def test_console_script_and_launcher_flag(tmp_path):
     exe = REPO / ".venv/bin/rlhf"
     if not exe.exists():
         pytest.skip("console script not installed in .venv")
-    proc = subprocess.run([str(exe), "sft", "--config", str(REPO / "recipes/demo/sft.yaml"), "--dry-run",
-                           "--local_rank=0"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(exe), "sft", "--config", str(REPO / "recipes/demo/sft.yaml"), "--dry-run", "--local_rank=0"],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "output_dir: runs/demo" in proc.stdout
 

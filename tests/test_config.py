@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from rlhf.config import ConfigError, SFTRecipe, load_recipe, to_dict
-from rlhf.config_rl import STAGES
 from rlhf.config_run import RECIPES
 from rlhf.config_loader import apply_override
 
@@ -29,10 +28,19 @@ def test_minimal_recipe_fills_defaults(tmp_path):
 
 
 def test_overrides_change_typed_values(tmp_path):
-    r = load_recipe(SFTRecipe, write(tmp_path, MINIMAL),
-                    ["train.max_steps=20", "output_dir=runs/try1", "train.learning_rate=1e-4",
-                     "packing=true", "data.sources.0.weight=2", "peft.target_modules=[q_proj,v_proj]",
-                     "model.tokenizer=null"])
+    r = load_recipe(
+        SFTRecipe,
+        write(tmp_path, MINIMAL),
+        [
+            "train.max_steps=20",
+            "output_dir=runs/try1",
+            "train.learning_rate=1e-4",
+            "packing=true",
+            "data.sources.0.weight=2",
+            "peft.target_modules=[q_proj,v_proj]",
+            "model.tokenizer=null",
+        ],
+    )
     assert r.train.max_steps == 20 and isinstance(r.train.max_steps, int)
     assert r.output_dir == "runs/try1"
     assert r.train.learning_rate == pytest.approx(1e-4)
@@ -42,18 +50,21 @@ def test_overrides_change_typed_values(tmp_path):
     assert r.model.tokenizer is None
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.max_step=20", "unknown key 'train.max_step'. Did you mean 'max_steps'?"),
-    ("trian.max_steps=20", "unknown key 'trian'. Did you mean 'train'?"),
-    ("train.max_steps=lots", "train.max_steps: expected an integer, got 'lots'"),
-    ("train.max_steps=2.5", "train.max_steps: expected an integer"),
-    ("packing=maybe", "packing: expected true or false"),
-    ("train.precision=fp64", "train.precision: 'fp64' is not one of 'fp32', 'bf16', 'fp16'"),
-    ("deepspeed.zero_stage=4", "deepspeed.zero_stage: 4 is not one of 0, 1, 2, 3"),
-    ("data.sources.3.path=x", "index 3 is out of range"),
-    ("output_dir.x=1", "'output_dir' is a str, it has no sub-keys"),
-    ("train.max_steps", "not of the form key.sub=value"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.max_step=20", "unknown key 'train.max_step'. Did you mean 'max_steps'?"),
+        ("trian.max_steps=20", "unknown key 'trian'. Did you mean 'train'?"),
+        ("train.max_steps=lots", "train.max_steps: expected an integer, got 'lots'"),
+        ("train.max_steps=2.5", "train.max_steps: expected an integer"),
+        ("packing=maybe", "packing: expected true or false"),
+        ("train.precision=fp64", "train.precision: 'fp64' is not one of 'fp32', 'bf16', 'fp16'"),
+        ("deepspeed.zero_stage=4", "deepspeed.zero_stage: 4 is not one of 0, 1, 2, 3"),
+        ("data.sources.3.path=x", "index 3 is out of range"),
+        ("output_dir.x=1", "'output_dir' is a str, it has no sub-keys"),
+        ("train.max_steps", "not of the form key.sub=value"),
+    ],
+)
 def test_bad_overrides_name_the_key(tmp_path, override, message):
     with pytest.raises(ConfigError) as e:
         load_recipe(SFTRecipe, write(tmp_path, MINIMAL), [override])
@@ -70,13 +81,16 @@ def test_missing_required_section(tmp_path):
         load_recipe(SFTRecipe, write(tmp_path, "model: {name_or_path: m}\n"))
 
 
-@pytest.mark.parametrize("extra, message", [
-    ("deepspeed: {offload_params: true, zero_stage: 2}", "offload_params needs deepspeed.zero_stage: 3"),
-    ("deepspeed: {offload_optimizer: true}", "offload_optimizer needs deepspeed.zero_stage >= 1"),
-    ("train: {max_steps: 0}", "train.max_steps must be -1"),
-    ("train: {early_stopping_patience: 2, eval_steps: 30, save_steps: 50}", "must be a multiple"),
-    ("peft: {quantization: 4bit}", "peft.quantization needs peft.enabled: true"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("deepspeed: {offload_params: true, zero_stage: 2}", "offload_params needs deepspeed.zero_stage: 3"),
+        ("deepspeed: {offload_optimizer: true}", "offload_optimizer needs deepspeed.zero_stage >= 1"),
+        ("train: {max_steps: 0}", "train.max_steps must be -1"),
+        ("train: {early_stopping_patience: 2, eval_steps: 30, save_steps: 50}", "must be a multiple"),
+        ("peft: {quantization: 4bit}", "peft.quantization needs peft.enabled: true"),
+    ],
+)
 def test_cross_field_validation(tmp_path, extra, message):
     with pytest.raises(ConfigError, match=message):
         load_recipe(SFTRecipe, write(tmp_path, MINIMAL + extra + "\n"))
@@ -135,11 +149,13 @@ def test_rl_variants_are_planned_after_ppo_and_wired_into_the_evaluation():
     assert grpo.resolved["ppo"]["advantage_estimator"] == "grpo"
     assert [v["name"] for v in stages[-1].resolved["rl_variants"]] == ["grpo", "dr_grpo", "rloo", "reinforce_pp"]
     # without the ppo stage there are no variants, and the evaluation is not pointed at them
-    q = load_recipe(PipelineRecipe, repo / "recipes/demo/pipeline_methods.yaml",
-                    ["output_dir=/tmp/rl_variants_plan", "stages=[sft, reward, eval]"])
+    q = load_recipe(
+        PipelineRecipe,
+        repo / "recipes/demo/pipeline_methods.yaml",
+        ["output_dir=/tmp/rl_variants_plan", "stages=[sft, reward, eval]"],
+    )
     assert not any(o.startswith("rl_variants=") for o in stage_overrides(q, "eval"))
     with pytest.raises(ConfigError, match="names must be unique"):
-        load_recipe(PipelineRecipe, repo / "recipes/demo/pipeline_methods.yaml",
-                    ["rl_variants=[{name: a}, {name: a}]"])
+        load_recipe(PipelineRecipe, repo / "recipes/demo/pipeline_methods.yaml", ["rl_variants=[{name: a}, {name: a}]"])
     with pytest.raises(ConfigError, match="letters, digits"):
         load_recipe(PipelineRecipe, repo / "recipes/demo/pipeline_methods.yaml", ["rl_variants=[{name: 'a/b'}]"])

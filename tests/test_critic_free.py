@@ -32,7 +32,7 @@ CRITIC_FREE = {
 }
 PROMPTS = [[{"role": "user", "content": f"tell me about the {x} ."}] for x in ("pizza", "movie", "hotel", "book")]
 
-FUNCTIONS = textwrap.dedent('''
+FUNCTIONS = textwrap.dedent("""
     import math, os, time
 
     def length(prompt, response, **fields):
@@ -63,12 +63,13 @@ FUNCTIONS = textwrap.dedent('''
         print("a function that prints")
         sys.stdin.read()  # and reads stdin: neither may disturb the protocol
         return 2.5
-''')
+""")
 
 
 def _recipe(demo_assets, sft_dir, reward_dir, out, *extra) -> PPORecipe:
-    return load_recipe(PPORecipe, REPO / "recipes/demo/ppo.yaml",
-                       ppo_overrides(demo_assets, sft_dir, reward_dir, out) + list(extra))
+    return load_recipe(
+        PPORecipe, REPO / "recipes/demo/ppo.yaml", ppo_overrides(demo_assets, sft_dir, reward_dir, out) + list(extra)
+    )
 
 
 @pytest.fixture
@@ -80,8 +81,16 @@ def functions_file(tmp_path):
 
 @pytest.mark.parametrize("name", list(CRITIC_FREE))
 def test_first_minibatch_ratio_is_one_and_no_critic_is_built(demo_assets, sft_dir, reward_dir, tmp_path, name):
-    r = _recipe(demo_assets, sft_dir, reward_dir, tmp_path, "ppo.ppo_epochs=1", "train.learning_rate=1e-2",
-                "ppo.max_minibatch_kl=null", *CRITIC_FREE[name])
+    r = _recipe(
+        demo_assets,
+        sft_dir,
+        reward_dir,
+        tmp_path,
+        "ppo.ppo_epochs=1",
+        "train.learning_rate=1e-2",
+        "ppo.max_minibatch_kl=null",
+        *CRITIC_FREE[name],
+    )
     tok, _ = ppo.check_handoff(r)
     m = engines.build_models(r, tok)
     assert m.critic is None
@@ -118,8 +127,19 @@ def test_resume_is_exact_for_every_estimator(demo_assets, sft_dir, reward_dir, t
 
 
 def test_grpo_with_lora_learns_and_exports(demo_assets, sft_dir, reward_dir, tmp_path):
-    out = run_ppo(_recipe(demo_assets, sft_dir, reward_dir, tmp_path, *CRITIC_FREE["grpo"], "peft.enabled=true",
-                          "peft.r=8", "peft.alpha=16", "train.learning_rate=1e-3"))
+    out = run_ppo(
+        _recipe(
+            demo_assets,
+            sft_dir,
+            reward_dir,
+            tmp_path,
+            *CRITIC_FREE["grpo"],
+            "peft.enabled=true",
+            "peft.r=8",
+            "peft.alpha=16",
+            "train.learning_rate=1e-3",
+        )
+    )
     rows = read_jsonl(out / METRICS_FILE)
     assert all(r["skipped_minibatches"] == 0 and math.isfinite(r["kl_loss"]) for r in rows)
     assert (out / MANIFEST).is_file() and (out / "adapter").is_dir()
@@ -142,9 +162,11 @@ def test_reward_function_isolation_raise_nan_hang_and_exit(functions_file):
 
 def test_a_function_that_prints_and_reads_stdin_and_a_file_with_dataclasses(tmp_path, functions_file):
     typed = tmp_path / "typed.py"
-    typed.write_text("from __future__ import annotations\nfrom dataclasses import dataclass\n\n@dataclass\n"
-                     "class Cfg:\n    bonus: float = 1.5\n\ndef reward(prompt, response, **fields):\n"
-                     "    return Cfg().bonus\n")
+    typed.write_text(
+        "from __future__ import annotations\nfrom dataclasses import dataclass\n\n@dataclass\n"
+        "class Cfg:\n    bonus: float = 1.5\n\ndef reward(prompt, response, **fields):\n"
+        "    return Cfg().bonus\n"
+    )
     with RewardFunctions([f"{functions_file}:noisy", f"{typed}:reward"], [5, 5]) as rf:
         values, failures = rf.score(["p", "q"], ["a", "b"], [{}, {}])
     assert values == [[2.5, 1.5], [2.5, 1.5]] and not failures
@@ -161,9 +183,19 @@ def test_each_source_is_normalised_before_weighting(demo_assets, sft_dir, reward
     # a and b are independent signals whose raw scales differ 100x; with equal weights, the row
     # that has only a and the row that has only b must score the same after mixing
     small = tmp_path / "small.py"
-    small.write_text("def a(prompt, response, a, b):\n    return a\n\ndef b(prompt, response, a, b):\n    return 100.0 * b\n")
-    r = _recipe(demo_assets, sft_dir, reward_dir, tmp_path, "reward_dir=null", "ppo.advantage_estimator=grpo",
-                "ppo.rollouts_per_prompt=4", f"reward_functions=[{{function: '{small}:a'}}, {{function: '{small}:b'}}]")
+    small.write_text(
+        "def a(prompt, response, a, b):\n    return a\n\ndef b(prompt, response, a, b):\n    return 100.0 * b\n"
+    )
+    r = _recipe(
+        demo_assets,
+        sft_dir,
+        reward_dir,
+        tmp_path,
+        "reward_dir=null",
+        "ppo.advantage_estimator=grpo",
+        "ppo.rollouts_per_prompt=4",
+        f"reward_functions=[{{function: '{small}:a'}}, {{function: '{small}:b'}}]",
+    )
     code = scoring.CodeRewards.start(r)
     try:
         fields = [{"a": 1, "b": 1}, {"a": 0, "b": 1}, {"a": 1, "b": 0}, {"a": 0, "b": 0}]
@@ -178,9 +210,16 @@ def test_each_source_is_normalised_before_weighting(demo_assets, sft_dir, reward
 
 
 def test_rewards_from_functions_alone_drop_failed_rows_and_train(demo_assets, sft_dir, tmp_path, functions_file):
-    r = _recipe(demo_assets, sft_dir, sft_dir, tmp_path, "reward_dir=null", *CRITIC_FREE["grpo"],
-                f"reward_functions=[{{function: '{functions_file}:length'}}, "
-                f"{{function: '{functions_file}:fails_on_long_prompts', weight: 0.5}}]")
+    r = _recipe(
+        demo_assets,
+        sft_dir,
+        sft_dir,
+        tmp_path,
+        "reward_dir=null",
+        *CRITIC_FREE["grpo"],
+        f"reward_functions=[{{function: '{functions_file}:length'}}, "
+        f"{{function: '{functions_file}:fails_on_long_prompts', weight: 0.5}}]",
+    )
     out = run_ppo(r)
     rows = read_jsonl(out / METRICS_FILE)
     assert len(rows) == 6 and all(math.isfinite(x["policy_loss"]) for x in rows)
@@ -192,18 +231,38 @@ def test_rewards_from_functions_alone_drop_failed_rows_and_train(demo_assets, sf
 
 
 def test_a_function_failing_on_every_row_aborts_after_max_bad_steps(demo_assets, sft_dir, tmp_path, functions_file):
-    r = _recipe(demo_assets, sft_dir, sft_dir, tmp_path, "reward_dir=null", *CRITIC_FREE["rloo"],
-                f"reward_functions=[{{function: '{functions_file}:raises'}}]", "ppo.max_bad_steps=2")
+    r = _recipe(
+        demo_assets,
+        sft_dir,
+        sft_dir,
+        tmp_path,
+        "reward_dir=null",
+        *CRITIC_FREE["rloo"],
+        f"reward_functions=[{{function: '{functions_file}:raises'}}]",
+        "ppo.max_bad_steps=2",
+    )
     with pytest.raises(PPOAborted, match="2 consecutive PPO steps"):
         run_ppo(r)
 
 
 def test_reward_functions_receive_the_rows_other_fields(demo_assets, sft_dir, tmp_path, functions_file):
     data = tmp_path / "prompts.jsonl"
-    data.write_text("".join(f'{{"prompt": "tell me about the {x} .", "answer": {i}}}\n'
-                            for i, x in enumerate(["pizza", "movie", "hotel", "book"])))
-    r = _recipe(demo_assets, sft_dir, sft_dir, tmp_path, "reward_dir=null", f"prompts.sources.0.path={data}",
-                *CRITIC_FREE["grpo"], f"reward_functions=[{{function: '{functions_file}:echo_field', normalize: false}}]")
+    data.write_text(
+        "".join(
+            f'{{"prompt": "tell me about the {x} .", "answer": {i}}}\n'
+            for i, x in enumerate(["pizza", "movie", "hotel", "book"])
+        )
+    )
+    r = _recipe(
+        demo_assets,
+        sft_dir,
+        sft_dir,
+        tmp_path,
+        "reward_dir=null",
+        f"prompts.sources.0.path={data}",
+        *CRITIC_FREE["grpo"],
+        f"reward_functions=[{{function: '{functions_file}:echo_field', normalize: false}}]",
+    )
     tok, manifest = ppo.check_handoff(r)
     rows = ppo.prepare_data(r, tok, manifest).prompts.train
     assert sorted(row["fields"]["answer"] for row in rows) == [0, 1, 2, 3]
@@ -216,8 +275,9 @@ def test_reward_functions_receive_the_rows_other_fields(demo_assets, sft_dir, tm
 
 
 @pytest.mark.slow
-def test_resume_with_reward_functions_restores_their_normalisers(demo_assets, sft_dir, reward_dir, tmp_path,
-                                                                 functions_file):
+def test_resume_with_reward_functions_restores_their_normalisers(
+    demo_assets, sft_dir, reward_dir, tmp_path, functions_file
+):
     mixed = [*CRITIC_FREE["rloo"], f"reward_functions=[{{function: '{functions_file}:length', weight: 0.5}}]"]
     clean = run_ppo(_recipe(demo_assets, sft_dir, reward_dir, tmp_path / "clean", *mixed))
     interrupted = _recipe(demo_assets, sft_dir, reward_dir, tmp_path / "resumed", *mixed)
@@ -232,8 +292,7 @@ def test_resume_with_reward_functions_restores_their_normalisers(demo_assets, sf
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-6), (step, key)
 
 
-def test_the_minibatch_kl_guard_stops_the_step_before_its_optimizer_step(demo_assets, sft_dir, reward_dir,
-                                                                        tmp_path):
+def test_the_minibatch_kl_guard_stops_the_step_before_its_optimizer_step(demo_assets, sft_dir, reward_dir, tmp_path):
     r = _recipe(demo_assets, sft_dir, reward_dir, tmp_path, *CRITIC_FREE["grpo"])
     tok, _ = ppo.check_handoff(r)
     m = engines.build_models(r, tok)

@@ -15,18 +15,24 @@ from rlhf.data.prepare import mix, prepare_splits, split_rows
 
 ROWS = [
     {"prompt": "say hi", "completion": "hi"},
-    {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "say yo"},
-                  {"role": "assistant", "content": "yo"}]},
+    {
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "say yo"},
+            {"role": "assistant", "content": "yo"},
+        ]
+    },
     {"prompt": [{"role": "user", "content": "say hey"}], "completion": [{"role": "assistant", "content": "hey"}]},
 ]
 
 
 def write_jsonl(path: Path, rows: list, extra_lines: list[str] = ()) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "".join(l + "\n" for l in extra_lines))
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "".join(line + "\n" for line in extra_lines))
     return path
 
 
 # --- example formats -------------------------------------------------------------------------
+
 
 def test_normalize_prompt_completion_strings():
     assert normalize_sft(ROWS[0]) == [{"role": "user", "content": "say hi"}, {"role": "assistant", "content": "hi"}]
@@ -42,28 +48,41 @@ def test_messages_as_json_string_from_a_csv_cell():
     assert normalize_sft(row) == ROWS[1]["messages"]
 
 
-@pytest.mark.parametrize("row, reason", [
-    ({"text": "x"}, "needs 'prompt' and 'completion', or 'messages'; the row has keys: text"),
-    ({"prompt": 3, "completion": "x"}, "'prompt' must be a string or a list of messages"),
-    ({"messages": [{"role": "robot", "content": "x"}]}, "has role 'robot'"),
-    ({"messages": [{"role": "user"}]}, "must be an object with 'role' and 'content'"),
-    ({"messages": [{"role": "user", "content": "x"}]}, "last message must be the assistant's"),
-    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": 5}]}, "content' must be a string"),
-])
+@pytest.mark.parametrize(
+    "row, reason",
+    [
+        ({"text": "x"}, "needs 'prompt' and 'completion', or 'messages'; the row has keys: text"),
+        ({"prompt": 3, "completion": "x"}, "'prompt' must be a string or a list of messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "has role 'robot'"),
+        ({"messages": [{"role": "user"}]}, "must be an object with 'role' and 'content'"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "last message must be the assistant's"),
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": 5}]},
+            "content' must be a string",
+        ),
+    ],
+)
 def test_malformed_rows_say_why(row, reason):
     with pytest.raises(RowError, match=reason.replace("(", r"\(").replace(")", r"\)")):
         normalize_sft(row)
 
 
-@pytest.mark.parametrize("row", [{"prompt": "x", "completion": "  "}, {"prompt": "", "completion": "y"},
-                                 {"messages": []}, {"messages": [{"role": "user", "content": "q"},
-                                                                 {"role": "assistant", "content": ""}]}])
+@pytest.mark.parametrize(
+    "row",
+    [
+        {"prompt": "x", "completion": "  "},
+        {"prompt": "", "completion": "y"},
+        {"messages": []},
+        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": ""}]},
+    ],
+)
 def test_empty_rows_are_empty_not_malformed(row):
     with pytest.raises(EmptyRow):
         normalize_sft(row)
 
 
 # --- file formats ----------------------------------------------------------------------------
+
 
 def test_read_every_file_format_the_same(tmp_path):
     import datasets
@@ -93,6 +112,7 @@ def test_read_errors_name_the_file(tmp_path):
     with pytest.raises(DataError, match="bad.json: not valid JSON"):
         read_rows(tmp_path / "bad.json")
     import datasets
+
     datasets.DatasetDict({"train": datasets.Dataset.from_list([ROWS[0]])}).save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(DataError, match=r"has splits \['train'\], not 'test'"):
         read_rows(tmp_path / "dd", split="test")
@@ -116,13 +136,20 @@ def test_fingerprint_changes_with_content(tmp_path):
 
 # --- cleaning, bad-row policy, splits, mixtures ----------------------------------------------
 
+
 def messy_file(tmp_path: Path) -> Path:
     good = [{"prompt": f"q{i}", "completion": f"a{i}"} for i in range(40)]
-    return write_jsonl(tmp_path / "messy.jsonl", good + [good[0], good[1]] + [
-        {"prompt": "q", "completion": ""},  # empty
-        {"prompt": "long " * 100, "completion": "x"},  # too long
-        {"question": "no"},  # malformed
-    ], ["{oops"])
+    return write_jsonl(
+        tmp_path / "messy.jsonl",
+        good
+        + [good[0], good[1]]
+        + [
+            {"prompt": "q", "completion": ""},  # empty
+            {"prompt": "long " * 100, "completion": "x"},  # too long
+            {"question": "no"},  # malformed
+        ],
+        ["{oops"],
+    )
 
 
 def words(example) -> int:
@@ -134,8 +161,9 @@ def test_drop_policy_counts_everything(tmp_path):
     splits = prepare_splits(cfg, normalize_sft, length_of=words)
     rep = splits.sources[0]
     assert (rep.rows_read, rep.bad, rep.empty, rep.too_long, rep.duplicates) == (46, 2, 1, 1, 2)
-    assert rep.bad_examples[0].endswith("messy.jsonl:line 45: needs 'prompt' and 'completion', or 'messages'; "
-                                        "the row has keys: question")
+    assert rep.bad_examples[0].endswith(
+        "messy.jsonl:line 45: needs 'prompt' and 'completion', or 'messages'; the row has keys: question"
+    )
     assert "messy.jsonl:line 46: not valid JSON" in rep.bad_examples[1]
     assert len(splits.train) + len(splits.validation) == 40
     assert (rep.train, rep.validation) == (36, 4)
@@ -177,8 +205,9 @@ def test_mixture_follows_weights_and_upsamples():
 def test_mixture_from_two_sources_keeps_validation_per_source(tmp_path):
     a = write_jsonl(tmp_path / "a.jsonl", [{"prompt": f"a{i}", "completion": "x"} for i in range(50)])
     b = write_jsonl(tmp_path / "b.jsonl", [{"prompt": f"b{i}", "completion": "y"} for i in range(10)])
-    cfg = DataConfig([DataSource(str(a), weight=1.0), DataSource(str(b), weight=1.0)],
-                     validation_fraction=0.2, mixture_size=60)
+    cfg = DataConfig(
+        [DataSource(str(a), weight=1.0), DataSource(str(b), weight=1.0)], validation_fraction=0.2, mixture_size=60
+    )
     splits = prepare_splits(cfg, normalize_sft)
     train_prompts = Counter(ex[0]["content"][0] for ex in splits.train)
     assert train_prompts == {"a": 30, "b": 30}

@@ -36,7 +36,9 @@ def test_offload():
     assert zero["offload_param"]["device"] == "cpu"
 
 
-@pytest.mark.parametrize("precision, bf16, fp16", [("fp32", False, False), ("bf16", True, False), ("fp16", False, True)])
+@pytest.mark.parametrize(
+    "precision, bf16, fp16", [("fp32", False, False), ("bf16", True, False), ("fp16", False, True)]
+)
 def test_precision(precision, bf16, fp16):
     cfg = build(train=TrainConfig(precision=precision))
     assert cfg["bf16"]["enabled"] is bf16 and cfg["fp16"]["enabled"] is fp16
@@ -51,12 +53,19 @@ def test_optimizer_section_only_when_asked():
 
 
 def test_user_json_wins_except_auto(tmp_path):
-    user = {"zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "sub_group_size": 1e9},
-            "gradient_clipping": "auto", "train_micro_batch_size_per_gpu": 2, "flops_profiler": {"enabled": True}}
+    user = {
+        "zero_optimization": {"stage": 3, "reduce_bucket_size": "auto", "sub_group_size": 1e9},
+        "gradient_clipping": "auto",
+        "train_micro_batch_size_per_gpu": 2,
+        "flops_profiler": {"enabled": True},
+    }
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(user))
-    cfg = build(DeepSpeedConfig(zero_stage=1, config_file=str(path)),
-                TrainConfig(micro_batch_size=8, gradient_accumulation_steps=2, max_grad_norm=0.7), n=2)
+    cfg = build(
+        DeepSpeedConfig(zero_stage=1, config_file=str(path)),
+        TrainConfig(micro_batch_size=8, gradient_accumulation_steps=2, max_grad_norm=0.7),
+        n=2,
+    )
     assert cfg["zero_optimization"]["stage"] == 3  # user wins
     assert cfg["zero_optimization"]["sub_group_size"] == 1e9  # user extra kept
     assert cfg["zero_optimization"]["reduce_bucket_size"] == 5e7  # "auto" -> built value

@@ -12,18 +12,21 @@ from rlhf.demo import task
 P = "write a review of the pizza ."
 
 
-@pytest.mark.parametrize("response, total, sentiment, relevance, form", [
-    ("the pizza was great and lovely . i loved it .", 100.0, 1.0, 1.0, 1.0),
-    ("the pizza was great and dull . i loved it .", 100 * 2 / 3, 2 / 3, 1.0, 1.0),
-    ("the pizza was awful and dull . i hated it .", 0.0, 0.0, 1.0, 1.0),
-    ("the movie was great and lovely . i loved it .", 50.0, 1.0, 0.5, 1.0),  # off-topic
-    ("the pizza and the movie were great .", 50.0, 1.0, 0.5, 1.0),  # names another item too
-    ("great great great great", 25.0, 1.0, 0.5, 0.5),  # no item, no full stop
-    ("the pizza was great", 50.0, 1.0, 1.0, 0.5),  # does not end a sentence
-    ("the pizza was " + "great " * 30 + ".", 50.0, 1.0, 1.0, 0.5),  # rambles past MAX_WORDS
-    ("the pizza was fine .", 0.0, 0.0, 1.0, 1.0),  # no sentiment words at all
-    ("", 0.0, 0.0, 0.5, 0.5),
-])
+@pytest.mark.parametrize(
+    "response, total, sentiment, relevance, form",
+    [
+        ("the pizza was great and lovely . i loved it .", 100.0, 1.0, 1.0, 1.0),
+        ("the pizza was great and dull . i loved it .", 100 * 2 / 3, 2 / 3, 1.0, 1.0),
+        ("the pizza was awful and dull . i hated it .", 0.0, 0.0, 1.0, 1.0),
+        ("the movie was great and lovely . i loved it .", 50.0, 1.0, 0.5, 1.0),  # off-topic
+        ("the pizza and the movie were great .", 50.0, 1.0, 0.5, 1.0),  # names another item too
+        ("great great great great", 25.0, 1.0, 0.5, 0.5),  # no item, no full stop
+        ("the pizza was great", 50.0, 1.0, 1.0, 0.5),  # does not end a sentence
+        ("the pizza was " + "great " * 30 + ".", 50.0, 1.0, 1.0, 0.5),  # rambles past MAX_WORDS
+        ("the pizza was fine .", 0.0, 0.0, 1.0, 1.0),  # no sentiment words at all
+        ("", 0.0, 0.0, 0.5, 0.5),
+    ],
+)
 def test_score_hand_computed(response, total, sentiment, relevance, form):
     s = task.score(P, response)
     assert s.total == pytest.approx(total)
@@ -65,8 +68,9 @@ def test_data_is_deterministic_and_imperfect():
 
 def test_preferences_agree_with_ground_truth_mostly_but_not_always():
     rows = task.make_preference_rows(0)
-    agree = statistics.mean(task.score(r["prompt"], r["chosen"]).total > task.score(r["prompt"], r["rejected"]).total
-                            for r in rows)
+    agree = statistics.mean(
+        task.score(r["prompt"], r["chosen"]).total > task.score(r["prompt"], r["rejected"]).total for r in rows
+    )
     assert 0.7 < agree < 0.95
     heldout = set(task.split_prompts()[1])
     assert not any(r["prompt"] in heldout for r in rows), "held-out prompts leaked into preference data"

@@ -19,8 +19,17 @@ DEEPSPEED = Path(sys.executable).parent / "deepspeed"
 
 
 def launch(script: str, recipe: str, overrides: list[str], log: Path, procs: int = 2) -> subprocess.CompletedProcess:
-    cmd = [str(DEEPSPEED), "--num_gpus", str(procs), "--master_port", str(free_port()), str(REPO / script),
-           "--config", str(REPO / recipe), *overrides]
+    cmd = [
+        str(DEEPSPEED),
+        "--num_gpus",
+        str(procs),
+        "--master_port",
+        str(free_port()),
+        str(REPO / script),
+        "--config",
+        str(REPO / recipe),
+        *overrides,
+    ]
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     log.write_text(proc.stdout + proc.stderr)
@@ -34,10 +43,20 @@ def test_sft_under_deepspeed_launcher(demo_assets, tmp_path, zero):
     import torch
 
     out = tmp_path / "run"
-    launch("scripts/train_sft.py", "recipes/demo/sft.yaml",
-           demo_overrides(demo_assets, out) + [f"deepspeed.zero_stage={zero}", "train.max_steps=8",
-                                              "train.micro_batch_size=8", "train.save_steps=4", "train.eval_steps=4",
-                                              "train.logging_steps=1"], tmp_path / "log.txt")
+    launch(
+        "scripts/train_sft.py",
+        "recipes/demo/sft.yaml",
+        demo_overrides(demo_assets, out)
+        + [
+            f"deepspeed.zero_stage={zero}",
+            "train.max_steps=8",
+            "train.micro_batch_size=8",
+            "train.save_steps=4",
+            "train.eval_steps=4",
+            "train.logging_steps=1",
+        ],
+        tmp_path / "log.txt",
+    )
     manifest = json.loads((out / "sft" / MANIFEST).read_text())
     assert manifest["world_size"] == 2
     assert manifest["recipe"]["deepspeed"]["zero_stage"] == zero
@@ -48,8 +67,9 @@ def test_sft_under_deepspeed_launcher(demo_assets, tmp_path, zero):
     for k, v in base.state_dict().items():
         got = model.state_dict()[k]
         assert got.shape == v.shape and torch.isfinite(got).all(), k
-    assert not torch.equal(model.state_dict()["model.layers.0.mlp.up_proj.weight"],
-                           base.state_dict()["model.layers.0.mlp.up_proj.weight"])
+    assert not torch.equal(
+        model.state_dict()["model.layers.0.mlp.up_proj.weight"], base.state_dict()["model.layers.0.mlp.up_proj.weight"]
+    )
     ckpt = out / "sft" / "checkpoints" / "checkpoint-8"
     assert ckpt.is_dir() and any(ckpt.glob("global_step*")), "DeepSpeed engine state missing from the checkpoint"
 
@@ -59,11 +79,20 @@ def test_reward_under_deepspeed_launcher(demo_assets, sft_dir, tmp_path, zero):
     from transformers import AutoModelForSequenceClassification
 
     out = tmp_path / "run"
-    launch("scripts/train_reward.py", "recipes/demo/reward.yaml",
-           reward_overrides(demo_assets, sft_dir, out) + [f"deepspeed.zero_stage={zero}", "train.max_steps=8",
-                                                          "train.micro_batch_size=8", "train.save_steps=4",
-                                                          "train.eval_steps=4", "train.logging_steps=1"],
-           tmp_path / "log.txt")
+    launch(
+        "scripts/train_reward.py",
+        "recipes/demo/reward.yaml",
+        reward_overrides(demo_assets, sft_dir, out)
+        + [
+            f"deepspeed.zero_stage={zero}",
+            "train.max_steps=8",
+            "train.micro_batch_size=8",
+            "train.save_steps=4",
+            "train.eval_steps=4",
+            "train.logging_steps=1",
+        ],
+        tmp_path / "log.txt",
+    )
     manifest = json.loads((out / "reward" / MANIFEST).read_text())
     assert manifest["world_size"] == 2 and manifest["recipe"]["deepspeed"]["zero_stage"] == zero
     assert manifest["parents"][0]["stage"] == "sft"
@@ -83,13 +112,23 @@ def test_dpo_stage_under_deepspeed_launcher(demo_assets, sft_dir, tmp_path, zero
     from test_dpo_recipe import dpo_overrides
 
     out = tmp_path / "run"
-    launch("scripts/train_dpo.py", "recipes/demo/dpo.yaml",
-           dpo_overrides(demo_assets, sft_dir, out) + [f"deepspeed.zero_stage={zero}", "train.max_steps=6",
-                                                       "train.micro_batch_size=8", "train.save_steps=3",
-                                                       "train.eval_steps=3", "train.logging_steps=1",
-                                                       "train.learning_rate=1e-3", f"method={method}",
-                                                       f"loss_type={'sigmoid' if method == 'dpo' else 'kto'}"],
-           tmp_path / "log.txt")
+    launch(
+        "scripts/train_dpo.py",
+        "recipes/demo/dpo.yaml",
+        dpo_overrides(demo_assets, sft_dir, out)
+        + [
+            f"deepspeed.zero_stage={zero}",
+            "train.max_steps=6",
+            "train.micro_batch_size=8",
+            "train.save_steps=3",
+            "train.eval_steps=3",
+            "train.logging_steps=1",
+            "train.learning_rate=1e-3",
+            f"method={method}",
+            f"loss_type={'sigmoid' if method == 'dpo' else 'kto'}",
+        ],
+        tmp_path / "log.txt",
+    )
     manifest = json.loads((out / "dpo" / MANIFEST).read_text())
     assert manifest["world_size"] == 2 and manifest["recipe"]["deepspeed"]["zero_stage"] == zero
     assert manifest["parents"][0]["stage"] == "sft" and manifest["metrics"]["global_step"] == 6
@@ -108,14 +147,22 @@ def test_ppo_under_deepspeed_launcher(demo_assets, sft_dir, reward_dir, tmp_path
     import torch
 
     out = tmp_path / "run"
-    launch("scripts/train_ppo.py", "recipes/demo/ppo.yaml",
-           ppo_overrides(demo_assets, sft_dir, reward_dir, out) + [f"deepspeed.zero_stage={zero}", "train.max_steps=3",
-                                                                  "train.save_steps=2", f"peft.enabled={str(lora).lower()}"],
-           tmp_path / "log.txt")
+    launch(
+        "scripts/train_ppo.py",
+        "recipes/demo/ppo.yaml",
+        ppo_overrides(demo_assets, sft_dir, reward_dir, out)
+        + [
+            f"deepspeed.zero_stage={zero}",
+            "train.max_steps=3",
+            "train.save_steps=2",
+            f"peft.enabled={str(lora).lower()}",
+        ],
+        tmp_path / "log.txt",
+    )
     manifest = json.loads((out / "ppo" / MANIFEST).read_text())
     assert (manifest["peft"] or {}).get("merged", False) is lora
     assert manifest["world_size"] == 2 and manifest["recipe"]["deepspeed"]["zero_stage"] == zero
-    rows = [json.loads(l) for l in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     model = AutoModelForCausalLM.from_pretrained(out / "ppo")
     sft = AutoModelForCausalLM.from_pretrained(sft_dir)
@@ -124,8 +171,10 @@ def test_ppo_under_deepspeed_launcher(demo_assets, sft_dir, reward_dir, tmp_path
         assert got.shape == v.shape and torch.isfinite(got).all(), k
     assert any(not torch.equal(v, model.state_dict()[k]) for k, v in sft.state_dict().items())
     # each rank wrote its RNG state into the complete checkpoint
-    assert sorted(p.name for p in (out / "ppo" / "checkpoints" / "step-3").glob("rng_rank*.pt")) == \
-        ["rng_rank0.pt", "rng_rank1.pt"]
+    assert sorted(p.name for p in (out / "ppo" / "checkpoints" / "step-3").glob("rng_rank*.pt")) == [
+        "rng_rank0.pt",
+        "rng_rank1.pt",
+    ]
 
 
 @pytest.mark.parametrize("zero,estimator", [(2, "grpo"), (3, "rloo")])
@@ -136,19 +185,30 @@ def test_critic_free_estimators_under_deepspeed_launcher(demo_assets, sft_dir, r
     fn = tmp_path / "len_reward.py"
     fn.write_text("def short(prompt, response, **fields):\n    return -float(len(response.split()))\n")
     out = tmp_path / "run"
-    launch("scripts/train_ppo.py", "recipes/demo/ppo.yaml",
-           ppo_overrides(demo_assets, sft_dir, reward_dir, out)
-           + [f"deepspeed.zero_stage={zero}", "train.max_steps=3", "train.save_steps=2", "ppo.rollouts_per_prompt=4",
-              f"ppo.advantage_estimator={estimator}", "ppo.kl_target=0.5", "ppo.kl_horizon=200",
-              f"reward_functions=[{{function: '{fn}:short', weight: 0.5}}]"],
-           tmp_path / "log.txt")
+    launch(
+        "scripts/train_ppo.py",
+        "recipes/demo/ppo.yaml",
+        ppo_overrides(demo_assets, sft_dir, reward_dir, out)
+        + [
+            f"deepspeed.zero_stage={zero}",
+            "train.max_steps=3",
+            "train.save_steps=2",
+            "ppo.rollouts_per_prompt=4",
+            f"ppo.advantage_estimator={estimator}",
+            "ppo.kl_target=0.5",
+            "ppo.kl_horizon=200",
+            f"reward_functions=[{{function: '{fn}:short', weight: 0.5}}]",
+        ],
+        tmp_path / "log.txt",
+    )
     manifest = json.loads((out / "ppo" / MANIFEST).read_text())
     assert manifest["world_size"] == 2 and manifest["recipe"]["ppo"]["advantage_estimator"] == estimator
     rows = _metrics(out / "ppo" / "metrics.jsonl")
     assert sorted(rows) == [1, 2, 3]
     assert all(r["rank_spread/kl_coef"] == 0.0 and r["reward_function_failures"] == 0 for r in rows.values())
-    assert all(r["rank_spread/reward_fn_norm_mean_0"] == r["rank_spread/reward_fn_norm_std_0"] == 0.0
-               for r in rows.values())
+    assert all(
+        r["rank_spread/reward_fn_norm_mean_0"] == r["rank_spread/reward_fn_norm_std_0"] == 0.0 for r in rows.values()
+    )
     assert all("value_loss" not in r and r["reward_fn/short"] < 0 for r in rows.values())
     state = out / "ppo" / "checkpoints" / "step-3"
     assert (state / "actor").is_dir() and not (state / "critic").exists()
@@ -158,8 +218,7 @@ def _metrics(path: Path) -> dict[int, dict]:
     return {r["step"]: r for r in map(json.loads, path.read_text().splitlines())}
 
 
-def test_ppo_two_processes_share_statistics_and_resume_exactly_after_kill_9(demo_assets, sft_dir, reward_dir,
-                                                                            tmp_path):
+def test_ppo_two_processes_share_statistics_and_resume_exactly_after_kill_9(demo_assets, sft_dir, reward_dir, tmp_path):
     """2 processes with an adaptive KL controller and a running reward normaliser: every rank holds
     the same coefficient and normaliser after every step, and a run killed with SIGKILL mid-step
     resumes to exactly the metrics and weights of an uninterrupted 2-process run."""
@@ -169,11 +228,22 @@ def test_ppo_two_processes_share_statistics_and_resume_exactly_after_kill_9(demo
     import torch
     from transformers import AutoModelForCausalLM
 
-    steps = ["train.max_steps=5", "train.save_steps=2", "ppo.kl_target=0.5", "ppo.kl_horizon=200",
-             "ppo.reward_normalization=running", "ppo.rollout_batch_size=8", "generation.max_new_tokens=12"]
+    steps = [
+        "train.max_steps=5",
+        "train.save_steps=2",
+        "ppo.kl_target=0.5",
+        "ppo.kl_horizon=200",
+        "ppo.reward_normalization=running",
+        "ppo.rollout_batch_size=8",
+        "generation.max_new_tokens=12",
+    ]
     clean = tmp_path / "clean"
-    launch("scripts/train_ppo.py", "recipes/demo/ppo.yaml", ppo_overrides(demo_assets, sft_dir, reward_dir, clean) + steps,
-           tmp_path / "clean.log")
+    launch(
+        "scripts/train_ppo.py",
+        "recipes/demo/ppo.yaml",
+        ppo_overrides(demo_assets, sft_dir, reward_dir, clean) + steps,
+        tmp_path / "clean.log",
+    )
     rows = _metrics(clean / "ppo" / "metrics.jsonl")
     assert sorted(rows) == [1, 2, 3, 4, 5]
     for step, r in rows.items():
@@ -182,9 +252,18 @@ def test_ppo_two_processes_share_statistics_and_resume_exactly_after_kill_9(demo
     assert rows[5]["kl_coef"] != rows[1]["kl_coef"], "the controller never moved: the test would prove nothing"
 
     killed = tmp_path / "killed"
-    cmd = [str(DEEPSPEED), "--num_gpus", "2", "--master_port", str(free_port()), str(REPO / "scripts/train_ppo.py"),
-           "--config", str(REPO / "recipes/demo/ppo.yaml"), *ppo_overrides(demo_assets, sft_dir, reward_dir, killed),
-           *steps]
+    cmd = [
+        str(DEEPSPEED),
+        "--num_gpus",
+        "2",
+        "--master_port",
+        str(free_port()),
+        str(REPO / "scripts/train_ppo.py"),
+        "--config",
+        str(REPO / "recipes/demo/ppo.yaml"),
+        *ppo_overrides(demo_assets, sft_dir, reward_dir, killed),
+        *steps,
+    ]
     env = {**os.environ, "WANDB_MODE": "offline"}
     with open(tmp_path / "killed.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -195,8 +274,12 @@ def test_ppo_two_processes_share_statistics_and_resume_exactly_after_kill_9(demo
         os.killpg(proc.pid, signal.SIGKILL)  # mid step 3: no goodbye, no flush
         proc.wait()
     assert not (killed / "ppo" / MANIFEST).exists()
-    launch("scripts/train_ppo.py", "recipes/demo/ppo.yaml", ppo_overrides(demo_assets, sft_dir, reward_dir, killed) + steps,
-           tmp_path / "resumed.log")
+    launch(
+        "scripts/train_ppo.py",
+        "recipes/demo/ppo.yaml",
+        ppo_overrides(demo_assets, sft_dir, reward_dir, killed) + steps,
+        tmp_path / "resumed.log",
+    )
     resumed = _metrics(killed / "ppo" / "metrics.jsonl")
     assert sorted(resumed) == [1, 2, 3, 4, 5], "each step logged once"
     for step in (3, 4, 5):

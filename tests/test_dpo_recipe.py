@@ -19,14 +19,25 @@ from rlhf.data.io import DataError
 from rlhf.errors import ConfigError, HandoffError
 from rlhf.stages.dpo import check_tokenization, run_dpo
 
-QUICK = ["train.max_steps=6", "train.micro_batch_size=8", "train.logging_steps=1", "train.eval_steps=3",
-         "train.save_steps=3", "train.warmup_ratio=0.0", "train.learning_rate=1e-3"]
+QUICK = [
+    "train.max_steps=6",
+    "train.micro_batch_size=8",
+    "train.logging_steps=1",
+    "train.eval_steps=3",
+    "train.save_steps=3",
+    "train.warmup_ratio=0.0",
+    "train.learning_rate=1e-3",
+]
 
 
 def dpo_overrides(assets: Path, sft: Path, out: Path) -> list[str]:
-    return [f"demo_assets={assets}", f"model.name_or_path={sft}",
-            f"data.sources.0.path={assets / 'data' / 'preferences.jsonl'}", f"output_dir={out}",
-            "tracking.wandb=false"]
+    return [
+        f"demo_assets={assets}",
+        f"model.name_or_path={sft}",
+        f"data.sources.0.path={assets / 'data' / 'preferences.jsonl'}",
+        f"output_dir={out}",
+        "tracking.wandb=false",
+    ]
 
 
 def recipe(assets: Path, sft: Path, out: Path, *extra: str) -> DPORecipe:
@@ -68,8 +79,12 @@ def test_each_loss_variant_trains_changes_the_model_and_exports(demo_assets, sft
     # The export reloads on its own and answers a prompt in the chat format.
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
-    ids = tok.apply_chat_template([{"role": "user", "content": "what did you think of the pizza ?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "what did you think of the pizza ?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     gen = model.generate(**ids, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
     assert gen.shape[1] > ids["input_ids"].shape[1]
     if name == "dpo":  # step 1: policy == reference (a separate copy), so the rewards are 0 and the loss log 2
@@ -94,9 +109,13 @@ def kto_file(path: Path) -> Path:
     for i in range(60):
         good = i % 3 != 0
         label = [True, 1, "good", "yes"][i % 4] if good else [False, 0, "bad", "no"][i % 4]
-        rows.append({"prompt": f"what did you think of the pizza {i} ?",
-                     "completion": "the pizza was great . i loved it ." if good else "the pizza was bland .",
-                     "label": label})
+        rows.append(
+            {
+                "prompt": f"what did you think of the pizza {i} ?",
+                "completion": "the pizza was great . i loved it ." if good else "the pizza was bland .",
+                "label": label,
+            }
+        )
     rows.append({"prompt": "broken", "completion": "x", "label": "maybe"})
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -104,8 +123,9 @@ def kto_file(path: Path) -> Path:
 
 def test_kto_reads_single_judged_responses(demo_assets, sft_dir, tmp_path):
     data = kto_file(tmp_path / "kto.jsonl")
-    out = run_dpo(recipe(demo_assets, sft_dir, tmp_path / "run", "method=kto", "loss_type=kto",
-                         f"data.sources.0.path={data}"))
+    out = run_dpo(
+        recipe(demo_assets, sft_dir, tmp_path / "run", "method=kto", "loss_type=kto", f"data.sources.0.path={data}")
+    )
     m = json.loads((out / MANIFEST).read_text())
     src = m["datasets"]["sources"][0]
     assert src["rows_read"] == 61 and src["bad"] == 1
@@ -114,8 +134,11 @@ def test_kto_reads_single_judged_responses(demo_assets, sft_dir, tmp_path):
 
 def test_unpaired_rows_normalise_and_pairs_split_after_the_splits():
     got = normalize_unpaired({"prompt": "p", "response": "r", "label": "Bad"})
-    assert got == {"prompt": [{"role": "user", "content": "p"}],
-                   "completion": [{"role": "assistant", "content": "r"}], "label": False}
+    assert got == {
+        "prompt": [{"role": "user", "content": "p"}],
+        "completion": [{"role": "assistant", "content": "r"}],
+        "label": False,
+    }
     with pytest.raises(RowError, match="'label' must be"):
         normalize_unpaired({"prompt": "p", "completion": "r", "label": 2})
     with pytest.raises(RowError, match="needs 'completion'"):
@@ -131,13 +154,23 @@ def test_tokenization_mismatch_names_the_example(demo_assets):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(demo_assets / "base")
-    rows = [{"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "a b"}],
-             "rejected": [{"role": "assistant", "content": "c"}]}]
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "hi"}],
+            "chosen": [{"role": "assistant", "content": "a b"}],
+            "rejected": [{"role": "assistant", "content": "c"}],
+        }
+    ]
     from rlhf.sampling import render_conversation, render_prompt
 
     prompt = render_prompt(tok, rows[0]["prompt"])
-    good = [{"prompt_ids": prompt, "chosen_ids": render_conversation(tok, rows[0]["prompt"] + rows[0]["chosen"])[len(prompt):],
-             "rejected_ids": render_conversation(tok, rows[0]["prompt"] + rows[0]["rejected"])[len(prompt):]}]
+    good = [
+        {
+            "prompt_ids": prompt,
+            "chosen_ids": render_conversation(tok, rows[0]["prompt"] + rows[0]["chosen"])[len(prompt) :],
+            "rejected_ids": render_conversation(tok, rows[0]["prompt"] + rows[0]["rejected"])[len(prompt) :],
+        }
+    ]
     check_tokenization(tok, rows, good, "train")  # agrees: no error
     bad = [{**good[0], "rejected_ids": good[0]["rejected_ids"][:-1]}]
     with pytest.raises(DataError, match="train example 0 \\(rejected\\): TRL's tokens differ"):
@@ -160,14 +193,17 @@ def test_refuses_a_different_tokenizer(demo_assets, sft_dir, tmp_path):
     assert not (tmp_path / "run" / "dpo" / MANIFEST).exists()
 
 
-@pytest.mark.parametrize("bad,message", [
-    (["loss_type=kto"], "not a dpo loss"),
-    (["method=kto", "loss_type=ipo"], "not a kto loss"),
-    (["label_smoothing=0.5"], "flip probability"),
-    (["loss_type=ipo", "label_smoothing=0.1"], "label_smoothing is used by"),
-    (["method=kto", "loss_type=kto", "train.micro_batch_size=1"], "micro_batch_size must be >= 2"),
-    (["precompute_ref_log_probs=true"], "test split could not be scored"),
-])
+@pytest.mark.parametrize(
+    "bad,message",
+    [
+        (["loss_type=kto"], "not a dpo loss"),
+        (["method=kto", "loss_type=ipo"], "not a kto loss"),
+        (["label_smoothing=0.5"], "flip probability"),
+        (["loss_type=ipo", "label_smoothing=0.1"], "label_smoothing is used by"),
+        (["method=kto", "loss_type=kto", "train.micro_batch_size=1"], "micro_batch_size must be >= 2"),
+        (["precompute_ref_log_probs=true"], "test split could not be scored"),
+    ],
+)
 def test_recipe_errors_name_the_key(demo_assets, sft_dir, tmp_path, bad, message):
     with pytest.raises(ConfigError, match=message):
         recipe(demo_assets, sft_dir, tmp_path, *bad)
@@ -207,8 +243,11 @@ def test_pipeline_wires_dpo_beside_ppo_and_alone(tmp_path):
     assert [v["name"] for v in ev["rl_variants"]] == ["dpo", "ipo", "robust_dpo", "kto"]
     assert ev["ppo_dir"] == f"{tmp_path}/ppo" and ev["reward_dir"] == f"{tmp_path}/reward"
     # DPO alone: no reward model and no PPO, the evaluation judges by ground truth only.
-    alone = load_recipe(PipelineRecipe, REPO / "recipes/demo/pipeline_dpo_methods.yaml",
-                        [f"output_dir={tmp_path}", "reward=null", "ppo=null"])
+    alone = load_recipe(
+        PipelineRecipe,
+        REPO / "recipes/demo/pipeline_dpo_methods.yaml",
+        [f"output_dir={tmp_path}", "reward=null", "ppo=null"],
+    )
     stages = plan(alone)
     assert [s.label for s in stages] == ["sft", "dpo", "ipo", "robust_dpo", "kto", "eval"]
     ev = stages[-1].resolved

@@ -15,16 +15,37 @@ from rlhf.eval.run import run_eval
 
 
 def recipe(assets, sft, reward, out, *extra) -> EvalRecipe:
-    return load_recipe(EvalRecipe, REPO / "recipes/demo/eval.yaml", [
-        f"demo_assets={assets}", f"base_dir={assets / 'base'}", f"sft_dir={sft}", "ppo_dir=null",
-        f"reward_dir={reward}", f"prompts.sources.0.path={assets / 'data/heldout_prompts.jsonl'}",
-        f"few_shot_data.path={assets / 'data/sft.jsonl'}", f"output_dir={out}", "tracking.wandb=false",
-        "samples_per_prompt=2", "generation.max_new_tokens=12", *extra])
+    return load_recipe(
+        EvalRecipe,
+        REPO / "recipes/demo/eval.yaml",
+        [
+            f"demo_assets={assets}",
+            f"base_dir={assets / 'base'}",
+            f"sft_dir={sft}",
+            "ppo_dir=null",
+            f"reward_dir={reward}",
+            f"prompts.sources.0.path={assets / 'data/heldout_prompts.jsonl'}",
+            f"few_shot_data.path={assets / 'data/sft.jsonl'}",
+            f"output_dir={out}",
+            "tracking.wandb=false",
+            "samples_per_prompt=2",
+            "generation.max_new_tokens=12",
+            *extra,
+        ],
+    )
 
 
 def test_eval_with_heldout_reward_model_and_extra_policy(demo_assets, sft_dir, reward_dir, tmp_path):
-    out = run_eval(recipe(demo_assets, sft_dir, reward_dir, tmp_path, f"heldout_reward_dir={reward_dir}",
-                          f"extra_policies=[{{name: sft_fewshot, path: {sft_dir}, few_shot: 1}}]"))
+    out = run_eval(
+        recipe(
+            demo_assets,
+            sft_dir,
+            reward_dir,
+            tmp_path,
+            f"heldout_reward_dir={reward_dir}",
+            f"extra_policies=[{{name: sft_fewshot, path: {sft_dir}, few_shot: 1}}]",
+        )
+    )
     report = json.loads((out / "report.json").read_text())
     s = report["summary"]
     assert list(s) == ["base", "sft", "sft_fewshot"]
@@ -53,10 +74,21 @@ def test_best_of_n_row_and_forgetting_measure(demo_assets, sft_dir, reward_dir, 
     import math
 
     questions = tmp_path / "general.jsonl"
-    questions.write_text("".join(json.dumps({"prompt": f"tell me about the {x} ."}) + "\n"
-                                 for x in ("pizza", "movie", "hotel")))
-    out = run_eval(recipe(demo_assets, sft_dir, reward_dir, tmp_path, "best_of_n=4", "base_few_shot=0",
-                          f"forgetting_prompts={{path: {questions}}}", "forgetting_max_new_tokens=8"))
+    questions.write_text(
+        "".join(json.dumps({"prompt": f"tell me about the {x} ."}) + "\n" for x in ("pizza", "movie", "hotel"))
+    )
+    out = run_eval(
+        recipe(
+            demo_assets,
+            sft_dir,
+            reward_dir,
+            tmp_path,
+            "best_of_n=4",
+            "base_few_shot=0",
+            f"forgetting_prompts={{path: {questions}}}",
+            "forgetting_max_new_tokens=8",
+        )
+    )
     s = json.loads((out / "report.json").read_text())["summary"]
     assert list(s) == ["base", "sft", "sft_best_of_4"]
     assert s["sft_best_of_4"]["reward_mean"] >= s["sft"]["reward_mean"]

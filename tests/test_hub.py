@@ -27,22 +27,24 @@ def _cache_repo(hf_home, kind: str, repo: str, fill) -> None:
 
 def test_models_and_datasets_by_hub_id_from_an_offline_cache(sft_dir, tmp_path):
     hf_home = tmp_path / "hf"
-    _cache_repo(hf_home, "model", "demo-org/tiny-chat",
-                lambda d: [shutil.copy(p, d) for p in sft_dir.iterdir() if p.is_file()])
+    _cache_repo(
+        hf_home, "model", "demo-org/tiny-chat", lambda d: [shutil.copy(p, d) for p in sft_dir.iterdir() if p.is_file()]
+    )
 
     def dataset(d):
         (d / "data").mkdir()
-        (d / "data" / "train.jsonl").write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": "a", "rejected": "b"})
-                                                        + "\n" for i in range(5)))
+        (d / "data" / "train.jsonl").write_text(
+            "".join(json.dumps({"prompt": f"q{i}", "chosen": "a", "rejected": "b"}) + "\n" for i in range(5))
+        )
         (d / "data" / "test.jsonl").write_text(json.dumps({"prompt": "t", "chosen": "a", "rejected": "b"}) + "\n")
 
     _cache_repo(hf_home, "dataset", "demo-org/prefs", dataset)
-    script = textwrap.dedent(f"""
+    script = textwrap.dedent("""
         import json
         from rlhf.data.io import read_rows, fingerprint
         from rlhf.errors import DataError, HandoffError
         from rlhf.models import load_model, load_tokenizer
-        out = {{}}
+        out = {}
         model = load_model("demo-org/tiny-chat", "causal-lm")
         out["params"] = sum(p.numel() for p in model.parameters())
         out["eos"] = load_tokenizer("demo-org/tiny-chat").eos_token
@@ -61,8 +63,9 @@ def test_models_and_datasets_by_hub_id_from_an_offline_cache(sft_dir, tmp_path):
         print(json.dumps(out))
     """)
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(hf_home / "hub")}
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     from transformers import AutoModelForCausalLM

@@ -10,7 +10,7 @@ import pytest
 from rlhf.tasks import GRADERS
 from rlhf.tasks import instruct as T
 
-P = ("Describe the cat. End your answer with an exclamation mark. Include the word 'today'.")
+P = "Describe the cat. End your answer with an exclamation mark. Include the word 'today'."
 
 
 def test_parse_reads_topic_and_instructions_back():
@@ -19,13 +19,16 @@ def test_parse_reads_topic_and_instructions_back():
     assert T.parse("Tell me about the sea. Answer in at most 6 words.").constraints == ("short",)
 
 
-@pytest.mark.parametrize("answer,followed,topical,total", [
-    ("The cat is soft today!", 1.0, 1.0, 100.0),
-    ("The cat is soft today.", 0.5, 1.0, 50.0),  # no exclamation mark
-    ("The dog is loyal today!", 1.0, 0.0, 0.0),  # off topic: neither 'cat' nor a cat word
-    ("It is curious!", 0.5, 1.0, 50.0),  # 'curious' is a cat word; 'today' missing
-    ("", 0.0, 0.0, 0.0),
-])
+@pytest.mark.parametrize(
+    "answer,followed,topical,total",
+    [
+        ("The cat is soft today!", 1.0, 1.0, 100.0),
+        ("The cat is soft today.", 0.5, 1.0, 50.0),  # no exclamation mark
+        ("The dog is loyal today!", 1.0, 0.0, 0.0),  # off topic: neither 'cat' nor a cat word
+        ("It is curious!", 0.5, 1.0, 50.0),  # 'curious' is a cat word; 'today' missing
+        ("", 0.0, 0.0, 0.0),
+    ],
+)
 def test_score_by_hand(answer, followed, topical, total):
     s = T.score(P, answer)
     assert (s.followed, s.on_topic, s.total) == (followed, topical, total)

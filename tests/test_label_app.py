@@ -68,6 +68,7 @@ def expire_leases(db) -> None:
 
 # --- sign-in, sessions, isolation -----------------------------------------------------------------
 
+
 def test_every_endpoint_but_login_needs_a_token(app):
     client, tokens, _, _ = app
     assert client.get("/").status_code == 200
@@ -90,8 +91,11 @@ def test_login_session_label_form_and_progress(app):
     page = client.get("/label")
     assert "you labelled <strong>0</strong>" in page.text
     pair_id = int(re.search(r'name="pair_id" value="(\d+)"', page.text).group(1))
-    r = client.post("/label", data={"pair_id": pair_id, "choice": "left", "strength": "3", "comment": "clear",
-                                    "csrf": form_token(page.text)}, follow_redirects=False)
+    r = client.post(
+        "/label",
+        data={"pair_id": pair_id, "choice": "left", "strength": "3", "comment": "clear", "csrf": form_token(page.text)},
+        follow_redirects=False,
+    )
     assert r.status_code == 303 and count_labels(db) == 1  # committed before the answer
     assert "you labelled <strong>1</strong>" in client.get("/label").text
 
@@ -146,8 +150,12 @@ def test_revoke_ends_token_and_sessions(app, capsys):
     assert sign_in(TestClient(client.app, headers=ORIGIN), tokens["ann"]).status_code == 401
     assert client.get("/api/next", headers=bearer(tokens["ben"])).status_code == 200  # others unaffected
     # ...and its place is given back at once, not when the lease would have run out
-    [(until,)] = sql(db, "select s.expires_at from assignments s join annotators a on a.id = s.annotator_id "
-                         "where a.name = 'ann' and s.pair_id = ?", pair["pair_id"])
+    [(until,)] = sql(
+        db,
+        "select s.expires_at from assignments s join annotators a on a.id = s.annotator_id "
+        "where a.name = 'ann' and s.pair_id = ?",
+        pair["pair_id"],
+    )
     assert dt.datetime.fromisoformat(until).replace(tzinfo=dt.timezone.utc) <= dt.datetime.now(dt.timezone.utc)
     assert main(["label", "revoke", "nobody", "--db", str(db)]) == 2
     assert "no annotator named 'nobody'" in capsys.readouterr().err
@@ -171,17 +179,28 @@ def test_annotators_cannot_read_or_overwrite_each_others_labels(tmp_path):
     tokens = {n: store.add_annotator(engine, n) for n in ("ann", "ben")}
     client = TestClient(create_app(str(db)))
     pair = served(client, tokens["ann"])
-    assert client.post("/api/labels", json={"pair_id": pair["pair_id"], "choice": "left", "strength": 2},
-                       headers=bearer(tokens["ann"])).status_code == 201
+    assert (
+        client.post(
+            "/api/labels",
+            json={"pair_id": pair["pair_id"], "choice": "left", "strength": 2},
+            headers=bearer(tokens["ann"]),
+        ).status_code
+        == 201
+    )
     # ann cannot label the same pair again (no overwrite of the acknowledged label)
-    again = client.post("/api/labels", json={"pair_id": pair["pair_id"], "choice": "right"},
-                        headers=bearer(tokens["ann"]))
+    again = client.post(
+        "/api/labels", json={"pair_id": pair["pair_id"], "choice": "right"}, headers=bearer(tokens["ann"])
+    )
     assert again.status_code == 409 and "already" in again.json()["detail"]
     # ben sees only his own labels, and his label on the same pair is his own row
     assert client.get("/api/labels", headers=bearer(tokens["ben"])).json()["labels"] == []
     assert served(client, tokens["ben"])["pair_id"] == pair["pair_id"]
-    assert client.post("/api/labels", json={"pair_id": pair["pair_id"], "choice": "tie"},
-                       headers=bearer(tokens["ben"])).status_code == 201
+    assert (
+        client.post(
+            "/api/labels", json={"pair_id": pair["pair_id"], "choice": "tie"}, headers=bearer(tokens["ben"])
+        ).status_code
+        == 201
+    )
     mine = client.get("/api/labels", headers=bearer(tokens["ann"])).json()["labels"]
     assert [(row["pair_id"], row["strength"]) for row in mine] == [(pair["pair_id"], 2)]
     rows = sql(db, "select a.name, l.choice from labels l join annotators a on a.id = l.annotator_id order by a.name")
@@ -209,6 +228,7 @@ def test_prompts_and_responses_are_escaped(tmp_path):
 
 # --- fair assignment ------------------------------------------------------------------------------
 
+
 def test_a_label_needs_the_pair_to_have_been_served(app):
     client, tokens, db, _ = app
     mine = served(client, tokens["ann"])["pair_id"]
@@ -220,8 +240,10 @@ def test_a_label_needs_the_pair_to_have_been_served(app):
     assert client.post("/label", data={"pair_id": other, "choice": "tie"}, headers=h).status_code == 403
     assert client.post("/skip", data={"pair_id": other}, headers=bearer(tokens["ann"])).status_code == 403
     assert count_labels(db) == 0 and sql(db, "select count(*) from skips") == [(0,)]
-    assert client.post("/api/labels", json={"pair_id": mine, "choice": "left"},
-                       headers=bearer(tokens["ann"])).status_code == 201
+    assert (
+        client.post("/api/labels", json={"pair_id": mine, "choice": "left"}, headers=bearer(tokens["ann"])).status_code
+        == 201
+    )
 
 
 def test_next_holds_one_pair_until_labelled_and_leases_count_against_overlap(tmp_path):
@@ -234,10 +256,15 @@ def test_next_holds_one_pair_until_labelled_and_leases_count_against_overlap(tmp
     assert served(client, tokens["ben"]) is None  # overlap 1, and ann holds its one place
     expire_leases(db)  # ann walks away; the lease runs out...
     assert served(client, tokens["ben"])["pair_id"] == first["pair_id"]  # ...and ben gets the place
-    assert client.post("/api/labels", json={"pair_id": first["pair_id"], "choice": "left"},
-                       headers=bearer(tokens["ben"])).status_code == 201
-    late = client.post("/api/labels", json={"pair_id": first["pair_id"], "choice": "right"},
-                       headers=bearer(tokens["ann"]))
+    assert (
+        client.post(
+            "/api/labels", json={"pair_id": first["pair_id"], "choice": "left"}, headers=bearer(tokens["ben"])
+        ).status_code
+        == 201
+    )
+    late = client.post(
+        "/api/labels", json={"pair_id": first["pair_id"], "choice": "right"}, headers=bearer(tokens["ann"])
+    )
     assert late.status_code == 409 and "all the labels it needs" in late.json()["detail"]
     assert count_labels(db) == 1
 
@@ -248,8 +275,12 @@ def test_a_lapsed_lease_may_still_label_while_a_place_is_free(tmp_path):
     client = TestClient(create_app(str(db), Settings(lease_s=600)))
     pair = served(client, token)
     expire_leases(db)  # a long look at the pair, nobody else wanted it
-    assert client.post("/api/labels", json={"pair_id": pair["pair_id"], "choice": "left"},
-                       headers=bearer(token)).status_code == 201
+    assert (
+        client.post(
+            "/api/labels", json={"pair_id": pair["pair_id"], "choice": "left"}, headers=bearer(token)
+        ).status_code
+        == 201
+    )
 
 
 def test_lease_length_is_the_setting(tmp_path):
@@ -309,8 +340,13 @@ def test_overlap_serves_each_pair_to_k_annotators_and_stats(app, capsys):
 
 # --- CSRF, headers, exposure ----------------------------------------------------------------------
 
-FOREIGN = [{"origin": "http://127.0.0.1:9999"}, {"origin": "https://evil.example"}, {"origin": "null"},
-           {"referer": "http://evil.example/page"}, {}]
+FOREIGN = [
+    {"origin": "http://127.0.0.1:9999"},
+    {"origin": "https://evil.example"},
+    {"origin": "null"},
+    {"referer": "http://evil.example/page"},
+    {},
+]
 
 
 @pytest.mark.parametrize("headers", FOREIGN, ids=["other-port", "other-site", "null", "foreign-referer", "none"])
@@ -331,8 +367,9 @@ def test_cookie_posts_from_another_origin_are_refused(app, headers):
     # a login from another page does not sign a browser in as someone else (even with the form's value)
     victim = TestClient(client.app)
     value = re.search(r'name="login_csrf" value="([^"]+)"', victim.get("/").text).group(1)
-    r = victim.post("/login", data={"token": tokens["ben"], "login_csrf": value}, headers=headers,
-                    follow_redirects=False)
+    r = victim.post(
+        "/login", data={"token": tokens["ben"], "login_csrf": value}, headers=headers, follow_redirects=False
+    )
     assert r.status_code == 403 and "rlhf_session" not in r.headers.get("set-cookie", "")
 
 
@@ -341,8 +378,12 @@ def test_same_origin_referer_is_enough_when_origin_is_missing(app):
     sign_in(client, tokens["ann"])
     page = client.get("/label").text
     pair_id = re.search(r'name="pair_id" value="(\d+)"', page).group(1)
-    r = client.post("/label", data={"pair_id": pair_id, "choice": "tie", "csrf": form_token(page)},
-                    headers={"origin": "", "referer": "http://testserver/label"}, follow_redirects=False)
+    r = client.post(
+        "/label",
+        data={"pair_id": pair_id, "choice": "tie", "csrf": form_token(page)},
+        headers={"origin": "", "referer": "http://testserver/label"},
+        follow_redirects=False,
+    )
     assert r.status_code == 303 and count_labels(db) == 1
 
 
@@ -352,8 +393,9 @@ def test_forms_need_the_sessions_csrf_token(app):
     page = client.get("/label").text
     pair_id = re.search(r'name="pair_id" value="(\d+)"', page).group(1)
     for bad in ("", "&csrf=", "&csrf=" + "0" * 64, "&csrf=%ED%A0%80"):  # the last: a surrogate in UTF-8 (invalid)
-        r = client.post("/label", content=f"pair_id={pair_id}&choice=left{bad}".encode(), headers=FORM,
-                        follow_redirects=False)
+        r = client.post(
+            "/label", content=f"pair_id={pair_id}&choice=left{bad}".encode(), headers=FORM, follow_redirects=False
+        )
         assert r.status_code == 403 and "reload the page" in r.text
     # another session's token is no good either
     other = TestClient(client.app, headers=ORIGIN)
@@ -367,11 +409,17 @@ def test_forms_need_the_sessions_csrf_token(app):
 
 def test_security_headers_on_every_answer(app):
     client, tokens, _, _ = app
-    answers = [client.get("/"), client.get("/label"), client.get("/label", headers=bearer(tokens["ann"])),
-               client.get("/api/next", headers=bearer(tokens["ann"])), client.get("/api/next"),
-               client.get("/static/app.css"), client.get("/nowhere"),
-               client.post("/api/labels", json={"pair_id": "x"}, headers=bearer(tokens["ann"])),
-               client.post("/label", data={"pair_id": 1}, headers={"origin": "http://elsewhere"})]
+    answers = [
+        client.get("/"),
+        client.get("/label"),
+        client.get("/label", headers=bearer(tokens["ann"])),
+        client.get("/api/next", headers=bearer(tokens["ann"])),
+        client.get("/api/next"),
+        client.get("/static/app.css"),
+        client.get("/nowhere"),
+        client.post("/api/labels", json={"pair_id": "x"}, headers=bearer(tokens["ann"])),
+        client.post("/label", data={"pair_id": 1}, headers={"origin": "http://elsewhere"}),
+    ]
     for r in answers:
         csp = r.headers.get("content-security-policy", "")
         assert "frame-ancestors 'none'" in csp and "script-src 'self'" in csp and "unsafe-inline" not in csp, r.url
@@ -426,8 +474,9 @@ def test_serving_beyond_loopback_warns(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append(kw))
     assert main(["label", "serve", "--db", str(db), "--port", "8123"]) == 0
     assert "WARNING" not in capsys.readouterr().err
-    assert main(["label", "serve", "--db", str(db), "--host", "0.0.0.0", "--secure-cookies",
-                 "--lease-minutes", "5"]) == 0
+    assert (
+        main(["label", "serve", "--db", str(db), "--host", "0.0.0.0", "--secure-cookies", "--lease-minutes", "5"]) == 0
+    )
     err = capsys.readouterr().err
     assert "WARNING: serving on 0.0.0.0" in err and "TLS" in err and "reverse proxy" in err
     assert [c["host"] for c in calls] == ["127.0.0.1", "0.0.0.0"] and calls[1]["forwarded_allow_ips"] == "127.0.0.1"
@@ -477,20 +526,29 @@ def test_malformed_and_oversized_requests_write_nothing(app):
     client, tokens, db, _ = app
     h = bearer(tokens["ann"])
     pair_id = served(client, tokens["ann"])["pair_id"]
-    bad = [({"pair_id": pair_id, "choice": "maybe"}, 422), ({"pair_id": pair_id}, 422),
-           ({"pair_id": pair_id, "choice": "left", "strength": 9}, 422),
-           ({"pair_id": pair_id, "choice": "left", "comment": "x" * 2001}, 422),
-           ({"pair_id": 10**6, "choice": "left"}, 404)]
+    bad = [
+        ({"pair_id": pair_id, "choice": "maybe"}, 422),
+        ({"pair_id": pair_id}, 422),
+        ({"pair_id": pair_id, "choice": "left", "strength": 9}, 422),
+        ({"pair_id": pair_id, "choice": "left", "comment": "x" * 2001}, 422),
+        ({"pair_id": 10**6, "choice": "left"}, 404),
+    ]
     for body, status in bad:
         r = client.post("/api/labels", json=body, headers=h)
         assert r.status_code == status, (body, r.text)
         assert "detail" in r.json()
-    r = client.post("/api/labels", content=b"{" + b" " * 70_000 + b"}", headers={**h, "content-type": "application/json"})
+    r = client.post(
+        "/api/labels", content=b"{" + b" " * 70_000 + b"}", headers={**h, "content-type": "application/json"}
+    )
     assert r.status_code == 413 and "over" in r.json()["detail"]
-    for form in ({"pair_id": pair_id, "choice": "sideways"}, {"pair_id": str(2**63), "choice": "left"},
-                 {"pair_id": "1e400", "choice": "left"}, {"pair_id": "true", "choice": "left"},
-                 {"pair_id": pair_id, "choice": "left", "strength": "NaN"},
-                 {"pair_id": pair_id, "choice": "left", "comment": "a\x00b"}):
+    for form in (
+        {"pair_id": pair_id, "choice": "sideways"},
+        {"pair_id": str(2**63), "choice": "left"},
+        {"pair_id": "1e400", "choice": "left"},
+        {"pair_id": "true", "choice": "left"},
+        {"pair_id": pair_id, "choice": "left", "strength": "NaN"},
+        {"pair_id": pair_id, "choice": "left", "comment": "a\x00b"},
+    ):
         r = client.post("/label", data=form, headers=h)
         assert r.status_code == 422 and "invalid" in r.text and "<html" in r.text, (form, r.text[:300])
     assert client.post("/skip", data={"pair_id": str(2**64)}, headers=h).status_code == 422
@@ -508,14 +566,18 @@ def test_hostile_sign_in_input_is_refused_cleanly(app):
 
 # --- the page -------------------------------------------------------------------------------------
 
+
 def test_a_repeated_form_post_goes_on_to_the_next_pair(app):
     """A double key press posts the same pair twice: the first label stands and the second post
     lands on the next pair, not on a raw JSON 409."""
     client, tokens, db, _ = app
     sign_in(client, tokens["ann"])
     page = client.get("/label").text
-    form = {"pair_id": re.search(r'name="pair_id" value="(\d+)"', page).group(1), "choice": "left",
-            "csrf": form_token(page)}
+    form = {
+        "pair_id": re.search(r'name="pair_id" value="(\d+)"', page).group(1),
+        "choice": "left",
+        "csrf": form_token(page),
+    }
     assert client.post("/label", data=form, follow_redirects=False).status_code == 303
     again = client.post("/label", data={**form, "choice": "right"})
     assert again.status_code == 200 and "you labelled <strong>1</strong>" in again.text
@@ -542,6 +604,7 @@ def test_texts_are_bidi_isolated_and_wrap(tmp_path):
 
 
 # --- export ---------------------------------------------------------------------------------------
+
 
 def test_export_majority_vote_in_the_reward_format(app, tmp_path, capsys):
     from rlhf.config import DataConfig, DataSource
@@ -640,9 +703,29 @@ def test_a_project_made_before_sessions_and_leases_gets_their_tables(tmp_path):
 
 def test_init_from_two_policies_with_active_sampling(sft_dir, reward_dir, demo_assets, tmp_path, capsys):
     db = tmp_path / "labels.sqlite"
-    assert main(["label", "init", "--db", str(db), "--prompts", str(demo_assets / "data/heldout_prompts.jsonl"),
-                 "--policy", str(sft_dir), "--policy-b", str(demo_assets / "base"), "--samples", "2",
-                 "--reward-model", str(reward_dir), "--max-new-tokens", "16"]) == 0
+    assert (
+        main(
+            [
+                "label",
+                "init",
+                "--db",
+                str(db),
+                "--prompts",
+                str(demo_assets / "data/heldout_prompts.jsonl"),
+                "--policy",
+                str(sft_dir),
+                "--policy-b",
+                str(demo_assets / "base"),
+                "--samples",
+                "2",
+                "--reward-model",
+                str(reward_dir),
+                "--max-new-tokens",
+                "16",
+            ]
+        )
+        == 0
+    )
     assert "24 prompts" in capsys.readouterr().out
     with sqlite3.connect(db) as c:
         sources = {r[0] for r in c.execute("select distinct source from candidates")}
@@ -667,13 +750,26 @@ def test_reward_stage_trains_on_the_export(demo_assets, sft_dir, tmp_path):
 
     prefs = [json.loads(line) for line in (demo_assets / "data/preferences.jsonl").read_text().splitlines()[:160]]
     cands = tmp_path / "cands.jsonl"
-    cands.write_text("".join(json.dumps({"prompt": p["prompt"], "response": r, "model": m}) + "\n"
-                             for i, p in enumerate(prefs)
-                             for r, m in ((p["chosen"], f"c{i}"), (p["rejected"], f"r{i}"))))
+    cands.write_text(
+        "".join(
+            json.dumps({"prompt": p["prompt"], "response": r, "model": m}) + "\n"
+            for i, p in enumerate(prefs)
+            for r, m in ((p["chosen"], f"c{i}"), (p["rejected"], f"r{i}"))
+        )
+    )
     db = tmp_path / "labels.sqlite"
     # one pair per distinct prompt in the file: candidates are grouped by prompt, paired two by two
-    project.init_project(str(db), prompts_path=None, policy=None, policy_b=None, samples=2,
-                         candidates_path=str(cands), overlap=1, reward_model=None, gen=GenerationSettings())
+    project.init_project(
+        str(db),
+        prompts_path=None,
+        policy=None,
+        policy_b=None,
+        samples=2,
+        candidates_path=str(cands),
+        overlap=1,
+        reward_model=None,
+        gen=GenerationSettings(),
+    )
     engine = store.connect(str(db))
     token = store.add_annotator(engine, "ann")
     client = TestClient(create_app(str(db)))
@@ -682,15 +778,31 @@ def test_reward_stage_trains_on_the_export(demo_assets, sft_dir, tmp_path):
     n = 0
     while (nxt := client.get("/api/next", headers=h).json()["pair"]) is not None:
         choice = "left" if nxt["left"] in chosen_texts else "right"
-        assert client.post("/api/labels", json={"pair_id": nxt["pair_id"], "choice": choice, "strength": 2},
-                           headers=h).status_code == 201
+        assert (
+            client.post(
+                "/api/labels", json={"pair_id": nxt["pair_id"], "choice": choice, "strength": 2}, headers=h
+            ).status_code
+            == 201
+        )
         n += 1
     out = tmp_path / "prefs.jsonl"
     assert project.export(engine, out)["written"] == n and n >= 60
-    recipe = load_recipe(RewardRecipe, REPO / "recipes/demo/reward.yaml", [
-        f"model.name_or_path={sft_dir}", f"data.sources.0.path={out}", "data.bad_rows=error", "demo_assets=null",
-        f"output_dir={tmp_path / 'run'}", "tracking.wandb=false", "train.num_epochs=1", "train.micro_batch_size=8",
-        "train.eval_steps=4", "train.save_steps=4"])
+    recipe = load_recipe(
+        RewardRecipe,
+        REPO / "recipes/demo/reward.yaml",
+        [
+            f"model.name_or_path={sft_dir}",
+            f"data.sources.0.path={out}",
+            "data.bad_rows=error",
+            "demo_assets=null",
+            f"output_dir={tmp_path / 'run'}",
+            "tracking.wandb=false",
+            "train.num_epochs=1",
+            "train.micro_batch_size=8",
+            "train.eval_steps=4",
+            "train.save_steps=4",
+        ],
+    )
     done = run_reward(recipe)
     m = json.loads((done / "rlhf_manifest.json").read_text())
     assert m["stage"] == "reward" and m["metrics"]["validation"]["pairs"] >= 5

@@ -21,16 +21,29 @@ from rlhf.label import store
 from test_label_load import start_server, stop
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (scripts/test.sh installs it as root)")]
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (scripts/test.sh installs it as root)"),
+]
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def labels_of(db, name: str) -> list[tuple]:
     with sqlite3.connect(db) as c:
-        return c.execute("select l.choice, l.strength, l.comment, l.left_id from labels l join annotators a "
-                         "on a.id = l.annotator_id where a.name = ? order by l.id", (name,)).fetchall()
+        return c.execute(
+            "select l.choice, l.strength, l.comment, l.left_id from labels l join annotators a "
+            "on a.id = l.annotator_id where a.name = ? order by l.id",
+            (name,),
+        ).fetchall()
 
 
 def test_sign_in_label_with_mouse_and_keyboard(tmp_path):
@@ -118,6 +131,7 @@ def signed_in_page(browser, url: str, token: str, **kw):
 @contextmanager
 def attacker_site(html: str, set_cookie: str | None = None):
     """Another web server on this machine (another port): serves one page, the attack."""
+
     class Page(BaseHTTPRequestHandler):
         def do_GET(self):  # noqa: N802 (http.server's naming)
             body = html.encode()
@@ -144,8 +158,10 @@ def attacker_site(html: str, set_cookie: str | None = None):
 
 def auto_post(action: str, fields: dict[str, str]) -> str:
     inputs = "".join(f'<input type="hidden" name="{k}" value="{v}">' for k, v in fields.items())
-    return (f'<html><body><form id="f" method="post" action="{action}">{inputs}</form>'
-            '<script>document.getElementById("f").submit()</script></body></html>')
+    return (
+        f'<html><body><form id="f" method="post" action="{action}">{inputs}</form>'
+        '<script>document.getElementById("f").submit()</script></body></html>'
+    )
 
 
 def count(db, table: str) -> int:
@@ -155,8 +171,9 @@ def count(db, table: str) -> int:
 
 def held_pair(db, name: str) -> int:
     with sqlite3.connect(db) as c:
-        return c.execute("select s.pair_id from assignments s join annotators a on a.id = s.annotator_id "
-                         "where a.name = ?", (name,)).fetchone()[0]
+        return c.execute(
+            "select s.pair_id from assignments s join annotators a on a.id = s.annotator_id where a.name = ?", (name,)
+        ).fetchone()[0]
 
 
 def test_forged_posts_from_another_port_change_nothing(tmp_path):
@@ -167,8 +184,11 @@ def test_forged_posts_from_another_port_change_nothing(tmp_path):
     with app_and_browser(db) as (url, browser):
         victim = signed_in_page(browser, url, token)
         pair_id = held_pair(db, "dana")  # the attacker even knows which pair she holds
-        for action, fields in (("/label", {"pair_id": pair_id, "choice": "left", "strength": "3"}),
-                               ("/skip", {"pair_id": pair_id}), ("/logout", {})):
+        for action, fields in (
+            ("/label", {"pair_id": pair_id, "choice": "left", "strength": "3"}),
+            ("/skip", {"pair_id": pair_id}),
+            ("/logout", {}),
+        ):
             with attacker_site(auto_post(f"{url}{action}", fields)) as port:
                 victim.goto(f"http://127.0.0.1:{port}/")
                 victim.wait_for_url(f"{url}{action}")

@@ -25,8 +25,12 @@ PAIRS, OVERLAP, CLIENTS, LABELS = 400, 3, 20, 50
 def start_server(db, port: int) -> subprocess.Popen:
     import httpx
 
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf.cli", "label", "serve", "--db", str(db), "--port", str(port)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rlhf.cli", "label", "serve", "--db", str(db), "--port", str(port)],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
@@ -45,10 +49,28 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def load(db, port: int, acked, clients=CLIENTS, labels=LABELS, timeout=120) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(REPO / "scripts/label_load.py"), "--db", str(db),
-                             "--url", f"http://127.0.0.1:{port}", "--clients", str(clients), "--labels", str(labels),
-                             "--timeout", str(timeout), "--acked", str(acked)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "scripts/label_load.py"),
+            "--db",
+            str(db),
+            "--url",
+            f"http://127.0.0.1:{port}",
+            "--clients",
+            str(clients),
+            "--labels",
+            str(labels),
+            "--timeout",
+            str(timeout),
+            "--acked",
+            str(acked),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def n_acked(acked) -> int:
@@ -83,12 +105,16 @@ def check_db(db, acked) -> list[dict]:
     rows = [json.loads(line) for line in acked.read_text().splitlines()]
     with sqlite3.connect(db) as c:
         assert c.execute("pragma integrity_check").fetchone()[0] == "ok"
-        dup = c.execute("select pair_id, annotator_id, count(*) from labels group by 1, 2 having count(*) > 1").fetchall()
+        dup = c.execute(
+            "select pair_id, annotator_id, count(*) from labels group by 1, 2 having count(*) > 1"
+        ).fetchall()
         assert dup == [], f"duplicated labels: {dup[:5]}"
         stored = dict(c.execute("select id, pair_id from labels").fetchall())
         over = c.execute("select pair_id, count(*) from labels group by 1 having count(*) > ?", (OVERLAP,)).fetchall()
-        unserved = c.execute("select count(*) from labels l left join assignments s on s.pair_id = l.pair_id "
-                             "and s.annotator_id = l.annotator_id where s.pair_id is null").fetchone()[0]
+        unserved = c.execute(
+            "select count(*) from labels l left join assignments s on s.pair_id = l.pair_id "
+            "and s.annotator_id = l.annotator_id where s.pair_id is null"
+        ).fetchone()[0]
     missing = [r for r in rows if stored.get(r["label_id"]) != r["pair_id"]]
     assert not missing, f"{len(missing)} acknowledged labels lost, e.g. {missing[:3]}"
     assert over == [], f"pairs over the overlap of {OVERLAP}: {over[:5]}"

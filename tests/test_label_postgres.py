@@ -19,9 +19,13 @@ from conftest import free_port
 from label_helpers import race_for_pair_one
 
 BIN = sorted(glob.glob("/usr/lib/postgresql/*/bin"))
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not BIN or shutil.which("runuser") is None or os.geteuid() != 0,
-                                 reason="needs Debian's postgresql package and root (scripts/test.sh installs it)")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not BIN or shutil.which("runuser") is None or os.geteuid() != 0,
+        reason="needs Debian's postgresql package and root (scripts/test.sh installs it)",
+    ),
+]
 
 
 def as_postgres(*cmd: str) -> subprocess.CompletedProcess:
@@ -39,8 +43,17 @@ def pg_url(tmp_path_factory):
     bin_dir, port = BIN[-1], free_port()
     r = as_postgres(f"{bin_dir}/initdb", "-D", str(data), "--auth=trust", "-U", "postgres")
     assert r.returncode == 0, r.stderr
-    r = as_postgres(f"{bin_dir}/pg_ctl", "-D", str(data), "-l", str(data / "log"), "-w", "-o",
-                    f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start")
+    r = as_postgres(
+        f"{bin_dir}/pg_ctl",
+        "-D",
+        str(data),
+        "-l",
+        str(data / "log"),
+        "-w",
+        "-o",
+        f"-p {port} -k {data} -c listen_addresses=127.0.0.1",
+        "start",
+    )
     assert r.returncode == 0, r.stderr + (data / "log").read_text()
     yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
     as_postgres(f"{bin_dir}/pg_ctl", "-D", str(data), "-m", "immediate", "stop")
@@ -62,12 +75,24 @@ def init(url: str, tmp_path, n: int, overlap: int) -> None:
     from rlhf.config import GenerationSettings
     from rlhf.label import project
 
-    rows = [{"prompt": f"write a review of thing {i} .", "response": r, "model": m}
-            for i in range(n) for r, m in ((f"great {i} .", "m1"), (f"awful {i} .", "m2"))]
+    rows = [
+        {"prompt": f"write a review of thing {i} .", "response": r, "model": m}
+        for i in range(n)
+        for r, m in ((f"great {i} .", "m1"), (f"awful {i} .", "m2"))
+    ]
     cands = tmp_path / "cands.jsonl"
     cands.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    project.init_project(url, prompts_path=None, policy=None, policy_b=None, samples=2, candidates_path=str(cands),
-                         overlap=overlap, reward_model=None, gen=GenerationSettings())
+    project.init_project(
+        url,
+        prompts_path=None,
+        policy=None,
+        policy_b=None,
+        samples=2,
+        candidates_path=str(cands),
+        overlap=overlap,
+        reward_model=None,
+        gen=GenerationSettings(),
+    )
 
 
 def test_label_and_export_on_postgres(pg_url, tmp_path):
@@ -82,8 +107,12 @@ def test_label_and_export_on_postgres(pg_url, tmp_path):
     for t in tokens:
         h = {"Authorization": f"Bearer {t}"}
         while (nxt := client.get("/api/next", headers=h).json()["pair"]) is not None:
-            assert client.post("/api/labels", json={"pair_id": nxt["pair_id"], "choice": "left", "strength": 2},
-                               headers=h).status_code == 201
+            assert (
+                client.post(
+                    "/api/labels", json={"pair_id": nxt["pair_id"], "choice": "left", "strength": 2}, headers=h
+                ).status_code
+                == 201
+            )
         again = client.post("/api/labels", json={"pair_id": 1, "choice": "right"}, headers=h)
         assert again.status_code == 409
     s = project.stats(engine)
@@ -118,11 +147,14 @@ def check_pg(url: str, acked_path) -> int:
     with engine.connect() as c:
         q = lambda sql: c.execute(sqlalchemy.text(sql))  # noqa: E731
         n = q("select count(*) from labels").scalar()
-        dup = q("select count(*) from (select pair_id, annotator_id from labels group by 1, 2 "
-                "having count(*) > 1) d").scalar()
+        dup = q(
+            "select count(*) from (select pair_id, annotator_id from labels group by 1, 2 having count(*) > 1) d"
+        ).scalar()
         over = q(f"select count(*) from (select pair_id from labels group by 1 having count(*) > {OVERLAP}) o").scalar()
-        unserved = q("select count(*) from labels l left join assignments s on s.pair_id = l.pair_id "
-                     "and s.annotator_id = l.annotator_id where s.pair_id is null").scalar()
+        unserved = q(
+            "select count(*) from labels l left join assignments s on s.pair_id = l.pair_id "
+            "and s.annotator_id = l.annotator_id where s.pair_id is null"
+        ).scalar()
         stored = dict(q("select id, pair_id from labels").all())
     engine.dispose()
     acked = [json.loads(line) for line in acked_path.read_text().splitlines()]

@@ -39,8 +39,11 @@ def test_single_mode_serves_one_response_and_takes_good_or_bad(tmp_path, capsys)
             good = "great" in nxt["response"]
             if name == "ben" and nxt["pair_id"] == item["pair_id"]:
                 good = not good  # one split vote
-            r = client.post("/api/labels", json={"pair_id": nxt["pair_id"], "choice": "good" if good else "bad"},
-                            headers=bearer(token))
+            r = client.post(
+                "/api/labels",
+                json={"pair_id": nxt["pair_id"], "choice": "good" if good else "bad"},
+                headers=bearer(token),
+            )
             assert r.status_code == 201
             judged.setdefault(nxt["pair_id"], []).append(good)
     assert len(judged) == 6 and all(len(v) == 2 for v in judged.values())  # overlap 2, each item once per annotator
@@ -78,9 +81,18 @@ def test_single_mode_refuses_a_second_policy(tmp_path):
     from rlhf.config import GenerationSettings
 
     with pytest.raises(ValueError, match="single mode judges each answer alone"):
-        project.init_project(str(tmp_path / "x.sqlite"), prompts_path="p", policy="a", policy_b="b", samples=2,
-                             candidates_path=None, overlap=1, reward_model=None, gen=GenerationSettings(),
-                             mode="single")
+        project.init_project(
+            str(tmp_path / "x.sqlite"),
+            prompts_path="p",
+            policy="a",
+            policy_b="b",
+            samples=2,
+            candidates_path=None,
+            overlap=1,
+            reward_model=None,
+            gen=GenerationSettings(),
+            mode="single",
+        )
 
 
 def test_kto_stage_trains_on_the_single_mode_export(demo_assets, sft_dir, tmp_path):
@@ -92,27 +104,59 @@ def test_kto_stage_trains_on_the_single_mode_export(demo_assets, sft_dir, tmp_pa
 
     prefs = [json.loads(line) for line in (demo_assets / "data/preferences.jsonl").read_text().splitlines()[:60]]
     cands = tmp_path / "cands.jsonl"
-    cands.write_text("".join(json.dumps({"prompt": p["prompt"], "response": r}) + "\n"
-                             for p in prefs for r in (p["chosen"], p["rejected"])))
+    cands.write_text(
+        "".join(
+            json.dumps({"prompt": p["prompt"], "response": r}) + "\n"
+            for p in prefs
+            for r in (p["chosen"], p["rejected"])
+        )
+    )
     db = tmp_path / "labels.sqlite"
-    project.init_project(str(db), prompts_path=None, policy=None, policy_b=None, samples=1,
-                         candidates_path=str(cands), overlap=1, reward_model=None, gen=GenerationSettings(),
-                         mode="single")
+    project.init_project(
+        str(db),
+        prompts_path=None,
+        policy=None,
+        policy_b=None,
+        samples=1,
+        candidates_path=str(cands),
+        overlap=1,
+        reward_model=None,
+        gen=GenerationSettings(),
+        mode="single",
+    )
     engine = store.connect(str(db))
     token = store.add_annotator(engine, "ann")
     client = TestClient(create_app(str(db)))
     chosen = {p["chosen"] for p in prefs}
     while (nxt := client.get("/api/next", headers=bearer(token)).json()["pair"]) is not None:
         choice = "good" if nxt["response"] in chosen else "bad"
-        assert client.post("/api/labels", json={"pair_id": nxt["pair_id"], "choice": choice},
-                           headers=bearer(token)).status_code == 201
+        assert (
+            client.post(
+                "/api/labels", json={"pair_id": nxt["pair_id"], "choice": choice}, headers=bearer(token)
+            ).status_code
+            == 201
+        )
     out = tmp_path / "kto.jsonl"
     counts = project.export(engine, out)
     assert counts["good"] >= 50 and counts["bad"] >= 50
-    recipe = load_recipe(DPORecipe, REPO / "recipes/demo/dpo.yaml", [
-        f"model.name_or_path={sft_dir}", f"data.sources.0.path={out}", "data.bad_rows=error", "demo_assets=null",
-        f"output_dir={tmp_path / 'run'}", "tracking.wandb=false", "method=kto", "loss_type=kto",
-        "train.max_steps=4", "train.micro_batch_size=8", "train.eval_steps=2", "train.save_steps=2"])
+    recipe = load_recipe(
+        DPORecipe,
+        REPO / "recipes/demo/dpo.yaml",
+        [
+            f"model.name_or_path={sft_dir}",
+            f"data.sources.0.path={out}",
+            "data.bad_rows=error",
+            "demo_assets=null",
+            f"output_dir={tmp_path / 'run'}",
+            "tracking.wandb=false",
+            "method=kto",
+            "loss_type=kto",
+            "train.max_steps=4",
+            "train.micro_batch_size=8",
+            "train.eval_steps=2",
+            "train.save_steps=2",
+        ],
+    )
     m = json.loads((run_dpo(recipe) / "rlhf_manifest.json").read_text())
     assert m["stage"] == "dpo" and m["datasets"]["sources"][0]["bad"] == 0
     assert m["recipe"]["method"] == "kto" and m["metrics"]["global_step"] == 4

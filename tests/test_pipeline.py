@@ -22,28 +22,60 @@ pytestmark = pytest.mark.distributed
 def write_pipeline(assets: Path, out: Path, path: Path, ppo_steps: int = 4) -> Path:
     a = str(assets)
     common = [f"demo_assets={a}", "tracking.wandb=false"]
-    path.write_text(yaml.safe_dump({
-        "output_dir": str(out), "group": "pipe",
-        "sft": str(REPO / "recipes/demo/sft.yaml"), "reward": str(REPO / "recipes/demo/reward.yaml"),
-        "ppo": str(REPO / "recipes/demo/ppo.yaml"), "eval": str(REPO / "recipes/demo/eval.yaml"),
-        "overrides": {
-            "sft": common + [f"model.name_or_path={a}/base", f"data.sources.0.path={a}/data/sft.jsonl",
-                             "train.max_steps=40", "train.eval_steps=20", "train.save_steps=20"],
-            "reward": common + [f"data.sources.0.path={a}/data/preferences.jsonl", "train.max_steps=40",
-                                "train.eval_steps=20", "train.save_steps=20"],
-            "ppo": common + [f"prompts.sources.0.path={a}/data/prompts.jsonl", f"train.max_steps={ppo_steps}",
-                             "train.save_steps=2", "ppo.rollout_batch_size=16", "train.micro_batch_size=8"],
-            "eval": common + [f"base_dir={a}/base", f"prompts.sources.0.path={a}/data/heldout_prompts.jsonl",
-                              f"few_shot_data.path={a}/data/sft.jsonl", "samples_per_prompt=2"],
-        },
-        "rl_variants": [{"name": "grpo", "overrides": ["ppo.advantage_estimator=grpo", "ppo.rollouts_per_prompt=4"]}],
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "output_dir": str(out),
+                "group": "pipe",
+                "sft": str(REPO / "recipes/demo/sft.yaml"),
+                "reward": str(REPO / "recipes/demo/reward.yaml"),
+                "ppo": str(REPO / "recipes/demo/ppo.yaml"),
+                "eval": str(REPO / "recipes/demo/eval.yaml"),
+                "overrides": {
+                    "sft": common
+                    + [
+                        f"model.name_or_path={a}/base",
+                        f"data.sources.0.path={a}/data/sft.jsonl",
+                        "train.max_steps=40",
+                        "train.eval_steps=20",
+                        "train.save_steps=20",
+                    ],
+                    "reward": common
+                    + [
+                        f"data.sources.0.path={a}/data/preferences.jsonl",
+                        "train.max_steps=40",
+                        "train.eval_steps=20",
+                        "train.save_steps=20",
+                    ],
+                    "ppo": common
+                    + [
+                        f"prompts.sources.0.path={a}/data/prompts.jsonl",
+                        f"train.max_steps={ppo_steps}",
+                        "train.save_steps=2",
+                        "ppo.rollout_batch_size=16",
+                        "train.micro_batch_size=8",
+                    ],
+                    "eval": common
+                    + [
+                        f"base_dir={a}/base",
+                        f"prompts.sources.0.path={a}/data/heldout_prompts.jsonl",
+                        f"few_shot_data.path={a}/data/sft.jsonl",
+                        "samples_per_prompt=2",
+                    ],
+                },
+                "rl_variants": [
+                    {"name": "grpo", "overrides": ["ppo.advantage_estimator=grpo", "ppo.rollouts_per_prompt=4"]}
+                ],
+            }
+        )
+    )
     return path
 
 
 def rlhf(*args: str, timeout: int = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "rlhf.cli", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rlhf.cli", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
     return proc
 
 
@@ -59,8 +91,12 @@ def pipeline_run(demo_assets, tmp_path_factory):
 
 def test_every_stage_output_and_the_report_exist(pipeline_run):
     _, out, proc = pipeline_run
-    for stage, parents in (("sft", []), ("reward", ["sft"]), ("ppo", ["sft", "reward"]),
-                           ("eval", ["sft", "ppo", "ppo"])):  # the base has no manifest; PPO and the grpo variant
+    for stage, parents in (
+        ("sft", []),
+        ("reward", ["sft"]),
+        ("ppo", ["sft", "reward"]),
+        ("eval", ["sft", "ppo", "ppo"]),
+    ):  # the base has no manifest; PPO and the grpo variant
         m = json.loads((out / stage / MANIFEST).read_text())
         assert m["stage"] == stage
         assert [p["stage"] for p in m["parents"]] == parents, stage
@@ -118,8 +154,9 @@ def test_changed_recipe_is_refused_and_nothing_is_lost(pipeline_run):
 
 def test_bad_stage_recipe_fails_before_any_compute(pipeline_run, tmp_path):
     cfg, _, _ = pipeline_run
-    proc = rlhf("pipeline", "--config", str(cfg), f"output_dir={tmp_path / 'new'}",
-                "overrides.eval=[samples_per_promt=3]")
+    proc = rlhf(
+        "pipeline", "--config", str(cfg), f"output_dir={tmp_path / 'new'}", "overrides.eval=[samples_per_promt=3]"
+    )
     assert proc.returncode == 2
     assert "pipeline stage 'eval'" in proc.stderr and "samples_per_promt" in proc.stderr
     assert not (tmp_path / "new" / "sft").exists()

@@ -8,15 +8,27 @@ import pytest
 import torch
 
 from rlhf.sampling import entropy_from_logits, logprobs_of
-from rlhf.stages.ppo.losses import (KLController, RunningMoments, explained_variance, gae, kl_penalty, masked_mean,
-                                    masked_var, masked_whiten, policy_loss, token_rewards, value_loss)
+from rlhf.stages.ppo.losses import (
+    KLController,
+    RunningMoments,
+    explained_variance,
+    gae,
+    kl_penalty,
+    masked_mean,
+    masked_var,
+    masked_whiten,
+    policy_loss,
+    token_rewards,
+    value_loss,
+)
 
 T = torch.tensor
 
 
 def close(a, b, tol=1e-6):
-    torch.testing.assert_close(torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32),
-                               atol=tol, rtol=tol)
+    torch.testing.assert_close(
+        torch.as_tensor(a, dtype=torch.float32), torch.as_tensor(b, dtype=torch.float32), atol=tol, rtol=tol
+    )
 
 
 def test_masked_stats():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,9 +18,23 @@ from rlhf.stages.ppo.update import ppo_update
 from rlhf.stages.ppo.trainer import PPOAborted, run_ppo
 from rlhf.tracking import METRICS_FILE, read_jsonl
 
-LOGGED = ["reward_mean", "reward_std", "kl", "entropy", "response_length", "clip_fraction", "approx_kl",
-          "value_loss", "policy_loss", "explained_variance", "kl_coef", "time/generation", "time/scoring",
-          "time/training", "tokens_per_second"]
+LOGGED = [
+    "reward_mean",
+    "reward_std",
+    "kl",
+    "entropy",
+    "response_length",
+    "clip_fraction",
+    "approx_kl",
+    "value_loss",
+    "policy_loss",
+    "explained_variance",
+    "kl_coef",
+    "time/generation",
+    "time/scoring",
+    "time/training",
+    "tokens_per_second",
+]
 
 
 def recipe(assets, sft, reward, out, *extra) -> PPORecipe:
@@ -61,8 +74,12 @@ def test_export_changed_actor_reloads_and_generates(ppo_run, sft_dir):
     assert all(torch.isfinite(v).all() for v in after.values())
     tok = AutoTokenizer.from_pretrained(ppo_run)
     model = AutoModelForCausalLM.from_pretrained(ppo_run)
-    ids = tok.apply_chat_template([{"role": "user", "content": "tell me about the pizza ."}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "tell me about the pizza ."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     assert model.generate(**ids, max_new_tokens=8, do_sample=False).shape[1] > ids["input_ids"].shape[1]
     m = json.loads((ppo_run / MANIFEST).read_text())
     assert [p["stage"] for p in m["parents"]] == ["sft", "reward"]
@@ -166,8 +183,17 @@ def test_lora_actor_and_critic_with_adapter_disabled_reference(demo_assets, sft_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    r = recipe(demo_assets, sft_dir, reward_dir, tmp_path, "peft.enabled=true", "peft.r=8", "peft.alpha=16",
-               "train.learning_rate=1e-2", "train.max_steps=3")
+    r = recipe(
+        demo_assets,
+        sft_dir,
+        reward_dir,
+        tmp_path,
+        "peft.enabled=true",
+        "peft.r=8",
+        "peft.alpha=16",
+        "train.learning_rate=1e-2",
+        "train.max_steps=3",
+    )
     tok, _ = ppo.check_handoff(r)
     m = engines.build_models(r, tok)
     assert m.reference is None, "LoRA PPO must not hold a second copy of the policy"
@@ -194,8 +220,10 @@ def test_ppo_ptx_end_to_end_with_length_filtered_demonstrations(demo_assets, sft
     counted like any stage's data, never truncated."""
     from rlhf.sampling import render_conversation
 
-    ptx = (f"ptx_data={{sources: [{{path: {demo_assets / 'data' / 'sft.jsonl'}}}], max_length: 22, "
-           "validation_fraction: 0.0}")
+    ptx = (
+        f"ptx_data={{sources: [{{path: {demo_assets / 'data' / 'sft.jsonl'}}}], max_length: 22, "
+        "validation_fraction: 0.0}"
+    )
     r = recipe(demo_assets, sft_dir, reward_dir, tmp_path, "train.max_steps=2", "ppo.ptx_coef=0.5", ptx)
     rows = read_jsonl(run_ppo(r) / METRICS_FILE)
     assert [row["step"] for row in rows] == [1, 2]
@@ -204,8 +232,18 @@ def test_ppo_ptx_end_to_end_with_length_filtered_demonstrations(demo_assets, sft
     data = ppo.prepare_data(r, tok, {"reward_stats": {"mean": 0.0, "std": 1.0}})
     lengths = [len(render_conversation(tok, row)) for row in data.ptx]
     assert data.ptx and max(lengths) <= 22
-    full = ppo.prepare_data(recipe(demo_assets, sft_dir, reward_dir, tmp_path, "ppo.ptx_coef=0.5",
-                                   ptx.replace("max_length: 22", "max_length: 512")), tok, {"reward_stats": {"mean": 0.0, "std": 1.0}})
+    full = ppo.prepare_data(
+        recipe(
+            demo_assets,
+            sft_dir,
+            reward_dir,
+            tmp_path,
+            "ppo.ptx_coef=0.5",
+            ptx.replace("max_length: 22", "max_length: 512"),
+        ),
+        tok,
+        {"reward_stats": {"mean": 0.0, "std": 1.0}},
+    )
     assert len(full.ptx) > len(data.ptx), "no row was long enough to be filtered: the test proves nothing"
 
 
@@ -226,6 +264,12 @@ def test_every_user_facing_error_is_one_type_that_the_cli_maps_to_exit_2(demo_as
     from rlhf.errors import RlhfError
 
     assert issubclass(PPOAborted, RlhfError) and issubclass(HandoffError, RlhfError)
-    rc = main(["ppo", "--config", str(REPO / "recipes/demo/ppo.yaml"), *ppo_overrides(demo_assets, sft_dir, sft_dir,
-                                                                                        tmp_path)])
+    rc = main(
+        [
+            "ppo",
+            "--config",
+            str(REPO / "recipes/demo/ppo.yaml"),
+            *ppo_overrides(demo_assets, sft_dir, sft_dir, tmp_path),
+        ]
+    )
     assert rc == 2 and "expects a 'reward' output" in capsys.readouterr().err

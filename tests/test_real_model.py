@@ -28,10 +28,14 @@ def test_conversion_is_an_ordinary_hf_directory_with_its_source(smollm2_dir):
     assert "quantization_config" not in config
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir).eval()
-    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
-    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1]:])
+    assert "Paris" in tok.decode(out[0, ids["input_ids"].shape[1] :])
     mtime = (smollm2_dir / "model.safetensors").stat().st_mtime
     assert get_model("smollm2-135m-instruct", smollm2_dir) == smollm2_dir  # idempotent: nothing rewritten
     assert (smollm2_dir / "model.safetensors").stat().st_mtime == mtime
@@ -76,13 +80,18 @@ def smollm2_stages(smollm2_dir, tmp_path_factory):
     write_manifest(sft, stage="sft", recipe={}, started_at="test")
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     torch.manual_seed(0)
-    AutoModelForSequenceClassification.from_pretrained(smollm2_dir, num_labels=1,
-                                                       pad_token_id=tok.pad_token_id).save_pretrained(reward)
+    AutoModelForSequenceClassification.from_pretrained(
+        smollm2_dir, num_labels=1, pad_token_id=tok.pad_token_id
+    ).save_pretrained(reward)
     tok.save_pretrained(reward)
     write_manifest(reward, stage="reward", recipe={}, started_at="test", reward_stats={"mean": 0.0, "std": 1.0})
     prompts = root / "prompts.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in
-                               ("Name a colour.", "Say hello.", "Give me a number.", "Name a fruit.")))
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": p}) + "\n"
+            for p in ("Name a colour.", "Say hello.", "Give me a number.", "Name a fruit.")
+        )
+    )
     return sft, reward, prompts
 
 
@@ -96,10 +105,24 @@ def test_ratio_is_one_and_kl_zero_on_a_pad_eq_eos_chatml_model(smollm2_stages, t
     from rlhf.stages.ppo.update import ppo_update
 
     sft, reward, prompts = smollm2_stages
-    r = load_recipe(PPORecipe, REPO / "recipes/demo/ppo.yaml", [
-        f"sft_dir={sft}", f"reward_dir={reward}", f"prompts.sources.0.path={prompts}", "demo_assets=null",
-        f"output_dir={tmp_path}", "tracking.wandb=false", "ppo.rollout_batch_size=4", "train.micro_batch_size=2",
-        "ppo.ppo_epochs=1", "generation.max_new_tokens=8", "train.learning_rate=1e-5", "train.max_steps=1"])
+    r = load_recipe(
+        PPORecipe,
+        REPO / "recipes/demo/ppo.yaml",
+        [
+            f"sft_dir={sft}",
+            f"reward_dir={reward}",
+            f"prompts.sources.0.path={prompts}",
+            "demo_assets=null",
+            f"output_dir={tmp_path}",
+            "tracking.wandb=false",
+            "ppo.rollout_batch_size=4",
+            "train.micro_batch_size=2",
+            "ppo.ppo_epochs=1",
+            "generation.max_new_tokens=8",
+            "train.learning_rate=1e-5",
+            "train.max_steps=1",
+        ],
+    )
     tok, _ = ppo.check_handoff(r)  # ChatML template, pad == eos, scalar head reading before pad id 2
     m = engines.build_models(r, tok)
     data = ppo.prepare_data(r, tok, {"reward_stats": {"mean": 0.0, "std": 1.0}})

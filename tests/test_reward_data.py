@@ -12,8 +12,7 @@ from rlhf.config import DataConfig, DataSource
 from rlhf.data.formats import RowError, normalize_labelled, normalize_preference
 from rlhf.data.io import DataError
 from rlhf.data.prepare import prepare_splits
-from rlhf.reward_metrics import (bradley_terry_loss, calibration_table, mean_margin, pairwise_accuracy,
-                                 precision_recall)
+from rlhf.reward_metrics import bradley_terry_loss, calibration_table, mean_margin, pairwise_accuracy, precision_recall
 from rlhf.stages.reward import split_ties
 
 U = {"role": "user", "content": "q"}
@@ -29,8 +28,9 @@ def test_string_pairs():
 
 
 def test_conversational_pairs_with_margin_and_tie():
-    p = normalize_preference({"prompt": [U], "chosen": [A("good")], "rejected": [A("bad")], "margin": "1.5",
-                              "tie": "true"})
+    p = normalize_preference(
+        {"prompt": [U], "chosen": [A("good")], "rejected": [A("bad")], "margin": "1.5", "tie": "true"}
+    )
     assert p["margin"] == 1.5 and p["tie"] is True and p["prompt"] == [U]
 
 
@@ -42,21 +42,31 @@ def test_implicit_prompt_is_the_shared_prefix():
 
 
 def test_json_string_cells_from_csv():
-    p = normalize_preference({"prompt": json.dumps([U]), "chosen": json.dumps([A("g")]),
-                              "rejected": json.dumps([A("b")]), "margin": "", "tie": ""})
+    p = normalize_preference(
+        {
+            "prompt": json.dumps([U]),
+            "chosen": json.dumps([A("g")]),
+            "rejected": json.dumps([A("b")]),
+            "margin": "",
+            "tie": "",
+        }
+    )
     assert p["chosen"] == [A("g")] and p["margin"] == 0.0 and p["tie"] is False
 
 
-@pytest.mark.parametrize("row, reason", [
-    ({"prompt": "q", "chosen": "same", "rejected": "same"}, "identical"),
-    ({"prompt": "q", "chosen": "", "rejected": "bad"}, "empty side"),
-    ({"prompt": "q", "chosen": "good", "rejected": "  "}, "empty side"),
-    ({"prompt": "q", "chosen": "good"}, "needs 'chosen' and 'rejected'"),
-    ({"prompt": "q", "chosen": "g", "rejected": "b", "margin": "lots"}, "'margin' must be a number"),
-    ({"prompt": "q", "chosen": "g", "rejected": "b", "margin": float("nan")}, "'margin' must be finite"),
-    ({"prompt": "q", "chosen": "g", "rejected": "b", "tie": "perhaps"}, "'tie' must be true or false"),
-    ({"prompt": "q", "chosen": [U], "rejected": [A("b")]}, "'chosen' must end with an assistant reply"),
-])
+@pytest.mark.parametrize(
+    "row, reason",
+    [
+        ({"prompt": "q", "chosen": "same", "rejected": "same"}, "identical"),
+        ({"prompt": "q", "chosen": "", "rejected": "bad"}, "empty side"),
+        ({"prompt": "q", "chosen": "good", "rejected": "  "}, "empty side"),
+        ({"prompt": "q", "chosen": "good"}, "needs 'chosen' and 'rejected'"),
+        ({"prompt": "q", "chosen": "g", "rejected": "b", "margin": "lots"}, "'margin' must be a number"),
+        ({"prompt": "q", "chosen": "g", "rejected": "b", "margin": float("nan")}, "'margin' must be finite"),
+        ({"prompt": "q", "chosen": "g", "rejected": "b", "tie": "perhaps"}, "'tie' must be true or false"),
+        ({"prompt": "q", "chosen": [U], "rejected": [A("b")]}, "'chosen' must end with an assistant reply"),
+    ],
+)
 def test_bad_pairs_say_why(row, reason):
     with pytest.raises(RowError, match=reason):
         normalize_preference(row)
@@ -64,8 +74,11 @@ def test_bad_pairs_say_why(row, reason):
 
 def test_bad_pairs_dropped_and_counted_or_rejected_with_row(tmp_path):
     rows = [{"prompt": f"q{i}", "chosen": "good", "rejected": "bad"} for i in range(20)]
-    rows += [{"prompt": "q", "chosen": "x", "rejected": "x"}, {"prompt": "q", "chosen": "", "rejected": "bad"},
-             {"prompt": "q " * 200, "chosen": "good", "rejected": "bad"}]
+    rows += [
+        {"prompt": "q", "chosen": "x", "rejected": "x"},
+        {"prompt": "q", "chosen": "", "rejected": "bad"},
+        {"prompt": "q " * 200, "chosen": "good", "rejected": "bad"},
+    ]
     path = tmp_path / "prefs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -79,8 +92,9 @@ def test_bad_pairs_dropped_and_counted_or_rejected_with_row(tmp_path):
     with pytest.raises(DataError, match="prefs.jsonl:line 21"):
         prepare_splits(DataConfig([DataSource(str(path))], bad_rows="error"), normalize_preference, words)
     with pytest.raises(DataError, match=r"prefs.jsonl:line 23: \d+ tokens, over data.max_length=50"):
-        prepare_splits(DataConfig([DataSource(str(path))], max_length=50, too_long="error"), normalize_preference,
-                       words)
+        prepare_splits(
+            DataConfig([DataSource(str(path))], max_length=50, too_long="error"), normalize_preference, words
+        )
 
 
 def test_tie_policies():
@@ -102,6 +116,7 @@ def test_labelled_rows():
 
 # --- metrics against hand-computed numbers ----------------------------------------------------
 
+
 def test_accuracy_margin_loss():
     rc, rr = torch.tensor([2.0, 0.0, 1.0, 3.0]), torch.tensor([1.0, 1.0, 1.0, 0.0])
     assert pairwise_accuracy(rc, rr) == pytest.approx((1 + 0 + 0.5 + 1) / 4)
@@ -120,7 +135,10 @@ def test_calibration_table_by_hand():
     low, high = t["bins"]
     assert (low["bin"], low["count"], high["count"]) == ("0.50-0.75", 2, 2)
     assert low["accuracy"] == 0.5 and high["accuracy"] == 1.0
-    s = lambda x: 1 / (1 + math.exp(-x))
+
+    def s(x):
+        return 1 / (1 + math.exp(-x))
+
     assert low["mean_confidence"] == pytest.approx((s(0.1) + s(0.2)) / 2)
     ece = 0.5 * abs((s(0.1) + s(0.2)) / 2 - 0.5) + 0.5 * abs((s(2) + s(3)) / 2 - 1.0)
     assert t["ece"] == pytest.approx(ece)

@@ -7,7 +7,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import REPO, reward_overrides
 from rlhf.checkpoint import MANIFEST, HandoffError
@@ -19,14 +18,20 @@ from rlhf.sampling import score_sequences
 from rlhf.stages.reward import _side, prepare_reward_data, run_reward
 from rlhf.tracking import METRICS_FILE, read_jsonl
 
-QUICK = ["train.max_steps=80", "train.logging_steps=1", "train.eval_steps=40", "train.save_steps=40",
-         "train.warmup_ratio=0.0"]
+QUICK = [
+    "train.max_steps=80",
+    "train.logging_steps=1",
+    "train.eval_steps=40",
+    "train.save_steps=40",
+    "train.warmup_ratio=0.0",
+]
 THRESHOLD = 0.65  # chance is 0.5; the label noise caps accuracy near 0.9; see the closing note for runs
 
 
 def recipe(assets: Path, sft: Path, out: Path, *extra: str) -> RewardRecipe:
-    return load_recipe(RewardRecipe, REPO / "recipes/demo/reward.yaml",
-                       reward_overrides(assets, sft, out) + QUICK + list(extra))
+    return load_recipe(
+        RewardRecipe, REPO / "recipes/demo/reward.yaml", reward_overrides(assets, sft, out) + QUICK + list(extra)
+    )
 
 
 def labelled_file(path: Path) -> Path:
@@ -98,8 +103,9 @@ def test_export_reloads_as_scorer_and_reproduces_metrics(reward_run):
     good = "the pizza was great and lovely . i loved it ."
     bad = "the pizza was awful and dull . i hated it ."
     prompt = [{"role": "user", "content": "write a review of the pizza ."}]
-    s = score_sequences(model, [encode(tok, prompt + [{"role": "assistant", "content": t}]) for t in (good, bad)],
-                        tok.pad_token_id)
+    s = score_sequences(
+        model, [encode(tok, prompt + [{"role": "assistant", "content": t}]) for t in (good, bad)], tok.pad_token_id
+    )
     assert s[0] > s[1], s
 
 
@@ -141,8 +147,9 @@ def test_resume_matches_uninterrupted_run(demo_assets, sft_dir, tmp_path):
 
 @pytest.mark.slow
 def test_lora_trains_and_saves_the_head(demo_assets, sft_dir, tmp_path):
-    r = recipe(demo_assets, sft_dir, tmp_path, "peft.enabled=true", "peft.r=8", "peft.alpha=16",
-               "train.learning_rate=5e-3")
+    r = recipe(
+        demo_assets, sft_dir, tmp_path, "peft.enabled=true", "peft.r=8", "peft.alpha=16", "train.learning_rate=5e-3"
+    )
     out = run_reward(r)
     m = json.loads((out / MANIFEST).read_text())
     assert m["peft"]["merged"] is True

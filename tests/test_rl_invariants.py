@@ -19,8 +19,18 @@ from conftest import REPO, ppo_overrides
 from rlhf.config import GenerationSettings, load_recipe
 from rlhf.config_rl import PPORecipe
 from rlhf.errors import ConfigError, HandoffError
-from rlhf.sampling import (generate, left_pad, policy_outputs, positions, render_conversation, render_for_loss,
-                           render_prompt, response_mask_of, score_responses, score_sequences)
+from rlhf.sampling import (
+    generate,
+    left_pad,
+    policy_outputs,
+    positions,
+    render_conversation,
+    render_for_loss,
+    render_prompt,
+    response_mask_of,
+    score_responses,
+    score_sequences,
+)
 from rlhf.stages.ppo import engines, rollout
 from rlhf.stages.ppo import trainer as ppo
 from rlhf.stages.ppo.update import ppo_update, ptx_batch, ptx_stream_index
@@ -39,16 +49,26 @@ RATIO_TOL = {"full": 1e-5, "lora": 1e-5, "bf16-autocast": 5e-2}
 
 
 def _recipe(demo_assets, sft_dir, reward_dir, tmp_path, *extra) -> PPORecipe:
-    return load_recipe(PPORecipe, REPO / "recipes/demo/ppo.yaml",
-                       ppo_overrides(demo_assets, sft_dir, reward_dir, tmp_path) + list(extra))
+    return load_recipe(
+        PPORecipe,
+        REPO / "recipes/demo/ppo.yaml",
+        ppo_overrides(demo_assets, sft_dir, reward_dir, tmp_path) + list(extra),
+    )
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_first_minibatch_ratio_is_one_and_step0_kl_is_zero(demo_assets, sft_dir, reward_dir, tmp_path, variant):
     # lr 1e-2 moves the policy far on purpose (the mini-batch KL guard is off so every update applies).
-    r = _recipe(demo_assets, sft_dir, reward_dir, tmp_path, "ppo.ppo_epochs=1", "train.learning_rate=1e-2",
-                "ppo.max_minibatch_kl=null",
-                *VARIANTS[variant])
+    r = _recipe(
+        demo_assets,
+        sft_dir,
+        reward_dir,
+        tmp_path,
+        "ppo.ppo_epochs=1",
+        "train.learning_rate=1e-2",
+        "ppo.max_minibatch_kl=null",
+        *VARIANTS[variant],
+    )
     tok, _ = ppo.check_handoff(r)
     m = engines.build_models(r, tok)
     ro = rollout.make_rollout(m, r, PROMPTS, (0.0, 1.0), 0.05, {})
@@ -107,8 +127,10 @@ def test_rl_refuses_truncated_sampling(demo_assets, sft_dir, reward_dir, tmp_pat
         _recipe(demo_assets, sft_dir, reward_dir, tmp_path, "generation.top_p=0.9")
 
 
-CHATML = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' + '\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHATML = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 @pytest.fixture()
@@ -121,8 +143,9 @@ def pad_is_eos_reward(demo_assets, tmp_path):
     tok.chat_template = CHATML
     tok.pad_token = tok.eos_token
     torch.manual_seed(0)
-    model = AutoModelForSequenceClassification.from_pretrained(demo_assets / "base", num_labels=1,
-                                                               pad_token_id=tok.pad_token_id).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(
+        demo_assets / "base", num_labels=1, pad_token_id=tok.pad_token_id
+    ).eval()
     return tok, model
 
 
@@ -165,10 +188,12 @@ def test_one_rendering_for_reward_prompts_and_ptx(demo_assets, template):
     tok = AutoTokenizer.from_pretrained(demo_assets / "base")
     if template == "plain":
         tok.chat_template = None
-    convo = [{"role": "user", "content": "tell me about the pizza ."},
-             {"role": "assistant", "content": "the pizza was fine ."},
-             {"role": "user", "content": "and the movie ?"},
-             {"role": "assistant", "content": "the movie was great ."}]
+    convo = [
+        {"role": "user", "content": "tell me about the pizza ."},
+        {"role": "assistant", "content": "the pizza was fine ."},
+        {"role": "user", "content": "and the movie ?"},
+        {"role": "assistant", "content": "the movie was great ."},
+    ]
     ids, mask = render_for_loss(tok, convo)
     prompt_len = len(render_prompt(tok, convo[:-1]))
     assert ids[:prompt_len] == render_prompt(tok, convo[:-1])
@@ -176,18 +201,26 @@ def test_one_rendering_for_reward_prompts_and_ptx(demo_assets, template):
     trained = tok.decode([t for t, k in zip(ids, mask) if k], skip_special_tokens=True)
     # with a template every reply is trained on; without one, only the final reply
     assert trained == ("the pizza was fine .the movie was great ." if template == "chat" else "the movie was great .")
-    pair = {"prompt": convo[:-1], "chosen": convo[-1:], "rejected": [{"role": "assistant", "content": "bad ."}],
-            "margin": 0.0}
+    pair = {
+        "prompt": convo[:-1],
+        "chosen": convo[-1:],
+        "rejected": [{"role": "assistant", "content": "bad ."}],
+        "margin": 0.0,
+    }
     assert _to_dataset([pair], tok, use_margin=False)[0]["chosen_ids"] == ids
     batch = ptx_batch(tok, [convo], "cpu")
     labels = batch["labels"][0]
     assert labels[: len(ids)].tolist() == [t if k else -100 for t, k in zip(ids, mask)]
-    assert labels[prompt_len:len(ids)].tolist() == ids[prompt_len:]
+    assert labels[prompt_len : len(ids)].tolist() == ids[prompt_len:]
 
 
 def test_ptx_stream_positions_never_collide():
-    seen = {ptx_stream_index(s, e, k, ppo_epochs=4, minibatches=150) for s in range(30) for e in range(4)
-            for k in range(150)}
+    seen = {
+        ptx_stream_index(s, e, k, ppo_epochs=4, minibatches=150)
+        for s in range(30)
+        for e in range(4)
+        for k in range(150)
+    }
     assert len(seen) == 30 * 4 * 150  # the old step*1000 + epoch*100 + k repeated past 100 mini-batches
 
 
@@ -210,14 +243,32 @@ def test_a_ptx_row_the_template_cannot_mask_fails_before_any_model_loads(demo_as
     from rlhf.errors import DataError
 
     tok = AutoTokenizer.from_pretrained(sft_dir)
-    tok.chat_template = ("{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
-                         "{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endif %}{% endfor %}"
-                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
+        "{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
     rows = tmp_path / "ptx.jsonl"
-    rows.write_text(json.dumps({"messages": [{"role": "user", "content": "a ?"}, {"role": "assistant", "content": "b ."},
-                                             {"role": "user", "content": "c ?"},
-                                             {"role": "assistant", "content": "d ."}]}) + "\n")
-    r = _recipe(demo_assets, sft_dir, reward_dir, tmp_path, "ppo.ptx_coef=0.5",
-                f"ptx_data={{sources: [{{path: {rows}}}], validation_fraction: 0.0}}")
+    rows.write_text(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "a ?"},
+                    {"role": "assistant", "content": "b ."},
+                    {"role": "user", "content": "c ?"},
+                    {"role": "assistant", "content": "d ."},
+                ]
+            }
+        )
+        + "\n"
+    )
+    r = _recipe(
+        demo_assets,
+        sft_dir,
+        reward_dir,
+        tmp_path,
+        "ppo.ptx_coef=0.5",
+        f"ptx_data={{sources: [{{path: {rows}}}], validation_fraction: 0.0}}",
+    )
     with pytest.raises(DataError, match="ptx_data example 0 .*renders an earlier part"):
         ppo.prepare_data(r, tok, {"reward_stats": {"mean": 0.0, "std": 1.0}})

@@ -37,8 +37,12 @@ def _settings(name: str) -> PPOSettings:
 
 def _advantages(rows: slice, all_reduce=None) -> dict:
     values, token_kl, mask, scores, _ = _batch()
-    return {name: advantages_and_returns(values[rows], scores[rows], token_kl[rows], mask[rows], _settings(name),
-                                         kl_coef=0.05, all_reduce=all_reduce) for name in ESTIMATORS}
+    return {
+        name: advantages_and_returns(
+            values[rows], scores[rows], token_kl[rows], mask[rows], _settings(name), kl_coef=0.05, all_reduce=all_reduce
+        )
+        for name in ESTIMATORS
+    }
 
 
 def _single():

@@ -76,10 +76,14 @@ def test_sft_checkpoint_reloads_and_generates_task_text(sft_run):
     out, _ = sft_run
     tok = AutoTokenizer.from_pretrained(out)
     model = AutoModelForCausalLM.from_pretrained(out)
-    ids = tok.apply_chat_template([{"role": "user", "content": "tell me about the pizza ."}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "tell me about the pizza ."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
     gen = model.generate(**ids, max_new_tokens=24, do_sample=False)
-    text = tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    text = tok.decode(gen[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
     assert text.startswith("the "), text  # the demonstrations all start this way
     assert gen[0, -1].item() == tok.eos_token_id, "the model should have learned to stop"
 
@@ -123,8 +127,18 @@ def test_lora_trains_adapter_and_merged_export_reloads(demo_assets, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    out = run_sft(recipe(demo_assets, tmp_path, "peft.enabled=true", "peft.r=8", "peft.alpha=16",
-                         "train.learning_rate=1e-2", "train.max_steps=20", "train.eval_steps=0"))
+    out = run_sft(
+        recipe(
+            demo_assets,
+            tmp_path,
+            "peft.enabled=true",
+            "peft.r=8",
+            "peft.alpha=16",
+            "train.learning_rate=1e-2",
+            "train.max_steps=20",
+            "train.eval_steps=0",
+        )
+    )
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["peft"]["merged"] is True
     assert (out / "adapter" / "adapter_config.json").is_file()
@@ -159,13 +173,15 @@ def test_row_packed_collator_keeps_examples_independent(demo_assets):
 
     model = AutoModelForCausalLM.from_pretrained(demo_assets / "base").eval()
     a, b = [2, 40, 41, 42, 1, 3, 50, 51, 1], [2, 60, 61, 1, 3, 70, 1]
-    batch = row_packed_collator(pad_token_id=0)([
-        {"input_ids": a + b, "seq_lengths": [len(a), len(b)]},
-        {"input_ids": b, "seq_lengths": [len(b)]},  # shorter row: padded at the end
-    ])
+    batch = row_packed_collator(pad_token_id=0)(
+        [
+            {"input_ids": a + b, "seq_lengths": [len(a), len(b)]},
+            {"input_ids": b, "seq_lengths": [len(b)]},  # shorter row: padded at the end
+        ]
+    )
     assert "attention_mask" not in batch
     assert batch["position_ids"][0].tolist() == list(range(len(a))) + list(range(len(b)))
-    assert (batch["labels"][1, len(b):] == -100).all(), "padding must not be trained on"
+    assert (batch["labels"][1, len(b) :] == -100).all(), "padding must not be trained on"
     with torch.no_grad():
         # use_cache=False as in training (TrainingArguments.use_cache defaults to False): with a KV
         # cache transformers does not read position_ids as packing.
@@ -173,14 +189,15 @@ def test_row_packed_collator_keeps_examples_independent(demo_assets):
         alone_a = model(input_ids=torch.tensor([a])).logits[0]
         alone_b = model(input_ids=torch.tensor([b])).logits[0]
     torch.testing.assert_close(packed[0, : len(a)], alone_a, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(packed[0, len(a):], alone_b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(packed[0, len(a) :], alone_b, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(packed[1, : len(b)], alone_b, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.slow
 def test_sft_with_packing_trains(demo_assets, tmp_path):
-    out = run_sft(recipe(demo_assets, tmp_path, "packing=true", "data.max_length=128", "train.max_steps=10",
-                         "train.eval_steps=5"))
+    out = run_sft(
+        recipe(demo_assets, tmp_path, "packing=true", "data.max_length=128", "train.max_steps=10", "train.eval_steps=5")
+    )
     m = json.loads((out / MANIFEST).read_text())
     assert m["recipe"]["packing"] is True and m["metrics"]["global_step"] == 10
     by_step = losses(out)
@@ -194,19 +211,25 @@ def _trained_text(tok, rows, loss_on="completion") -> str:
 
     from rlhf.stages.sft import _to_dataset
 
-    model = AutoModelForCausalLM.from_config(__import__("transformers").LlamaConfig(
-        vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
+    model = AutoModelForCausalLM.from_config(
+        __import__("transformers").LlamaConfig(
+            vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        )
+    )
     args = SFTConfig(output_dir="/tmp/unused", report_to=[], use_cpu=True, completion_only_loss=False)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=_to_dataset(rows, tok, loss_on, "train"),
-                         processing_class=tok)
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=_to_dataset(rows, tok, loss_on, "train"), processing_class=tok
+    )
     labels = next(iter(trainer.get_train_dataloader()))["labels"][0]
     return tok.decode(labels[labels != -100].tolist())
 
 
-CONVO = [{"role": "user", "content": "tell me about the pizza ."},
-         {"role": "assistant", "content": "the pizza was great ."},
-         {"role": "user", "content": "and the movie ?"},
-         {"role": "assistant", "content": "the movie was fine ."}]
+CONVO = [
+    {"role": "user", "content": "tell me about the pizza ."},
+    {"role": "assistant", "content": "the pizza was great ."},
+    {"role": "user", "content": "and the movie ?"},
+    {"role": "assistant", "content": "the movie was fine ."},
+]
 
 
 def test_completion_loss_with_a_template_that_has_generation_markers(demo_assets):
@@ -227,12 +250,16 @@ def test_completion_loss_with_a_template_without_markers_and_a_refusal_when_turn
     from rlhf.stages.sft import _to_dataset
 
     tok = AutoTokenizer.from_pretrained(demo_assets / "base")
-    tok.chat_template = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>\n' }}"
-                         "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
     assert _trained_text(tok, [CONVO]) == "the pizza was great .<|end|>\nthe movie was fine .<|end|>\n"
     # A template that drops earlier replies once a later turn exists (as reasoning templates do).
-    tok.chat_template = ("{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
-                         "{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endif %}{% endfor %}"
-                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}{% if m['role'] != 'assistant' or loop.last %}"
+        "{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+    )
     with pytest.raises(DataError, match="train example 0 .*renders an earlier part of the conversation differently"):
         _to_dataset([CONVO], tok, "completion", "train")

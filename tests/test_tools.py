@@ -20,9 +20,21 @@ def lora_adapter_run(demo_assets, tmp_path_factory):
     from rlhf.stages.sft import run_sft
 
     out = tmp_path_factory.mktemp("lora")
-    recipe = load_recipe(SFTRecipe, REPO / "recipes/demo/sft.yaml", demo_overrides(demo_assets, out) + [
-        "peft.enabled=true", "peft.r=8", "peft.alpha=16", "peft.merge_on_export=false", "train.learning_rate=1e-2",
-        "train.max_steps=10", "train.eval_steps=0", "train.save_steps=10"])
+    recipe = load_recipe(
+        SFTRecipe,
+        REPO / "recipes/demo/sft.yaml",
+        demo_overrides(demo_assets, out)
+        + [
+            "peft.enabled=true",
+            "peft.r=8",
+            "peft.alpha=16",
+            "peft.merge_on_export=false",
+            "train.learning_rate=1e-2",
+            "train.max_steps=10",
+            "train.eval_steps=0",
+            "train.save_steps=10",
+        ],
+    )
     return run_sft(recipe)
 
 
@@ -57,8 +69,24 @@ def test_export_refuses_to_overwrite(lora_adapter_run, tmp_path, capsys):
 
 def test_generate_answers_every_prompt(sft_dir, demo_assets, tmp_path):
     out = tmp_path / "answers.jsonl"
-    assert main(["generate", "--model", str(sft_dir), "--prompts", str(demo_assets / "data/heldout_prompts.jsonl"),
-                 "--out", str(out), "--samples", "2", "--max-new-tokens", "12"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(sft_dir),
+                "--prompts",
+                str(demo_assets / "data/heldout_prompts.jsonl"),
+                "--out",
+                str(out),
+                "--samples",
+                "2",
+                "--max-new-tokens",
+                "12",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == 24 * 2
     assert all(r["prompt"][-1]["role"] == "user" and isinstance(r["response"], str) for r in rows)
@@ -69,8 +97,12 @@ def test_chat_keeps_history_and_resets(sft_dir):
     from rlhf.generate import chat
 
     out = io.StringIO()
-    chat(str(sft_dir), GenerationSettings(max_new_tokens=12),
-         stdin=io.StringIO("write a review of the pizza .\n/reset\ntell me about the car .\n/quit\n"), stdout=out)
+    chat(
+        str(sft_dir),
+        GenerationSettings(max_new_tokens=12),
+        stdin=io.StringIO("write a review of the pizza .\n/reset\ntell me about the car .\n/quit\n"),
+        stdout=out,
+    )
     text = out.getvalue()
     assert text.count("model> ") == 2 and text.startswith("chatting with")
 
@@ -88,17 +120,42 @@ def test_data_prepare_cleans_splits_and_feeds_the_reward_stage(demo_assets, sft_
         json.dumps({"prompt": "p", "chosen": "x " * 300, "rejected": "y"}),  # too long
     ]
     raw.write_text("\n".join(lines) + "\n")
-    assert main(["data", "prepare", str(raw), "--kind", "preference", "--out", str(tmp_path / "prepared"),
-                 "--validation", "0.1", "--max-length", "200"]) == 0
+    assert (
+        main(
+            [
+                "data",
+                "prepare",
+                str(raw),
+                "--kind",
+                "preference",
+                "--out",
+                str(tmp_path / "prepared"),
+                "--validation",
+                "0.1",
+                "--max-length",
+                "200",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "104 rows read, 2 bad, 0 empty, 1 too long, 1 duplicates" in printed
     assert "raw.jsonl:line 103" in printed  # each dropped bad row named with file and line
     report = json.loads((tmp_path / "prepared" / "report.json").read_text())
     assert (report["train"], report["validation"]) == (90, 10)
     # the files load in the reward stage with no conversion
-    recipe = load_recipe(RewardRecipe, REPO / "recipes/demo/reward.yaml", [
-        f"model.name_or_path={sft_dir}", f"data.sources.0.path={tmp_path / 'prepared' / 'train.jsonl'}",
-        "data.bad_rows=error", "data.validation_fraction=0.1", "data.test_fraction=0.0", "demo_assets=null"])
+    recipe = load_recipe(
+        RewardRecipe,
+        REPO / "recipes/demo/reward.yaml",
+        [
+            f"model.name_or_path={sft_dir}",
+            f"data.sources.0.path={tmp_path / 'prepared' / 'train.jsonl'}",
+            "data.bad_rows=error",
+            "data.validation_fraction=0.1",
+            "data.test_fraction=0.0",
+            "demo_assets=null",
+        ],
+    )
     splits, _ = prepare_reward_data(recipe, load_tokenizer(str(sft_dir)))
     assert len(splits.train) + len(splits.validation) == 90
 

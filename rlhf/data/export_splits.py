@@ -15,8 +15,11 @@ from rlhf.config import DataConfig, DataSource
 from rlhf.data.formats import normalize_preference, normalize_prompt, normalize_sft
 from rlhf.data.prepare import Splits, prepare_splits
 
-KINDS: dict[str, Callable[[dict], Any]] = {"sft": normalize_sft, "preference": normalize_preference,
-                                           "prompt": normalize_prompt}
+KINDS: dict[str, Callable[[dict], Any]] = {
+    "sft": normalize_sft,
+    "preference": normalize_preference,
+    "prompt": normalize_prompt,
+}
 
 
 def _row(kind: str, example: Any) -> dict[str, Any]:
@@ -28,9 +31,18 @@ def _row(kind: str, example: Any) -> dict[str, Any]:
     return example  # preference rows are already {prompt, chosen, rejected, margin, tie}
 
 
-def prepare_files(inputs: list[str], kind: str, out: str | Path, *, validation: float = 0.05, test: float = 0.0,
-                  seed: int = 0, max_length: int | None = None, tokenizer: str | None = None,
-                  bad_rows: str = "drop") -> dict[str, Any]:
+def prepare_files(
+    inputs: list[str],
+    kind: str,
+    out: str | Path,
+    *,
+    validation: float = 0.05,
+    test: float = 0.0,
+    seed: int = 0,
+    max_length: int | None = None,
+    tokenizer: str | None = None,
+    bad_rows: str = "drop",
+) -> dict[str, Any]:
     """Write `<out>/{train,validation,test}.jsonl` and `report.json`; returns the report.
 
     Lengths are counted in tokens of `tokenizer` when given (as the stages will), else in
@@ -38,8 +50,14 @@ def prepare_files(inputs: list[str], kind: str, out: str | Path, *, validation: 
     """
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose from {sorted(KINDS)}")
-    cfg = DataConfig(sources=[DataSource(path=p) for p in inputs], validation_fraction=validation,
-                     test_fraction=test, split_seed=seed, max_length=max_length or 10**9, bad_rows=bad_rows)
+    cfg = DataConfig(
+        sources=[DataSource(path=p) for p in inputs],
+        validation_fraction=validation,
+        test_fraction=test,
+        split_seed=seed,
+        max_length=max_length or 10**9,
+        bad_rows=bad_rows,
+    )
     length_of = _length_fn(kind, tokenizer) if max_length else None
     splits: Splits = prepare_splits(cfg, KINDS[kind], length_of)
     out = Path(out)
@@ -55,6 +73,7 @@ def prepare_files(inputs: list[str], kind: str, out: str | Path, *, validation: 
 
 def _length_fn(kind: str, tokenizer: str | None) -> Callable[[Any], int]:
     if tokenizer is None:
+
         def count(text: str) -> int:
             return len(text.split())
     else:

@@ -65,7 +65,9 @@ def normalize_sft(data: dict[str, Any]) -> Messages:
     if "messages" in data and data["messages"] is not None:
         messages = as_messages(data["messages"], "messages", "user")
     elif "prompt" in data and "completion" in data:
-        messages = as_messages(data["prompt"], "prompt", "user") + as_messages(data["completion"], "completion", "assistant")
+        messages = as_messages(data["prompt"], "prompt", "user") + as_messages(
+            data["completion"], "completion", "assistant"
+        )
     else:
         raise _missing(data, "'prompt' and 'completion', or 'messages'")
     if messages[-1]["role"] != "assistant":
@@ -125,8 +127,10 @@ def normalize_preference(data: dict[str, Any]) -> dict[str, Any]:
             rejected = as_messages(data["rejected"], "rejected", "assistant")
         else:
             # A bare string is a reply with no prompt; message lists are whole conversations.
-            prompt, chosen, rejected = _split_implicit_prompt(as_messages(data["chosen"], "chosen", "assistant"),
-                                                              as_messages(data["rejected"], "rejected", "assistant"))
+            prompt, chosen, rejected = _split_implicit_prompt(
+                as_messages(data["chosen"], "chosen", "assistant"),
+                as_messages(data["rejected"], "rejected", "assistant"),
+            )
     except EmptyRow as e:
         raise RowError(f"empty side: {e}") from None
     for name, side in (("chosen", chosen), ("rejected", rejected)):
@@ -137,8 +141,13 @@ def normalize_preference(data: dict[str, Any]) -> dict[str, Any]:
     if chosen == rejected:
         raise RowError("chosen and rejected are identical")
     margin = _as_float(data.get("margin"), "margin")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
-            "margin": 0.0 if margin is None else margin, "tie": _as_bool(data.get("tie"), "tie")}
+    return {
+        "prompt": prompt,
+        "chosen": chosen,
+        "rejected": rejected,
+        "margin": 0.0 if margin is None else margin,
+        "tie": _as_bool(data.get("tie"), "tie"),
+    }
 
 
 def normalize_labelled(data: dict[str, Any]) -> dict[str, Any]:
@@ -197,8 +206,10 @@ def unpair(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], int]:
         elif r["tie"]:
             ties += 1
         else:
-            out += [{"prompt": r["prompt"], "completion": r["chosen"], "label": True},
-                    {"prompt": r["prompt"], "completion": r["rejected"], "label": False}]
+            out += [
+                {"prompt": r["prompt"], "completion": r["chosen"], "label": True},
+                {"prompt": r["prompt"], "completion": r["rejected"], "label": False},
+            ]
     return out, ties
 
 
@@ -236,8 +247,10 @@ def _json_safe(value: Any, name: str) -> Any:
         return _json_safe(value.tolist(), name)
     if hasattr(value, "isoformat"):
         return value.isoformat()
-    raise RowError(f"column '{name}' holds a {type(value).__name__}, which reward functions cannot receive "
-                   "(use text, numbers, lists or objects)")
+    raise RowError(
+        f"column '{name}' holds a {type(value).__name__}, which reward functions cannot receive "
+        "(use text, numbers, lists or objects)"
+    )
 
 
 def normalize_prompt_row(data: dict[str, Any]) -> dict[str, Any]:

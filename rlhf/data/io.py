@@ -20,8 +20,6 @@ from rlhf.errors import DataError, HandoffError  # DataError re-exported here fo
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 
 
-
-
 @dataclass(frozen=True)
 class Row:
     """One raw example and where it came from."""
@@ -51,13 +49,17 @@ def _read_json(path: Path) -> list[Row]:
     try:
         obj = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); for one object per line use .jsonl")
+        raise DataError(
+            f"{path}: not valid JSON (line {e.lineno}: {e.msg}); for one object per line use .jsonl"
+        ) from None
     if isinstance(obj, dict) and isinstance(obj.get("data"), list):
         obj = obj["data"]
     if not isinstance(obj, list):
-        raise DataError(f"{path}: expected a JSON list of objects (or {{\"data\": [...]}})")
-    return [Row(f"{path}:item {i}", o, None) if isinstance(o, dict) else Row(f"{path}:item {i}", None, "not an object")
-            for i, o in enumerate(obj, start=1)]
+        raise DataError(f'{path}: expected a JSON list of objects (or {{"data": [...]}})')
+    return [
+        Row(f"{path}:item {i}", o, None) if isinstance(o, dict) else Row(f"{path}:item {i}", None, "not an object")
+        for i, o in enumerate(obj, start=1)
+    ]
 
 
 def _read_csv(path: Path) -> list[Row]:
@@ -81,9 +83,11 @@ def _read_csv(path: Path) -> list[Row]:
             try:
                 fields = next(reader, None)
             except csv.Error as e:
-                raise DataError(f"{path}: malformed CSV in the row starting at line {start}: {e}. An unclosed "
-                                "quote takes in every line after it; close it or double the quote inside the "
-                                "text (\"\")") from None
+                raise DataError(
+                    f"{path}: malformed CSV in the row starting at line {start}: {e}. An unclosed "
+                    "quote takes in every line after it; close it or double the quote inside the "
+                    'text ("")'
+                ) from None
             if fields is None:
                 break
             if not fields:
@@ -114,8 +118,10 @@ def _from_hub(name: str, split: str, config: str | None) -> list[Row]:
     try:
         ds = datasets.load_dataset(local, name=config, split=split)
     except Exception as e:  # unknown config or split, unreadable files: say which and why
-        raise DataError(f"data source {name!r} (config {config!r}, split {split!r}): {type(e).__name__}: "
-                        f"{str(e).splitlines()[0][:300]}") from None
+        raise DataError(
+            f"data source {name!r} (config {config!r}, split {split!r}): {type(e).__name__}: "
+            f"{str(e).splitlines()[0][:300]}"
+        ) from None
     return [Row(f"{name}[{split}]:row {i}", rec, None) for i, rec in enumerate(ds, start=1)]
 
 
@@ -152,7 +158,9 @@ def read_rows(path: str | Path, split: str = "train", config: str | None = None)
         import pandas as pd
 
         return _records(pd.read_parquet(path), path, "row")
-    raise DataError(f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)} or a saved dataset dir")
+    raise DataError(
+        f"{path}: unsupported file type {suffix!r}; use one of {', '.join(SUFFIXES)} or a saved dataset dir"
+    )
 
 
 def fingerprint(path: str | Path) -> str:

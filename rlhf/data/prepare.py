@@ -44,9 +44,11 @@ class SourceReport:
 
     def summary(self) -> str:
         extra = "".join(f", {n} {r}" for r, n in sorted(self.filtered.items()))
-        return (f"{self.path}: {self.rows_read} rows read, {self.bad} bad, {self.empty} empty, "
-                f"{self.too_long} too long, {self.duplicates} duplicates{extra} -> "
-                f"train {self.train} / validation {self.validation} / test {self.test}")
+        return (
+            f"{self.path}: {self.rows_read} rows read, {self.bad} bad, {self.empty} empty, "
+            f"{self.too_long} too long, {self.duplicates} duplicates{extra} -> "
+            f"train {self.train} / validation {self.validation} / test {self.test}"
+        )
 
 
 @dataclass
@@ -59,9 +61,14 @@ class Splits(Generic[T]):
     train_tokens: int | None = None  # set by the stage, which knows the tokenizer
 
     def report(self) -> dict[str, Any]:
-        return {"train": len(self.train), "validation": len(self.validation), "test": len(self.test),
-                "train_tokens": self.train_tokens, "train_fingerprint": self.train_fingerprint,
-                "sources": [asdict(s) for s in self.sources]}
+        return {
+            "train": len(self.train),
+            "validation": len(self.validation),
+            "test": len(self.test),
+            "train_tokens": self.train_tokens,
+            "train_fingerprint": self.train_fingerprint,
+            "sources": [asdict(s) for s in self.sources],
+        }
 
 
 def _key(row: Any) -> str:
@@ -85,8 +92,8 @@ def split_rows(rows: list[T], validation: float, test: float, seed: int) -> tupl
 
     n_val, n_test = count(validation), count(test)
     val = [rows[i] for i in order[:n_val]]
-    tst = [rows[i] for i in order[n_val:n_val + n_test]]
-    train = [rows[i] for i in order[n_val + n_test:]]
+    tst = [rows[i] for i in order[n_val : n_val + n_test]]
+    train = [rows[i] for i in order[n_val + n_test :]]
     return train, val, tst
 
 
@@ -111,7 +118,10 @@ def mix(parts: list[list[T]], weights: list[float], size: int, seed: int) -> lis
 
 
 def _load_source(
-    src: DataSource, cfg: DataConfig, normalize: Callable[[dict], T], length_of: Callable[[T], int] | None,
+    src: DataSource,
+    cfg: DataConfig,
+    normalize: Callable[[dict], T],
+    length_of: Callable[[T], int] | None,
     extra_filter: Callable[[T], str | None] | None,
 ) -> tuple[list[T], SourceReport]:
     report = SourceReport(path=src.path, fingerprint=fingerprint(src.path), weight=src.weight)
@@ -138,8 +148,10 @@ def _load_source(
             continue
         if length_of is not None and length_of(example) > cfg.max_length:
             if cfg.too_long == "error":
-                raise DataError(f"{row.where}: {length_of(example)} tokens, over data.max_length={cfg.max_length} "
-                                "(data.too_long: error); raise max_length or set data.too_long=drop")
+                raise DataError(
+                    f"{row.where}: {length_of(example)} tokens, over data.max_length={cfg.max_length} "
+                    "(data.too_long: error); raise max_length or set data.too_long=drop"
+                )
             report.too_long += 1
             continue
         if cfg.deduplicate:
@@ -153,8 +165,10 @@ def _load_source(
     if report.bad and cfg.bad_rows == "error":
         listed = "\n  ".join(report.bad_examples)
         more = f"\n  ... and {report.bad - len(report.bad_examples)} more" if report.bad > MAX_LISTED else ""
-        raise DataError(f"{report.bad} malformed row(s) in {src.path} (data.bad_rows: error):\n  {listed}{more}\n"
-                        "Fix them, or set data.bad_rows=drop to skip and count them.")
+        raise DataError(
+            f"{report.bad} malformed row(s) in {src.path} (data.bad_rows: error):\n  {listed}{more}\n"
+            "Fix them, or set data.bad_rows=drop to skip and count them."
+        )
     return kept, report
 
 

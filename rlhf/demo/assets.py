@@ -30,8 +30,15 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
 
 # ~0.9M parameters: big enough to learn the task's grammar, small enough for a 2-core CPU.
-TINY_LLAMA = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                  num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=True)
+TINY_LLAMA = dict(
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=256,
+    tie_word_embeddings=True,
+)
 
 
 def build_tokenizer(seed: int):
@@ -41,11 +48,19 @@ def build_tokenizer(seed: int):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=SPECIAL_TOKENS,
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(task.corpus(seed), trainer)
-    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|end|>", pad_token="<|pad|>",
-                                 model_max_length=TINY_LLAMA["max_position_embeddings"])
+    hf = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|end|>",
+        pad_token="<|pad|>",
+        model_max_length=TINY_LLAMA["max_position_embeddings"],
+    )
     hf.chat_template = CHAT_TEMPLATE
     return hf
 
@@ -54,12 +69,18 @@ def build_base_model(tokenizer, seed: int):
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **TINY_LLAMA)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+        **TINY_LLAMA,
+    )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id,
-                                               pad_token_id=tokenizer.pad_token_id, max_new_tokens=32)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, max_new_tokens=32
+    )
     return model
 
 
@@ -100,8 +121,12 @@ def build_demo_assets(out_dir: str | Path, seed: int = 0) -> Path:
         _write_jsonl(tmp / "data" / "prompts.jsonl", [{"prompt": p} for p in train_prompts])
         _write_jsonl(tmp / "data" / "heldout_prompts.jsonl", [{"prompt": p} for p in heldout_prompts])
         n_params = sum(p.numel() for p in model.parameters())
-        (tmp / MARKER).write_text(json.dumps({"version": ASSETS_VERSION, "seed": seed, "parameters": n_params,
-                                              "vocab_size": len(tokenizer)}, indent=2))
+        (tmp / MARKER).write_text(
+            json.dumps(
+                {"version": ASSETS_VERSION, "seed": seed, "parameters": n_params, "vocab_size": len(tokenizer)},
+                indent=2,
+            )
+        )
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     return out

@@ -26,9 +26,30 @@ import re
 from dataclasses import dataclass
 
 ITEMS = [
-    "pizza", "movie", "hotel", "book", "phone", "laptop", "concert", "museum",
-    "restaurant", "game", "song", "park", "car", "bike", "camera", "coffee",
-    "garden", "train", "beach", "school", "show", "album", "store", "city",
+    "pizza",
+    "movie",
+    "hotel",
+    "book",
+    "phone",
+    "laptop",
+    "concert",
+    "museum",
+    "restaurant",
+    "game",
+    "song",
+    "park",
+    "car",
+    "bike",
+    "camera",
+    "coffee",
+    "garden",
+    "train",
+    "beach",
+    "school",
+    "show",
+    "album",
+    "store",
+    "city",
 ]
 PHRASINGS = [
     "write a review of the {item} .",

@@ -14,15 +14,15 @@ from rlhf.config import GenerationSettings
 from rlhf.sampling import Samples, sample, sequence_logprobs
 
 
-def reference_answers(base, tokenizer, question_ids: list[list[int]], max_new_tokens: int, batch_size: int,
-                      device) -> Samples:
+def reference_answers(
+    base, tokenizer, question_ids: list[list[int]], max_new_tokens: int, batch_size: int, device
+) -> Samples:
     """The base model's greedy answer to each question (cut after its eos), as `Samples`."""
     gen = GenerationSettings(max_new_tokens=max_new_tokens)
     return sample(base, tokenizer, question_ids, 1, gen, 0, batch_size, device, greedy=True)
 
 
-def nll_per_token(model, tokenizer, question_ids: list[list[int]], answers: Samples, batch_size: int,
-                  device) -> float:
+def nll_per_token(model, tokenizer, question_ids: list[list[int]], answers: Samples, batch_size: int, device) -> float:
     """Mean negative log-likelihood per answer token of `answers` under `model` (temperature 1)."""
     logp = sequence_logprobs(model, question_ids, answers, tokenizer.pad_token_id, 1.0, batch_size, device)
     tokens = sum(len(r) for r in answers.responses)

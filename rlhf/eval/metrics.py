@@ -29,7 +29,7 @@ def distinct_n(sequences: Sequence[Sequence], n: int) -> float:
     1.0 means no n-gram repeats anywhere; a policy that collapses onto one phrase goes towards 0.
     Sequences shorter than n contribute nothing; with no n-grams at all the answer is 0.
     """
-    grams = [tuple(s[i:i + n]) for s in sequences for i in range(len(s) - n + 1)]
+    grams = [tuple(s[i : i + n]) for s in sequences for i in range(len(s) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -69,11 +69,20 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float:
 def length_stats(lengths: Sequence[int]) -> dict[str, float]:
     """Mean, median, min, max and standard deviation of response lengths (tokens)."""
     if not lengths:
-        return {"mean": float("nan"), "median": float("nan"), "min": float("nan"), "max": float("nan"),
-                "std": float("nan")}
-    return {"mean": statistics.fmean(lengths), "median": float(statistics.median(lengths)),
-            "min": float(min(lengths)), "max": float(max(lengths)),
-            "std": statistics.pstdev(lengths) if len(lengths) > 1 else 0.0}
+        return {
+            "mean": float("nan"),
+            "median": float("nan"),
+            "min": float("nan"),
+            "max": float("nan"),
+            "std": float("nan"),
+        }
+    return {
+        "mean": statistics.fmean(lengths),
+        "median": float(statistics.median(lengths)),
+        "min": float(min(lengths)),
+        "max": float(max(lengths)),
+        "std": statistics.pstdev(lengths) if len(lengths) > 1 else 0.0,
+    }
 
 
 def mean(x: Sequence[float]) -> float:

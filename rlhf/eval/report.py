@@ -14,14 +14,36 @@ from rlhf.config_run import EvalRecipe
 from rlhf.data.formats import Messages
 from rlhf.tracking import METRICS_FILE, read_jsonl
 
-HEADLINE = ["reward_mean", "win_rate_vs_sft", "ground_truth", "heldout_reward_mean", "kl_to_sft",
-            "forgetting_ppl_rise", "length_mean", "distinct_2", "hit_length_limit", "shorter_than_half_sft",
-            "reward_length_correlation", "train_seconds", "peak_memory_mb"]
-LABELS = {"reward_mean": "reward", "win_rate_vs_sft": "win vs SFT", "ground_truth": "ground truth",
-          "heldout_reward_mean": "held-out RM", "kl_to_sft": "KL to SFT", "length_mean": "length",
-          "distinct_2": "distinct-2", "hit_length_limit": "hit limit", "shorter_than_half_sft": "short",
-          "reward_length_correlation": "corr(reward, len)", "forgetting_ppl_rise": "forgetting",
-          "train_seconds": "train s", "peak_memory_mb": "peak MB"}
+HEADLINE = [
+    "reward_mean",
+    "win_rate_vs_sft",
+    "ground_truth",
+    "heldout_reward_mean",
+    "kl_to_sft",
+    "forgetting_ppl_rise",
+    "length_mean",
+    "distinct_2",
+    "hit_length_limit",
+    "shorter_than_half_sft",
+    "reward_length_correlation",
+    "train_seconds",
+    "peak_memory_mb",
+]
+LABELS = {
+    "reward_mean": "reward",
+    "win_rate_vs_sft": "win vs SFT",
+    "ground_truth": "ground truth",
+    "heldout_reward_mean": "held-out RM",
+    "kl_to_sft": "KL to SFT",
+    "length_mean": "length",
+    "distinct_2": "distinct-2",
+    "hit_length_limit": "hit limit",
+    "shorter_than_half_sft": "short",
+    "reward_length_correlation": "corr(reward, len)",
+    "forgetting_ppl_rise": "forgetting",
+    "train_seconds": "train s",
+    "peak_memory_mb": "peak MB",
+}
 
 
 def headline(results: list[dict]) -> dict[str, dict[str, float]]:
@@ -53,25 +75,37 @@ def _verdict(summary: dict[str, dict[str, float]]) -> list[str]:
     if "ppo" not in summary:
         return []
     ppo, sft = summary["ppo"], summary["sft"]
-    judged = (f"reward {_fmt(sft['reward_mean'])} -> {_fmt(ppo['reward_mean'])}, judged better on "
-              f"{100 * ppo['win_rate_vs_sft']:.0f}% of answers, " if "win_rate_vs_sft" in ppo else "")
+    judged = (
+        f"reward {_fmt(sft['reward_mean'])} -> {_fmt(ppo['reward_mean'])}, judged better on "
+        f"{100 * ppo['win_rate_vs_sft']:.0f}% of answers, "
+        if "win_rate_vs_sft" in ppo
+        else ""
+    )
     lines = [f"- PPO vs SFT: {judged}KL to SFT {_fmt(ppo['kl_to_sft'])} nats."]
     if "ground_truth" in ppo:
-        lines.append(f"- Ground truth (never seen in training): {_fmt(sft['ground_truth'])} -> "
-                     f"{_fmt(ppo['ground_truth'])} ({ppo['ground_truth'] - sft['ground_truth']:+.1f}).")
+        lines.append(
+            f"- Ground truth (never seen in training): {_fmt(sft['ground_truth'])} -> "
+            f"{_fmt(ppo['ground_truth'])} ({ppo['ground_truth'] - sft['ground_truth']:+.1f})."
+        )
     best = next((k for k in summary if k.startswith("sft_best_of_")), None)
     if best and "ground_truth" in ppo:
         beat = ppo["ground_truth"] > summary[best]["ground_truth"]
-        lines.append(f"- {best.replace('sft_', '').replace('_', '-')} of SFT samples (reward-model reranking): ground "
-                     f"truth {_fmt(summary[best]['ground_truth'])}; PPO {'beats' if beat else 'does not beat'} it.")
+        lines.append(
+            f"- {best.replace('sft_', '').replace('_', '-')} of SFT samples (reward-model reranking): ground "
+            f"truth {_fmt(summary[best]['ground_truth'])}; PPO {'beats' if beat else 'does not beat'} it."
+        )
     if "forgetting_ppl_rise" in ppo:
-        lines.append(f"- Forgetting (perplexity of the base model's answers to general questions): SFT "
-                     f"{100 * sft['forgetting_ppl_rise']:+.1f}%, PPO {100 * ppo['forgetting_ppl_rise']:+.1f}% vs base.")
+        lines.append(
+            f"- Forgetting (perplexity of the base model's answers to general questions): SFT "
+            f"{100 * sft['forgetting_ppl_rise']:+.1f}%, PPO {100 * ppo['forgetting_ppl_rise']:+.1f}% vs base."
+        )
     warn = []
     if ppo.get("forgetting_ppl_rise", 0.0) > 0.05:
         warn.append(f"PPO forgot: perplexity on general answers rose {100 * ppo['forgetting_ppl_rise']:.0f}% over base")
-    if "heldout_reward_mean" in ppo and ppo["heldout_reward_mean"] < sft["heldout_reward_mean"] < sft["reward_mean"] \
-            < ppo["reward_mean"]:
+    if (
+        "heldout_reward_mean" in ppo
+        and ppo["heldout_reward_mean"] < sft["heldout_reward_mean"] < sft["reward_mean"] < ppo["reward_mean"]
+    ):
         warn.append("the held-out reward model scores PPO below SFT while the training reward rose")
     if ppo["hit_length_limit"] > max(0.2, 2 * sft["hit_length_limit"]):
         warn.append(f"{100 * ppo['hit_length_limit']:.0f}% of PPO answers run into the length limit")
@@ -94,11 +128,16 @@ def _methods(summary: dict[str, dict[str, float]], recipe: EvalRecipe) -> list[s
     lines = ["## Methods side by side", ""]
     for n in names:
         row = summary[n]
-        gt = (f"ground truth {_fmt(row['ground_truth'])} ({row['ground_truth'] - sft['ground_truth']:+.1f} vs SFT), "
-              if "ground_truth" in row else "")
-        forgot = (f"forgetting {100 * row['forgetting_ppl_rise']:+.1f}%, " if "forgetting_ppl_rise" in row else "")
-        lines.append(f"- {n}: {gt}reward {_fmt(row['reward_mean'])}, KL to SFT {_fmt(row['kl_to_sft'])}, {forgot}"
-                     f"{_fmt(row.get('train_seconds', float('nan')))} s, peak {_fmt(row.get('peak_memory_mb', float('nan')))} MB")
+        gt = (
+            f"ground truth {_fmt(row['ground_truth'])} ({row['ground_truth'] - sft['ground_truth']:+.1f} vs SFT), "
+            if "ground_truth" in row
+            else ""
+        )
+        forgot = f"forgetting {100 * row['forgetting_ppl_rise']:+.1f}%, " if "forgetting_ppl_rise" in row else ""
+        lines.append(
+            f"- {n}: {gt}reward {_fmt(row['reward_mean'])}, KL to SFT {_fmt(row['kl_to_sft'])}, {forgot}"
+            f"{_fmt(row.get('train_seconds', float('nan')))} s, peak {_fmt(row.get('peak_memory_mb', float('nan')))} MB"
+        )
     return [*lines, ""]
 
 
@@ -152,26 +191,55 @@ def write_report(out: Path, results: list[dict], prompts: list[Messages], recipe
     summary = headline(results)
     plots = _plots(out, results, recipe.ppo_dir)
     n = recipe.samples_per_prompt
-    md = [f"# Evaluation report: {Path(recipe.output_dir).name}", "",
-          f"{len(prompts)} held-out prompts x {n} samples per model, temperature {recipe.generation.temperature}, "
-          f"at most {recipe.generation.max_new_tokens} new tokens. "
-          + (f"The reward model ({recipe.reward_dir}) scores every answer and judges win rates against SFT on the "
-             "same prompt and sample." if recipe.reward_dir else
-             "No reward model: the task's ground-truth grader is the measure."), "",
-          *_table(summary), "", "## Verdict", "", *_verdict(summary), "", *_methods(summary, recipe),
-          "Columns: *reward* mean reward-model score; *win vs SFT* share of answers the reward model prefers to "
-          "SFT's; *KL to SFT* mean log p(answer) - log p_SFT(answer) in nats; *length* tokens; *distinct-2* unique "
-          "bigrams / all bigrams; *hit limit* share of answers cut at the length limit; *short* share of answers under half the SFT median length; *corr(reward, len)* Pearson "
-          "correlation of reward with length (a length-gaming monitor); *train s* and *peak MB* the RL stage's "
-          "wall time and peak memory (GPU memory allocated, or peak RSS on CPU), from its manifest.", "", "## Plots", "",
-          *[f"![{p}]({p})" for p in plots], "", "## Side by side", "", *_side_by_side(results, prompts,
-                                                                                     recipe.side_by_side)]
+    md = [
+        f"# Evaluation report: {Path(recipe.output_dir).name}",
+        "",
+        f"{len(prompts)} held-out prompts x {n} samples per model, temperature {recipe.generation.temperature}, "
+        f"at most {recipe.generation.max_new_tokens} new tokens. "
+        + (
+            f"The reward model ({recipe.reward_dir}) scores every answer and judges win rates against SFT on the "
+            "same prompt and sample."
+            if recipe.reward_dir
+            else "No reward model: the task's ground-truth grader is the measure."
+        ),
+        "",
+        *_table(summary),
+        "",
+        "## Verdict",
+        "",
+        *_verdict(summary),
+        "",
+        *_methods(summary, recipe),
+        "Columns: *reward* mean reward-model score; *win vs SFT* share of answers the reward model prefers to "
+        "SFT's; *KL to SFT* mean log p(answer) - log p_SFT(answer) in nats; *length* tokens; *distinct-2* unique "
+        "bigrams / all bigrams; *hit limit* share of answers cut at the length limit; *short* share of answers "
+        "under half the SFT median length; *corr(reward, len)* Pearson "
+        "correlation of reward with length (a length-gaming monitor); *train s* and *peak MB* the RL stage's "
+        "wall time and peak memory (GPU memory allocated, or peak RSS on CPU), from its manifest.",
+        "",
+        "## Plots",
+        "",
+        *[f"![{p}]({p})" for p in plots],
+        "",
+        "## Side by side",
+        "",
+        *_side_by_side(results, prompts, recipe.side_by_side),
+    ]
     (out / "report.md").write_text("\n".join(md) + "\n")
-    full = {"summary": summary, "prompts": len(prompts), "samples_per_prompt": n, "plots": plots,
-            "policies": [{k: v for k, v in r.items() if k not in ("rewards", "lengths", "texts", "prompt_index")}
-                         for r in results],
-            "samples": [{"policy": r["name"], "prompt": prompts[i][-1]["content"], "response": t, "reward": w}
-                        for r in results for i, t, w in zip(r["prompt_index"], r["texts"], r["rewards"])]}
+    full = {
+        "summary": summary,
+        "prompts": len(prompts),
+        "samples_per_prompt": n,
+        "plots": plots,
+        "policies": [
+            {k: v for k, v in r.items() if k not in ("rewards", "lengths", "texts", "prompt_index")} for r in results
+        ],
+        "samples": [
+            {"policy": r["name"], "prompt": prompts[i][-1]["content"], "response": t, "reward": w}
+            for r in results
+            for i, t, w in zip(r["prompt_index"], r["texts"], r["rewards"])
+        ],
+    }
     (out / "report.json").write_text(json.dumps(full, indent=2, default=str))
     return summary
 
@@ -187,7 +255,12 @@ def log_to_wandb(out: Path, recipe: EvalRecipe, summary: dict) -> None:
 
     run = wandb.init(config=to_dict(recipe), reinit="finish_previous")
     cols = sorted({k for row in summary.values() for k in row})
-    run.log({"report": wandb.Table(columns=["model", *cols], data=[[n, *(row.get(c) for c in cols)]
-                                                                    for n, row in summary.items()]),
-             **{f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted(out.glob("*.png"))}})
+    run.log(
+        {
+            "report": wandb.Table(
+                columns=["model", *cols], data=[[n, *(row.get(c) for c in cols)] for n, row in summary.items()]
+            ),
+            **{f"plots/{p.stem}": wandb.Image(str(p)) for p in sorted(out.glob("*.png"))},
+        }
+    )
     run.finish()

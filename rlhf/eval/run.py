@@ -81,8 +81,9 @@ def check_handoff(recipe: EvalRecipe, policies: list[Policy]):
     for judge in filter(None, (recipe.reward_dir, recipe.heldout_reward_dir)):
         handoff.reward_model(judge, sft_tok, f"SFT policy ({recipe.sft_dir})", needed_by="evaluation")
     for p in policies:
-        handoff.same_tokenizer(load_tokenizer(p.path), f"policy {p.name} ({p.path})", sft_tok,
-                               f"SFT policy ({recipe.sft_dir})")
+        handoff.same_tokenizer(
+            load_tokenizer(p.path), f"policy {p.name} ({p.path})", sft_tok, f"SFT policy ({recipe.sft_dir})"
+        )
     return sft_tok
 
 
@@ -117,12 +118,14 @@ def evaluate_policy(p: Policy, recipe: EvalRecipe, tok, prompts: list[Messages],
     shown = [render_prompt(tok, with_few_shot(m, shots)) for m in prompts] if shots else plain
     model = _load(p.path, "policy", device)
     bs, temp = recipe.batch_size, recipe.generation.temperature
-    s: Samples = sample(model, tok, shown, recipe.samples_per_prompt * p.best_of, recipe.generation, recipe.seed,
-                        bs, device)
+    s: Samples = sample(
+        model, tok, shown, recipe.samples_per_prompt * p.best_of, recipe.generation, recipe.seed, bs, device
+    )
     judged = judges["reward"] is not None
     if judged:
-        rewards = score_responses(judges["reward"], tok, [prompts[i] for i in s.prompt_index], s.responses, device,
-                                  bs).tolist()
+        rewards = score_responses(
+            judges["reward"], tok, [prompts[i] for i in s.prompt_index], s.responses, device, bs
+        ).tolist()
     else:  # no reward model (e.g. verifiable rewards): the task's ground truth is the measure
         rewards = [math.nan] * len(s.responses)
     if p.best_of > 1:
@@ -139,22 +142,31 @@ def evaluate_policy(p: Policy, recipe: EvalRecipe, tok, prompts: list[Messages],
     texts = [tok.decode(r, skip_special_tokens=True).strip() for r in s.responses]
     lengths = [len(r) for r in s.responses]
     out = {
-        "name": p.name, "path": p.path, "few_shot": p.few_shot, "n": len(texts),
+        "name": p.name,
+        "path": p.path,
+        "few_shot": p.few_shot,
+        "n": len(texts),
         "reward_mean": metrics.mean(rewards),
         "reward_std": metrics.length_stats(rewards)["std"] if judged else math.nan,
-        "kl_to_sft": kl, "length": metrics.length_stats(lengths),
-        "distinct_1": metrics.distinct_n(s.responses, 1), "distinct_2": metrics.distinct_n(s.responses, 2),
+        "kl_to_sft": kl,
+        "length": metrics.length_stats(lengths),
+        "distinct_1": metrics.distinct_n(s.responses, 1),
+        "distinct_2": metrics.distinct_n(s.responses, 2),
         "hit_length_limit": metrics.mean([float(h) for h in s.hit_limit]),
         "reward_length_correlation": metrics.pearson(rewards, lengths) if judged else math.nan,
-        "rewards": rewards, "lengths": lengths, "texts": texts, "prompt_index": s.prompt_index,
+        "rewards": rewards,
+        "lengths": lengths,
+        "texts": texts,
+        "prompt_index": s.prompt_index,
     }
     if "heldout_reward" in judges:
         held = score_responses(judges["heldout_reward"], tok, answered, s.responses, device, bs).tolist()
         out["heldout_reward_mean"] = metrics.mean(held)
     if recipe.ground_truth != "none":
         grade = GRADERS[recipe.ground_truth]
-        out["ground_truth"] = metrics.mean([grade(prompts[i][-1]["content"], t, h)
-                                            for i, t, h in zip(s.prompt_index, texts, s.hit_limit)])
+        out["ground_truth"] = metrics.mean(
+            [grade(prompts[i][-1]["content"], t, h) for i, t, h in zip(s.prompt_index, texts, s.hit_limit)]
+        )
     out.update(training_cost(p.path) if p.best_of == 1 else {})
     if "forgetting" in judges and p.best_of == 1:
         questions, answers = judges["forgetting"]
@@ -168,8 +180,9 @@ def forgetting_reference(recipe: EvalRecipe, tok, device) -> tuple[list[list[int
     cfg = DataConfig(sources=[recipe.forgetting_prompts], validation_fraction=0.0, max_length=10**9)
     questions = [render_prompt(tok, m) for m in prepare_splits(cfg, normalize_prompt).train]
     base = _load(recipe.base_dir, "policy", device)
-    return questions, reference_answers(base, tok, questions, recipe.forgetting_max_new_tokens, recipe.batch_size,
-                                        device)
+    return questions, reference_answers(
+        base, tok, questions, recipe.forgetting_max_new_tokens, recipe.batch_size, device
+    )
 
 
 def run_eval(recipe: EvalRecipe) -> Path:
@@ -185,8 +198,10 @@ def run_eval(recipe: EvalRecipe) -> Path:
     prompts = load_prompts(recipe, tok)
     device = default_device()
     torch.manual_seed(recipe.seed)
-    judges = {"reward": _load(recipe.reward_dir, "scorer", device) if recipe.reward_dir else None,
-              "reference": _load(recipe.sft_dir, "policy", device)}
+    judges = {
+        "reward": _load(recipe.reward_dir, "scorer", device) if recipe.reward_dir else None,
+        "reference": _load(recipe.sft_dir, "policy", device),
+    }
     if recipe.heldout_reward_dir:
         judges["heldout_reward"] = _load(recipe.heldout_reward_dir, "scorer", device)
     if recipe.forgetting_prompts is not None:
@@ -212,8 +227,14 @@ def run_eval(recipe: EvalRecipe) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     summary = report.write_report(out, results, prompts, recipe)
     parents = [parent_ref(p.path) for p in policies if Path(p.path, "rlhf_manifest.json").is_file()]
-    write_manifest(out, stage="eval", recipe=to_dict(recipe), started_at=started_at, parents=parents,
-                   metrics={"headline": summary, "seconds": time.perf_counter() - t0},
-                   datasets={"prompts": len(prompts)})
+    write_manifest(
+        out,
+        stage="eval",
+        recipe=to_dict(recipe),
+        started_at=started_at,
+        parents=parents,
+        metrics={"headline": summary, "seconds": time.perf_counter() - t0},
+        datasets={"prompts": len(prompts)},
+    )
     report.log_to_wandb(out, recipe, summary)
     return out

@@ -20,8 +20,20 @@ from sqlalchemy import func, select
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
-from rlhf.label.store import (AlreadyLabelled, NotServed, PairFull, assignments, candidates, labels, locked, now,
-                              overlap, pairs, prompts, skips)
+from rlhf.label.store import (
+    AlreadyLabelled,
+    NotServed,
+    PairFull,
+    assignments,
+    candidates,
+    labels,
+    locked,
+    now,
+    overlap,
+    pairs,
+    prompts,
+    skips,
+)
 
 DEFAULT_LEASE_S = 600.0  # 10 minutes to label a served pair before its place goes back to the pool
 
@@ -29,16 +41,23 @@ DEFAULT_LEASE_S = 600.0  # 10 minutes to label a served pair before its place go
 def _filled(pair_col, t: dt.datetime, other_than: int | None = None):
     """Labels on a pair plus live leases on it (those of `other_than` aside): its places in use."""
     n_labels = select(func.count()).where(labels.c.pair_id == pair_col).scalar_subquery()
-    held = select(func.count()).select_from(assignments).where(assignments.c.pair_id == pair_col,
-                                                               assignments.c.expires_at > t)
+    held = (
+        select(func.count())
+        .select_from(assignments)
+        .where(assignments.c.pair_id == pair_col, assignments.c.expires_at > t)
+    )
     if other_than is not None:
         held = held.where(assignments.c.annotator_id != other_than)
     return n_labels + held.scalar_subquery()
 
 
 def _held(c: Connection, annotator_id: int, t: dt.datetime) -> int | None:
-    q = (select(assignments.c.pair_id).where(assignments.c.annotator_id == annotator_id, assignments.c.expires_at > t)
-         .order_by(assignments.c.served_at).limit(1))
+    q = (
+        select(assignments.c.pair_id)
+        .where(assignments.c.annotator_id == annotator_id, assignments.c.expires_at > t)
+        .order_by(assignments.c.served_at)
+        .limit(1)
+    )
     return c.execute(q).scalar()
 
 
@@ -47,8 +66,12 @@ def _pick(c: Connection, annotator_id: int, t: dt.datetime) -> int | None:
     filled = _filled(pairs.c.id, t)
     mine = select(labels.c.pair_id).where(labels.c.annotator_id == annotator_id)
     skipped = select(skips.c.pair_id).where(skips.c.annotator_id == annotator_id)
-    q = (select(pairs.c.id).where(pairs.c.id.not_in(mine), pairs.c.id.not_in(skipped), filled < overlap(c))
-         .order_by(filled, pairs.c.priority, pairs.c.id).limit(1))
+    q = (
+        select(pairs.c.id)
+        .where(pairs.c.id.not_in(mine), pairs.c.id.not_in(skipped), filled < overlap(c))
+        .order_by(filled, pairs.c.priority, pairs.c.id)
+        .limit(1)
+    )
     return c.execute(q).scalar()
 
 
@@ -56,13 +79,19 @@ def _lease(c: Connection, pair_id: int, annotator_id: int, t: dt.datetime, lease
     until = t + dt.timedelta(seconds=lease_s)
     key = (assignments.c.pair_id == pair_id) & (assignments.c.annotator_id == annotator_id)
     if c.execute(assignments.update().where(key).values(served_at=t, expires_at=until)).rowcount == 0:
-        c.execute(assignments.insert().values(pair_id=pair_id, annotator_id=annotator_id, served_at=t,
-                                              expires_at=until))
+        c.execute(
+            assignments.insert().values(pair_id=pair_id, annotator_id=annotator_id, served_at=t, expires_at=until)
+        )
 
 
 def _end_lease(c: Connection, pair_id: int, annotator_id: int, t: dt.datetime) -> None:
-    c.execute(assignments.update().where(assignments.c.pair_id == pair_id, assignments.c.annotator_id == annotator_id,
-                                         assignments.c.expires_at > t).values(expires_at=t))
+    c.execute(
+        assignments.update()
+        .where(
+            assignments.c.pair_id == pair_id, assignments.c.annotator_id == annotator_id, assignments.c.expires_at > t
+        )
+        .values(expires_at=t)
+    )
 
 
 def next_pair(engine: Engine, annotator_id: int, lease_s: float = DEFAULT_LEASE_S) -> dict[str, Any] | None:
@@ -84,8 +113,14 @@ def _load(engine: Engine, pair_id: int) -> dict[str, Any]:
         row = c.execute(select(pairs).where(pairs.c.id == pair_id)).one()
         cands = {r.id: r for r in c.execute(select(candidates).where(candidates.c.id.in_([row.a_id, row.b_id])))}
         prompt = c.execute(select(prompts.c.messages).where(prompts.c.id == row.prompt_id)).scalar()
-    return {"pair_id": row.id, "prompt": json.loads(prompt), "a_id": row.a_id, "b_id": row.b_id,
-            "a": cands[row.a_id].text, "b": cands[row.b_id].text}
+    return {
+        "pair_id": row.id,
+        "prompt": json.loads(prompt),
+        "a_id": row.a_id,
+        "b_id": row.b_id,
+        "a": cands[row.a_id].text,
+        "b": cands[row.b_id].text,
+    }
 
 
 def _check_may_label(c: Connection, pair_id: int, annotator_id: int, t: dt.datetime) -> None:
@@ -100,16 +135,25 @@ def _check_may_label(c: Connection, pair_id: int, annotator_id: int, t: dt.datet
         raise PairFull(f"pair {pair_id} has all the labels it needs (your reservation had expired)")
 
 
-def add_label(engine: Engine, *, pair_id: int, annotator_id: int, choice: str, strength: int | None, comment: str,
-              left_id: int) -> int:
+def add_label(
+    engine: Engine, *, pair_id: int, annotator_id: int, choice: str, strength: int | None, comment: str, left_id: int
+) -> int:
     """Insert one label in its own transaction (committed on return), after the checks above."""
     try:
         with locked(engine) as c:
             t = now()
             _check_may_label(c, pair_id, annotator_id, t)
-            label_id = c.execute(labels.insert().values(pair_id=pair_id, annotator_id=annotator_id, choice=choice,
-                                                        strength=strength, comment=comment, left_id=left_id,
-                                                        created_at=t)).inserted_primary_key[0]
+            label_id = c.execute(
+                labels.insert().values(
+                    pair_id=pair_id,
+                    annotator_id=annotator_id,
+                    choice=choice,
+                    strength=strength,
+                    comment=comment,
+                    left_id=left_id,
+                    created_at=t,
+                )
+            ).inserted_primary_key[0]
             _end_lease(c, pair_id, annotator_id, t)
             return label_id
     except IntegrityError:  # the unique constraint, should a writer ever get past the lock
@@ -140,7 +184,20 @@ def progress(engine: Engine, annotator_id: int) -> dict[str, int]:
 
 def own_labels(engine: Engine, annotator_id: int) -> list[dict[str, Any]]:
     with engine.connect() as c:
-        rows = c.execute(select(labels.c.id, labels.c.pair_id, labels.c.choice, labels.c.strength, labels.c.comment,
-                                labels.c.created_at).where(labels.c.annotator_id == annotator_id)
-                         .order_by(labels.c.id)).mappings().all()
+        rows = (
+            c.execute(
+                select(
+                    labels.c.id,
+                    labels.c.pair_id,
+                    labels.c.choice,
+                    labels.c.strength,
+                    labels.c.comment,
+                    labels.c.created_at,
+                )
+                .where(labels.c.annotator_id == annotator_id)
+                .order_by(labels.c.id)
+            )
+            .mappings()
+            .all()
+        )
     return [{**r, "created_at": r["created_at"].isoformat()} for r in rows]

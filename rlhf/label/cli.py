@@ -17,9 +17,12 @@ def add_parser(sub) -> None:
     init.add_argument("--policy-b", help="a second model: pairs are then A's answer against B's")
     init.add_argument("--samples", type=int, default=2, help="candidates per prompt (split over both policies)")
     init.add_argument("--candidates", help="JSONL of ready candidates {prompt, response, model} instead")
-    init.add_argument("--mode", choices=["pairs", "single"], default="pairs",
-                      help="pairs: which of two answers is better (reward model, DPO); single: is one answer "
-                           "good or bad (KTO)")
+    init.add_argument(
+        "--mode",
+        choices=["pairs", "single"],
+        default="pairs",
+        help="pairs: which of two answers is better (reward model, DPO); single: is one answer good or bad (KTO)",
+    )
     init.add_argument("--overlap", type=int, default=1, help="annotators per pair (>1 measures agreement)")
     init.add_argument("--reward-model", help="serve the pairs it is least certain about first")
     init.add_argument("--max-new-tokens", type=int, default=64)
@@ -34,25 +37,38 @@ def add_parser(sub) -> None:
     rev.add_argument("--db", default="labels.sqlite")
     serve = cmds.add_parser("serve", help="start the web app")
     serve.add_argument("--db", default="labels.sqlite")
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="127.0.0.1 (default), behind a TLS reverse proxy; anything else is plain HTTP on "
-                            "the network (a warning says so)")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="127.0.0.1 (default), behind a TLS reverse proxy; anything else is plain HTTP on "
+        "the network (a warning says so)",
+    )
     serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--secure-cookies", action="store_true",
-                       help="mark cookies Secure (behind TLS); on by itself when a proxy on this machine sends "
-                            "X-Forwarded-Proto: https")
-    serve.add_argument("--lease-minutes", type=float, default=10.0,
-                       help="how long a served pair stays reserved for its annotator")
+    serve.add_argument(
+        "--secure-cookies",
+        action="store_true",
+        help="mark cookies Secure (behind TLS); on by itself when a proxy on this machine sends "
+        "X-Forwarded-Proto: https",
+    )
+    serve.add_argument(
+        "--lease-minutes", type=float, default=10.0, help="how long a served pair stays reserved for its annotator"
+    )
     serve.add_argument("--session-hours", type=float, default=12.0, help="how long a browser sign-in lasts")
     st = cmds.add_parser("stats", help="labels per annotator, throughput, agreement, tie and both-bad rates")
     st.add_argument("--db", default="labels.sqlite")
     st.add_argument("--json", action="store_true")
-    exp = cmds.add_parser("export", help="write preference pairs in the reward stage's format (single mode: "
-                                         "judged responses in the KTO format)")
+    exp = cmds.add_parser(
+        "export",
+        help="write preference pairs in the reward stage's format (single mode: judged responses in the KTO format)",
+    )
     exp.add_argument("--db", default="labels.sqlite")
     exp.add_argument("--out", required=True)
-    exp.add_argument("--ties", choices=["keep", "drop"], default="keep",
-                     help="keep majority ties as tie rows (the reward recipe decides) or drop them")
+    exp.add_argument(
+        "--ties",
+        choices=["keep", "drop"],
+        default="keep",
+        help="keep majority ties as tie rows (the reward recipe decides) or drop them",
+    )
     exp.add_argument("--min-labels", type=int, default=1, help="pairs with fewer labels are left out")
     exp.add_argument("--margin-scale", type=float, default=0.5, help="margin = scale x (strength - 1)")
 
@@ -79,40 +95,65 @@ def _run(args: argparse.Namespace) -> int:
         if args.overlap < 1 or args.samples < 1:
             raise ValueError("--overlap and --samples must be >= 1")
         gen = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-        made = project.init_project(args.db, prompts_path=args.prompts, policy=args.policy, policy_b=args.policy_b,
-                                    samples=args.samples, candidates_path=args.candidates, overlap=args.overlap,
-                                    reward_model=args.reward_model, gen=gen, seed=args.seed, mode=args.mode)
+        made = project.init_project(
+            args.db,
+            prompts_path=args.prompts,
+            policy=args.policy,
+            policy_b=args.policy_b,
+            samples=args.samples,
+            candidates_path=args.candidates,
+            overlap=args.overlap,
+            reward_model=args.reward_model,
+            gen=gen,
+            seed=args.seed,
+            mode=args.mode,
+        )
         if args.mode == "single":
             print(f"[rlhf] {args.db}: {made['prompts']} prompts, {made['pairs']} responses to judge good or bad")
         else:
-            print(f"[rlhf] {args.db}: {made['prompts']} prompts, {made['pairs']} pairs to label "
-                  f"({made['identical_skipped']} pairs of identical answers left out)")
+            print(
+                f"[rlhf] {args.db}: {made['prompts']} prompts, {made['pairs']} pairs to label "
+                f"({made['identical_skipped']} pairs of identical answers left out)"
+            )
     elif cmd == "add-annotator":
         token = store.add_annotator(store.connect(args.db), args.name, args.admin)
-        print(f"[rlhf] annotator {args.name!r}{' (admin)' if args.admin else ''}; their access token "
-              f"(shown once, stored only as a hash):\n{token}")
+        print(
+            f"[rlhf] annotator {args.name!r}{' (admin)' if args.admin else ''}; their access token "
+            f"(shown once, stored only as a hash):\n{token}"
+        )
     elif cmd == "revoke":
         ended = store.revoke(store.connect(args.db), args.name)
-        print(f"[rlhf] revoked {args.name!r}: their token no longer works and {ended} browser session(s) ended; "
-              "their labels stay")
+        print(
+            f"[rlhf] revoked {args.name!r}: their token no longer works and {ended} browser session(s) ended; "
+            "their labels stay"
+        )
     elif cmd == "serve":
         from rlhf.label.server import Settings, serve
 
         if args.lease_minutes <= 0 or args.session_hours <= 0:
             raise ValueError("--lease-minutes and --session-hours must be > 0")
-        serve(args.db, args.host, args.port, Settings(lease_s=60 * args.lease_minutes,
-                                                      session_s=3600 * args.session_hours,
-                                                      secure_cookies=args.secure_cookies))
+        serve(
+            args.db,
+            args.host,
+            args.port,
+            Settings(
+                lease_s=60 * args.lease_minutes, session_s=3600 * args.session_hours, secure_cookies=args.secure_cookies
+            ),
+        )
     elif cmd == "stats":
         s = project.stats(store.connect(args.db))
         if args.json:
             print(json.dumps(s, indent=2))
             return 0
         f = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"  # noqa: E731
-        print(f"{s['labels']} labels on {s['labelled_pairs']} of {s['pairs']} pairs; tie rate {f(s['tie_rate'])}, "
-              f"both-bad rate {f(s['both_bad_rate'])}")
-        print(f"agreement on {s['overlapping_pairs']} overlapping pairs: raw {f(s['raw_agreement'])}, "
-              f"Fleiss' kappa {f(s['fleiss_kappa'])}, mean Cohen's kappa {f(s['cohen_kappa_mean'])}")
+        print(
+            f"{s['labels']} labels on {s['labelled_pairs']} of {s['pairs']} pairs; tie rate {f(s['tie_rate'])}, "
+            f"both-bad rate {f(s['both_bad_rate'])}"
+        )
+        print(
+            f"agreement on {s['overlapping_pairs']} overlapping pairs: raw {f(s['raw_agreement'])}, "
+            f"Fleiss' kappa {f(s['fleiss_kappa'])}, mean Cohen's kappa {f(s['cohen_kappa_mean'])}"
+        )
         for name, a in s["annotators"].items():
             print(f"  {name:<20} {a['labels']:>6} labels  {f(a['per_hour']):>8} per hour")
     else:
@@ -124,12 +165,19 @@ def _run(args: argparse.Namespace) -> int:
 def export_message(counts: dict[str, int], out: str) -> str:
     """What was written (clear preferences and ties) and, apart, what was left out and why."""
     if "good" in counts:  # a single-response project
-        left = ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in ("unlabelled", "too_few_labels", "split_votes")
-                         if counts.get(k))
-        return (f"[rlhf] wrote {counts['written']} judged responses to {out} ({counts['good']} good, "
-                f"{counts['bad']} bad); left out: {left or 'none'}")
+        left = ", ".join(
+            f"{counts[k]} {k.replace('_', ' ')}"
+            for k in ("unlabelled", "too_few_labels", "split_votes")
+            if counts.get(k)
+        )
+        return (
+            f"[rlhf] wrote {counts['written']} judged responses to {out} ({counts['good']} good, "
+            f"{counts['bad']} bad); left out: {left or 'none'}"
+        )
     written = f"{counts['preferences']} with a clear preference, {counts['ties']} ties"
-    left = ", ".join(f"{counts[k]} {k.replace('_', ' ')}" for k in ("unlabelled", "too_few_labels", "both_bad",
-                                                                     "ties_dropped") if counts.get(k))
-    return (f"[rlhf] wrote {counts['written']} preference pairs to {out} ({written}); "
-            f"left out: {left or 'none'}")
+    left = ", ".join(
+        f"{counts[k]} {k.replace('_', ' ')}"
+        for k in ("unlabelled", "too_few_labels", "both_bad", "ties_dropped")
+        if counts.get(k)
+    )
+    return f"[rlhf] wrote {counts['written']} preference pairs to {out} ({written}); left out: {left or 'none'}"

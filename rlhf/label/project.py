@@ -24,8 +24,9 @@ def _load_prompts(path: str) -> list[Messages]:
     return prepare_splits(cfg, normalize_prompt).train
 
 
-def generate_candidates(prompts: list[Messages], policy: str, samples: int, gen: GenerationSettings,
-                        seed: int) -> list[list[str]]:
+def generate_candidates(
+    prompts: list[Messages], policy: str, samples: int, gen: GenerationSettings, seed: int
+) -> list[list[str]]:
     """`samples` responses per prompt from one policy (the evaluation sampler, so the same code path)."""
     from rlhf.models import default_device, load_model, load_tokenizer
     from rlhf.sampling import render_prompt, sample
@@ -56,9 +57,20 @@ def _candidates_file(path: str) -> tuple[list[Messages], list[list[tuple[str, st
     return [first[k] for k in grouped], list(grouped.values())
 
 
-def init_project(db: str, *, prompts_path: str | None, policy: str | None, policy_b: str | None, samples: int,
-                 candidates_path: str | None, overlap: int, reward_model: str | None, gen: GenerationSettings,
-                 seed: int = 0, mode: str = "pairs") -> dict[str, int]:
+def init_project(
+    db: str,
+    *,
+    prompts_path: str | None,
+    policy: str | None,
+    policy_b: str | None,
+    samples: int,
+    candidates_path: str | None,
+    overlap: int,
+    reward_model: str | None,
+    gen: GenerationSettings,
+    seed: int = 0,
+    mode: str = "pairs",
+) -> dict[str, int]:
     """Fill a new database with prompts, candidate responses and the items to label: pairs of
     responses, or (mode 'single') each response on its own, to be judged good or bad."""
     if mode not in store.MODES:
@@ -74,25 +86,41 @@ def init_project(db: str, *, prompts_path: str | None, policy: str | None, polic
         if not (prompts_path and policy):
             raise ValueError("give --prompts and --policy (and optionally --policy-b), or --candidates")
         prompts = _load_prompts(prompts_path)
-        settings = {"temperature": gen.temperature, "top_p": gen.top_p, "max_new_tokens": gen.max_new_tokens,
-                    "samples": samples, "seed": seed}
+        settings = {
+            "temperature": gen.temperature,
+            "top_p": gen.top_p,
+            "max_new_tokens": gen.max_new_tokens,
+            "samples": samples,
+            "seed": seed,
+        }
         per = samples if policy_b is None else max(1, samples // 2)
         least = 1 if policy_b is not None or mode == "single" else 2
         a = generate_candidates(prompts, policy, max(per, least), gen, seed)
         b = generate_candidates(prompts, policy_b, per, gen, seed + 1) if policy_b else None
-        cands = [[(t, policy) for t in a[i]] + ([(t, policy_b) for t in b[i]] if b else []) for i in range(len(prompts))]
+        cands = [
+            [(t, policy) for t in a[i]] + ([(t, policy_b) for t in b[i]] if b else []) for i in range(len(prompts))
+        ]
     engine = store.connect(db, create=True)
     rng = random.Random(seed)
     n_pairs = n_same = 0
     planned: list[tuple[int, int, int]] = []
     with engine.begin() as c:
-        c.execute(store.meta.insert(), [{"key": "overlap", "value": str(overlap)}, {"key": "mode", "value": mode},
-                                        {"key": "created_at", "value": store.now().isoformat()}])
+        c.execute(
+            store.meta.insert(),
+            [
+                {"key": "overlap", "value": str(overlap)},
+                {"key": "mode", "value": mode},
+                {"key": "created_at", "value": store.now().isoformat()},
+            ],
+        )
         for msgs, options in zip(prompts, cands):
             pid = c.execute(store.prompts.insert().values(messages=json.dumps(msgs))).inserted_primary_key[0]
-            ids = [c.execute(store.candidates.insert().values(prompt_id=pid, text=t, source=src,
-                                                              settings=json.dumps(settings))).inserted_primary_key[0]
-                   for t, src in options]
+            ids = [
+                c.execute(
+                    store.candidates.insert().values(prompt_id=pid, text=t, source=src, settings=json.dumps(settings))
+                ).inserted_primary_key[0]
+                for t, src in options
+            ]
             texts = [t for t, _ in options]
             if mode == "single":  # each response alone: an item is the candidate paired with itself
                 planned += [(pid, cid, cid) for cid in ids]
@@ -126,21 +154,28 @@ def _priorities(conn, planned: list[tuple[int, int, int]], reward_model: str | N
     model = load_model(reward_model, "scorer")
     text = {r.id: (r.text, r.prompt_id) for r in conn.execute(select(store.candidates))}
     msgs = {r.id: json.loads(r.messages) for r in conn.execute(select(store.prompts))}
-    seqs = [render_conversation(tok, msgs[p] + [{"role": "assistant", "content": text[cid][0]}])
-            for p, a, b in planned for cid in (a, b)]
+    seqs = [
+        render_conversation(tok, msgs[p] + [{"role": "assistant", "content": text[cid][0]}])
+        for p, a, b in planned
+        for cid in (a, b)
+    ]
     scores = score_sequences(model, seqs, tok.pad_token_id, "cpu") if seqs else torch.zeros(0)
     if planned and planned[0][1] == planned[0][2]:  # single responses (each scored twice, identically)
         one = scores[0::2]
         return (one - one.median()).abs().tolist()
-    return [abs(1 / (1 + math.exp(-(float(scores[2 * i]) - float(scores[2 * i + 1])))) - 0.5)
-            for i in range(len(planned))]
+    return [
+        abs(1 / (1 + math.exp(-(float(scores[2 * i]) - float(scores[2 * i + 1])))) - 0.5) for i in range(len(planned))
+    ]
 
 
 def _labels_by_pair(engine) -> dict[int, list[dict[str, Any]]]:
     out: dict[int, list[dict[str, Any]]] = defaultdict(list)
     with engine.connect() as c:
-        rows = c.execute(select(store.labels, store.annotators.c.name)
-                         .join(store.annotators, store.annotators.c.id == store.labels.c.annotator_id)).mappings()
+        rows = c.execute(
+            select(store.labels, store.annotators.c.name).join(
+                store.annotators, store.annotators.c.id == store.labels.c.annotator_id
+            )
+        ).mappings()
         for r in rows:
             out[r["pair_id"]].append(dict(r))
     return out
@@ -166,14 +201,23 @@ def stats(engine) -> dict[str, Any]:
     total = sum(all_choices.values())
     with engine.connect() as c:
         n_pairs = c.execute(select(func.count()).select_from(store.pairs)).scalar()
-    return {"pairs": int(n_pairs), "labelled_pairs": len(by_pair), "labels": total, "annotators": annotators,
-            "overlapping_pairs": len(multi), "raw_agreement": agreement.raw_agreement(multi),
-            "fleiss_kappa": agreement.fleiss_kappa(multi), "cohen_kappa_mean": agreement.mean_pairwise_cohen(by_rater),
-            "tie_rate": all_choices["tie"] / total if total else float("nan"),
-            "both_bad_rate": all_choices["both_bad"] / total if total else float("nan")}
+    return {
+        "pairs": int(n_pairs),
+        "labelled_pairs": len(by_pair),
+        "labels": total,
+        "annotators": annotators,
+        "overlapping_pairs": len(multi),
+        "raw_agreement": agreement.raw_agreement(multi),
+        "fleiss_kappa": agreement.fleiss_kappa(multi),
+        "cohen_kappa_mean": agreement.mean_pairwise_cohen(by_rater),
+        "tie_rate": all_choices["tie"] / total if total else float("nan"),
+        "both_bad_rate": all_choices["both_bad"] / total if total else float("nan"),
+    }
 
 
-def export(engine, out: str | Path, ties: str = "keep", min_labels: int = 1, margin_scale: float = 0.5) -> dict[str, int]:
+def export(
+    engine, out: str | Path, ties: str = "keep", min_labels: int = 1, margin_scale: float = 0.5
+) -> dict[str, int]:
     """Vote per pair (agreement.export_vote) -> JSONL rows the reward stage reads as they are:
     {prompt (messages), chosen, rejected, margin, tie, provenance}. Margin = margin_scale x (mean
     strength of the winning votes - 1): 0 for 'slightly better', up to 1.0 for 'much better'.
@@ -230,10 +274,19 @@ def export_single(engine, out: Path, min_labels: int = 1) -> dict[str, int]:
             continue
         good = votes["good"] > votes["bad"]
         counts["good" if good else "bad"] += 1
-        rows.append({"prompt": prompts[p.prompt_id], "completion": cands[p.a_id].text, "label": good,
-                     "provenance": {"item_id": p.id, "votes": dict(votes),
-                                    "annotators": sorted(lab["name"] for lab in labels),
-                                    "source": cands[p.a_id].source}})
+        rows.append(
+            {
+                "prompt": prompts[p.prompt_id],
+                "completion": cands[p.a_id].text,
+                "label": good,
+                "provenance": {
+                    "item_id": p.id,
+                    "votes": dict(votes),
+                    "annotators": sorted(lab["name"] for lab in labels),
+                    "source": cands[p.a_id].source,
+                },
+            }
+        )
     _write_jsonl(out, rows)
     return {"written": len(rows), **counts}
 
@@ -242,11 +295,20 @@ def _export_row(p, winner: str, labels: list[dict[str, Any]], cands, prompts, ma
     chosen, rejected = (p.b_id, p.a_id) if winner == "b" else (p.a_id, p.b_id)
     strengths = [lab["strength"] for lab in labels if lab["choice"] == winner and lab["strength"]]
     margin = margin_scale * (sum(strengths) / len(strengths) - 1) if strengths and winner != "tie" else 0.0
-    return {"prompt": prompts[p.prompt_id], "chosen": cands[chosen].text, "rejected": cands[rejected].text,
-            "margin": margin, "tie": winner == "tie",
-            "provenance": {"pair_id": p.id, "votes": dict(Counter(lab["choice"] for lab in labels)),
-                           "annotators": sorted(lab["name"] for lab in labels),
-                           "chosen_source": cands[chosen].source, "rejected_source": cands[rejected].source}}
+    return {
+        "prompt": prompts[p.prompt_id],
+        "chosen": cands[chosen].text,
+        "rejected": cands[rejected].text,
+        "margin": margin,
+        "tie": winner == "tie",
+        "provenance": {
+            "pair_id": p.id,
+            "votes": dict(Counter(lab["choice"] for lab in labels)),
+            "annotators": sorted(lab["name"] for lab in labels),
+            "chosen_source": cands[chosen].source,
+            "rejected_source": cands[rejected].source,
+        },
+    }
 
 
 def _write_jsonl(out: Path, rows: list[dict[str, Any]]) -> None:

@@ -27,7 +27,7 @@ SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 HEADERS = {
     # Only our own stylesheet and script, no inline code, forms post only to us, no framing at all.
     "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
-                               "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+    "form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
     "X-Frame-Options": "DENY",  # frame-ancestors for browsers that predate it
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "same-origin",
@@ -43,8 +43,11 @@ def error_page(request: Request, status: int, message: str, headers: dict[str, s
     """JSON for the API, a readable page (with a way back) for the browser."""
     if is_api(request):
         return JSONResponse({"detail": message}, status_code=status, headers=headers)
-    return HTMLResponse(pages.render(pages.MESSAGE, "Not saved" if request.method == "POST" else "Error",
-                                     message=message), status_code=status, headers=headers)
+    return HTMLResponse(
+        pages.render(pages.MESSAGE, "Not saved" if request.method == "POST" else "Error", message=message),
+        status_code=status,
+        headers=headers,
+    )
 
 
 def has_bearer(request: Request) -> bool:
@@ -80,8 +83,12 @@ class Guard(BaseHTTPMiddleware):
         if int(length) > MAX_BODY:
             return error_page(request, 413, f"request body over {MAX_BODY} bytes")
         if not has_bearer(request) and not same_origin(request):
-            return error_page(request, 403, "refused: this form was sent from another site (or without an Origin "
-                                            "header); open the labelling page itself and try again")
+            return error_page(
+                request,
+                403,
+                "refused: this form was sent from another site (or without an Origin "
+                "header); open the labelling page itself and try again",
+            )
         return None
 
 

@@ -112,8 +112,9 @@ class Ctx:
             session = request.cookies.get(SESSION_COOKIE)
             row = store.annotator_for_session(self.engine, session)
         if row is None:
-            raise HTTPException(401, "sign in with a valid access token" if session is None
-                                else "your session has ended; sign in again")
+            raise HTTPException(
+                401, "sign in with a valid access token" if session is None else "your session has ended; sign in again"
+            )
         return Caller(row["id"], row["name"], bool(row["is_admin"]), session)
 
     def form_caller(self, request: Request, csrf: str = Form("", max_length=200)) -> Caller:
@@ -126,13 +127,15 @@ class Ctx:
     def secure(self, request: Request) -> bool:
         return self.settings.secure_cookies or request.url.scheme == "https"
 
-    def login_page(self, request: Request, error: str | None = None, status: int = 200,
-                   headers: dict[str, str] | None = None) -> HTMLResponse:
+    def login_page(
+        self, request: Request, error: str | None = None, status: int = 200, headers: dict[str, str] | None = None
+    ) -> HTMLResponse:
         value = request.cookies.get(LOGIN_COOKIE, "")
         if not re.fullmatch(r"[A-Za-z0-9_-]{32}", value):
             value = secrets.token_urlsafe(24)
-        resp = HTMLResponse(pages.render(pages.LOGIN, "Sign in", error=error, login_csrf=value), status_code=status,
-                            headers=headers)
+        resp = HTMLResponse(
+            pages.render(pages.LOGIN, "Sign in", error=error, login_csrf=value), status_code=status, headers=headers
+        )
         resp.set_cookie(LOGIN_COOKIE, value, httponly=True, samesite="strict", secure=self.secure(request))
         return resp
 
@@ -140,8 +143,12 @@ class Ctx:
         if self.mode == "single":
             return {"pair_id": pair["pair_id"], "prompt": pair["prompt"], "response": pair["a"], "mode": "single"}
         a_left = left_is_a(pair["pair_id"], who.id)
-        return {"pair_id": pair["pair_id"], "prompt": pair["prompt"], "left": pair["a"] if a_left else pair["b"],
-                "right": pair["b"] if a_left else pair["a"]}
+        return {
+            "pair_id": pair["pair_id"],
+            "prompt": pair["prompt"],
+            "left": pair["a"] if a_left else pair["b"],
+            "right": pair["b"] if a_left else pair["a"],
+        }
 
     def save(self, who: Caller, label: LabelIn, repeat_ok: bool = False) -> int | None:
         """Store a label; 404 / 403 (not served to you) / 409 (yours already, or the pair is full).
@@ -153,13 +160,22 @@ class Ctx:
         choice = {"left": "a" if a_left else "b", "right": "b" if a_left else "a"}.get(label.choice, label.choice)
         if choice not in store.CHOICES[self.mode]:
             allowed = ("good", "bad") if self.mode == "single" else ("left", "right", "tie", "both_bad")
-            raise HTTPException(422, f"this project labels {'single responses' if self.mode == 'single' else 'pairs'}"
-                                     f": choice must be one of {', '.join(allowed)}, not {label.choice!r}")
+            raise HTTPException(
+                422,
+                f"this project labels {'single responses' if self.mode == 'single' else 'pairs'}"
+                f": choice must be one of {', '.join(allowed)}, not {label.choice!r}",
+            )
         strength = label.strength if choice in ("a", "b") else None
         try:
-            return assign.add_label(self.engine, pair_id=p["id"], annotator_id=who.id, choice=choice,
-                                    strength=strength, comment=label.comment,
-                                    left_id=p["a_id"] if a_left else p["b_id"])
+            return assign.add_label(
+                self.engine,
+                pair_id=p["id"],
+                annotator_id=who.id,
+                choice=choice,
+                strength=strength,
+                comment=label.comment,
+                left_id=p["a_id"] if a_left else p["b_id"],
+            )
         except store.AlreadyLabelled as e:
             if repeat_ok:
                 return None
@@ -225,8 +241,9 @@ def _sign_in_routes(ctx: Ctx) -> APIRouter:
         client = request.client.host if request.client else "unknown"
         wait = ctx.limiter.retry_after(client)
         if wait is not None:
-            return ctx.login_page(request, f"Too many failed sign-ins; try again in {wait} seconds.", 429,
-                                  {"Retry-After": str(wait)})
+            return ctx.login_page(
+                request, f"Too many failed sign-ins; try again in {wait} seconds.", 429, {"Retry-After": str(wait)}
+            )
         if not csrf_ok(login_csrf, request.cookies.get(LOGIN_COOKIE, "")):
             return ctx.login_page(request, "The sign-in form had expired; please sign in again.", 403)
         row = store.annotator_for(ctx.engine, token) if len(token) <= 200 else None  # the body is capped at 64 KB
@@ -235,8 +252,14 @@ def _sign_in_routes(ctx: Ctx) -> APIRouter:
             return ctx.login_page(request, "That token is not valid.", 401)
         sid = store.new_session(ctx.engine, row["id"], ctx.settings.session_s)
         resp = RedirectResponse("/label", status_code=303)
-        resp.set_cookie(SESSION_COOKIE, sid, max_age=int(ctx.settings.session_s), httponly=True, samesite="strict",
-                        secure=ctx.secure(request))
+        resp.set_cookie(
+            SESSION_COOKIE,
+            sid,
+            max_age=int(ctx.settings.session_s),
+            httponly=True,
+            samesite="strict",
+            secure=ctx.secure(request),
+        )
         resp.delete_cookie(LOGIN_COOKIE)
         return resp
 
@@ -263,14 +286,20 @@ def _page_routes(ctx: Ctx) -> APIRouter:
         return pages.render(page, "Label", csrf=who.csrf, name=who.name, **prog, **ctx.shown(pair, who))
 
     @r.post("/label")
-    def label_form(pair_id: int = Form(ge=1, le=MAX_ID), choice: str = Form(max_length=20),
-                   strength: int | None = Form(None, ge=1, le=3), comment: str = Form("", max_length=MAX_COMMENT),
-                   who: Caller = Depends(ctx.form_caller)) -> Response:
+    def label_form(
+        pair_id: int = Form(ge=1, le=MAX_ID),
+        choice: str = Form(max_length=20),
+        strength: int | None = Form(None, ge=1, le=3),
+        comment: str = Form("", max_length=MAX_COMMENT),
+        who: Caller = Depends(ctx.form_caller),
+    ) -> Response:
         try:
             label = LabelIn(pair_id=pair_id, choice=choice, strength=strength, comment=comment)
         except ValidationError as e:
-            raise HTTPException(422, "invalid label: " + "; ".join(
-                f"{'.'.join(p['loc'])}: {p['msg']}" for p in describe(list(e.errors())))) from None
+            raise HTTPException(
+                422,
+                "invalid label: " + "; ".join(f"{'.'.join(p['loc'])}: {p['msg']}" for p in describe(list(e.errors()))),
+            ) from None
         # A second press of the same page posts the same pair again: the first label stands, and
         # the annotator simply goes on to the next pair instead of seeing an error.
         ctx.save(who, label, repeat_ok=True)
@@ -325,10 +354,12 @@ def exposure_warning(host: str) -> str | None:
             return None
     except ValueError:
         pass  # a host name: assume reachable
-    return (f"[rlhf] WARNING: serving on {host}: other machines can reach this plain-HTTP server, and access "
-            "tokens and session cookies would cross the network unencrypted. For a team, keep the app on "
-            "127.0.0.1 behind a reverse proxy that terminates TLS (nginx, caddy; see docs/labelling.md) and pass "
-            "--secure-cookies.")
+    return (
+        f"[rlhf] WARNING: serving on {host}: other machines can reach this plain-HTTP server, and access "
+        "tokens and session cookies would cross the network unencrypted. For a team, keep the app on "
+        "127.0.0.1 behind a reverse proxy that terminates TLS (nginx, caddy; see docs/labelling.md) and pass "
+        "--secure-cookies."
+    )
 
 
 def serve(db: str, host: str = "127.0.0.1", port: int = 8000, settings: Settings | None = None) -> None:

@@ -22,8 +22,25 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import (Boolean, Column, DateTime, Float, ForeignKey, Index, Integer, MetaData, String, Table, Text,
-                        UniqueConstraint, create_engine, event, inspect, select, text)
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    inspect,
+    select,
+    text,
+)
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -31,47 +48,76 @@ from rlhf.errors import RlhfError
 
 metadata = MetaData()
 meta = Table("meta", metadata, Column("key", String(64), primary_key=True), Column("value", Text, nullable=False))
-prompts = Table("prompts", metadata, Column("id", Integer, primary_key=True),
-                Column("messages", Text, nullable=False))  # JSON list of chat messages
-candidates = Table("candidates", metadata, Column("id", Integer, primary_key=True),
-                   Column("prompt_id", ForeignKey("prompts.id"), nullable=False, index=True),
-                   Column("text", Text, nullable=False),
-                   Column("source", Text, nullable=False),  # model directory or candidates file
-                   Column("settings", Text, nullable=False))  # JSON: sampling settings that produced it
-pairs = Table("pairs", metadata, Column("id", Integer, primary_key=True),
-              Column("prompt_id", ForeignKey("prompts.id"), nullable=False),
-              Column("a_id", ForeignKey("candidates.id"), nullable=False),
-              Column("b_id", ForeignKey("candidates.id"), nullable=False),
-              Column("priority", Float, nullable=False))  # served lowest first
-annotators = Table("annotators", metadata, Column("id", Integer, primary_key=True),
-                   Column("name", String(200), nullable=False, unique=True),
-                   Column("token_hash", String(64), nullable=False, unique=True),  # "revoked-..." once revoked
-                   Column("is_admin", Boolean, nullable=False, default=False),
-                   Column("created_at", DateTime(timezone=True), nullable=False))
-labels = Table("labels", metadata, Column("id", Integer, primary_key=True),
-               Column("pair_id", ForeignKey("pairs.id"), nullable=False),
-               Column("annotator_id", ForeignKey("annotators.id"), nullable=False, index=True),
-               Column("choice", String(16), nullable=False),  # a | b | tie | both_bad
-               Column("strength", Integer),  # 1-3, how much better the chosen side is
-               Column("comment", Text, nullable=False, default=""),
-               Column("left_id", ForeignKey("candidates.id"), nullable=False),  # what was shown on the left
-               Column("created_at", DateTime(timezone=True), nullable=False),
-               UniqueConstraint("pair_id", "annotator_id", name="one_label_per_annotator"))
-skips = Table("skips", metadata, Column("pair_id", ForeignKey("pairs.id"), primary_key=True),
-              Column("annotator_id", ForeignKey("annotators.id"), primary_key=True))
+prompts = Table(
+    "prompts", metadata, Column("id", Integer, primary_key=True), Column("messages", Text, nullable=False)
+)  # JSON list of chat messages
+candidates = Table(
+    "candidates",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("prompt_id", ForeignKey("prompts.id"), nullable=False, index=True),
+    Column("text", Text, nullable=False),
+    Column("source", Text, nullable=False),  # model directory or candidates file
+    Column("settings", Text, nullable=False),
+)  # JSON: sampling settings that produced it
+pairs = Table(
+    "pairs",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("prompt_id", ForeignKey("prompts.id"), nullable=False),
+    Column("a_id", ForeignKey("candidates.id"), nullable=False),
+    Column("b_id", ForeignKey("candidates.id"), nullable=False),
+    Column("priority", Float, nullable=False),
+)  # served lowest first
+annotators = Table(
+    "annotators",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(200), nullable=False, unique=True),
+    Column("token_hash", String(64), nullable=False, unique=True),  # "revoked-..." once revoked
+    Column("is_admin", Boolean, nullable=False, default=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+labels = Table(
+    "labels",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("pair_id", ForeignKey("pairs.id"), nullable=False),
+    Column("annotator_id", ForeignKey("annotators.id"), nullable=False, index=True),
+    Column("choice", String(16), nullable=False),  # a | b | tie | both_bad
+    Column("strength", Integer),  # 1-3, how much better the chosen side is
+    Column("comment", Text, nullable=False, default=""),
+    Column("left_id", ForeignKey("candidates.id"), nullable=False),  # what was shown on the left
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("pair_id", "annotator_id", name="one_label_per_annotator"),
+)
+skips = Table(
+    "skips",
+    metadata,
+    Column("pair_id", ForeignKey("pairs.id"), primary_key=True),
+    Column("annotator_id", ForeignKey("annotators.id"), primary_key=True),
+)
 # Browser sign-ins: the cookie holds a random id, the database its hash and when it stops working.
-sessions = Table("sessions", metadata, Column("id_hash", String(64), primary_key=True),
-                 Column("annotator_id", ForeignKey("annotators.id"), nullable=False, index=True),
-                 Column("created_at", DateTime(timezone=True), nullable=False),
-                 Column("expires_at", DateTime(timezone=True), nullable=False))
+sessions = Table(
+    "sessions",
+    metadata,
+    Column("id_hash", String(64), primary_key=True),
+    Column("annotator_id", ForeignKey("annotators.id"), nullable=False, index=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)
 # Which pair was served to whom. A row is a lease while expires_at is in the future (it holds one of
 # the pair's `overlap` places); labelling or skipping ends the lease, and the row stays as the record
 # that the pair was served, which a label needs.
-assignments = Table("assignments", metadata, Column("pair_id", ForeignKey("pairs.id"), primary_key=True),
-                    Column("annotator_id", ForeignKey("annotators.id"), primary_key=True),
-                    Column("served_at", DateTime(timezone=True), nullable=False),
-                    Column("expires_at", DateTime(timezone=True), nullable=False),
-                    Index("assignments_by_annotator", "annotator_id", "expires_at"))
+assignments = Table(
+    "assignments",
+    metadata,
+    Column("pair_id", ForeignKey("pairs.id"), primary_key=True),
+    Column("annotator_id", ForeignKey("annotators.id"), primary_key=True),
+    Column("served_at", DateTime(timezone=True), nullable=False),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+    Index("assignments_by_annotator", "annotator_id", "expires_at"),
+)
 ADDED_LATER = [sessions, assignments]  # created on connect in projects made before they existed
 ADVISORY_LOCK = 0x72_6C_68_66  # "rlhf": the PostgreSQL advisory lock that serialises assignment writes
 
@@ -102,8 +148,9 @@ def connect(db: str, create: bool = False) -> Engine:
     if url.startswith("sqlite") and not create and not Path(url.removeprefix("sqlite:///")).is_file():
         raise FileNotFoundError(f"no labelling database at {db}; create it with `rlhf label init --db {db} ...`")
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=20,
-                               max_overflow=20)
+        engine = create_engine(
+            url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=20, max_overflow=20
+        )
         _sqlite_events(engine)
     else:
         engine = create_engine(url, pool_size=20, max_overflow=20, pool_pre_ping=True)
@@ -166,8 +213,9 @@ def add_annotator(engine: Engine, name: str, is_admin: bool = False) -> str:
     token = secrets.token_urlsafe(32)
     try:
         with engine.begin() as c:
-            c.execute(annotators.insert().values(name=name, token_hash=hash_token(token), is_admin=is_admin,
-                                                 created_at=now()))
+            c.execute(
+                annotators.insert().values(name=name, token_hash=hash_token(token), is_admin=is_admin, created_at=now())
+            )
     except IntegrityError:
         raise ValueError(f"an annotator named {name!r} exists already") from None
     return token
@@ -187,16 +235,25 @@ def new_session(engine: Engine, annotator_id: int, lifetime_s: float) -> str:
     t = now()
     with locked(engine) as c:
         c.execute(sessions.delete().where(sessions.c.expires_at <= t))  # housekeeping: expired ones are dead
-        c.execute(sessions.insert().values(id_hash=hash_token(sid), annotator_id=annotator_id, created_at=t,
-                                           expires_at=t + dt.timedelta(seconds=lifetime_s)))
+        c.execute(
+            sessions.insert().values(
+                id_hash=hash_token(sid),
+                annotator_id=annotator_id,
+                created_at=t,
+                expires_at=t + dt.timedelta(seconds=lifetime_s),
+            )
+        )
     return sid
 
 
 def annotator_for_session(engine: Engine, sid: str | None) -> dict[str, Any] | None:
     if not sid:
         return None
-    q = (select(annotators).join(sessions, sessions.c.annotator_id == annotators.c.id)
-         .where(sessions.c.id_hash == hash_token(sid), sessions.c.expires_at > now()))
+    q = (
+        select(annotators)
+        .join(sessions, sessions.c.annotator_id == annotators.c.id)
+        .where(sessions.c.id_hash == hash_token(sid), sessions.c.expires_at > now())
+    )
     with engine.connect() as c:
         row = c.execute(q).mappings().first()
     return dict(row) if row else None
@@ -216,12 +273,16 @@ def revoke(engine: Engine, name: str) -> int:
         if who is None:
             raise LabelError(f"no annotator named {name!r} (see `rlhf label stats` for the names)")
         # a value no token hashes to (not hex), unique like every token hash
-        c.execute(annotators.update().where(annotators.c.id == who)
-                  .values(token_hash=f"revoked-{secrets.token_hex(28)}"))
+        c.execute(
+            annotators.update().where(annotators.c.id == who).values(token_hash=f"revoked-{secrets.token_hex(28)}")
+        )
         ended = c.execute(sessions.delete().where(sessions.c.annotator_id == who)).rowcount
         t = now()
-        c.execute(assignments.update().where(assignments.c.annotator_id == who, assignments.c.expires_at > t)
-                  .values(expires_at=t))
+        c.execute(
+            assignments.update()
+            .where(assignments.c.annotator_id == who, assignments.c.expires_at > t)
+            .values(expires_at=t)
+        )
     return int(ended)
 
 

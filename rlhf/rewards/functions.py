@@ -38,8 +38,17 @@ class Failure:
 
 
 # The child must not join the training job's rendezvous or take its GPU through these.
-_JOB_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "CROSS_RANK",
-            "CROSS_SIZE", "GROUP_RANK")
+_JOB_ENV = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "CROSS_RANK",
+    "CROSS_SIZE",
+    "GROUP_RANK",
+)
 TIMEOUTS_BEFORE_GIVING_UP = 2  # per function and batch: then its remaining rows fail at once
 
 
@@ -64,15 +73,23 @@ class RewardFunctions:
         root = str(Path(__file__).resolve().parents[2])  # so `-m rlhf...` imports this tree
         env["PYTHONPATH"] = os.pathsep.join([root, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
         # Its own session: a timeout kills the function's own children (e.g. a sandbox) too.
-        self.proc = subprocess.Popen([sys.executable, "-m", "rlhf.rewards.worker"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, env=env, cwd=os.getcwd(), start_new_session=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "rlhf.rewards.worker"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            cwd=os.getcwd(),
+            start_new_session=True,
+        )
         self._send({"functions": self.specs})
         reply = self._receive(timeout=max(60.0, max(self.timeouts, default=0)))
         if reply is None or "error" in reply:
             self.close()
             why = "the process exited or did not answer" if reply is None else reply["error"]
-            raise ConfigError(f"cannot load reward functions {self.specs}: {why}"
-                              + (f"\n{reply.get('traceback', '')}" if reply else ""))
+            raise ConfigError(
+                f"cannot load reward functions {self.specs}: {why}"
+                + (f"\n{reply.get('traceback', '')}" if reply else "")
+            )
 
     def _send(self, obj: dict) -> None:
         self.proc.stdin.write((json.dumps(obj) + "\n").encode())
@@ -144,8 +161,9 @@ class RewardFunctions:
             return math.nan, reply["error"]
         return reply["value"], None
 
-    def score(self, prompts: list[str], responses: list[str], fields: list[dict]
-              ) -> tuple[list[list[float]], list[Failure]]:
+    def score(
+        self, prompts: list[str], responses: list[str], fields: list[dict]
+    ) -> tuple[list[list[float]], list[Failure]]:
         """Every function on every row: values[row][function] (nan where it failed), and the failures."""
         values, failures = [], []
         timeouts = [0] * len(self.specs)

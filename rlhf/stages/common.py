@@ -65,8 +65,16 @@ def resume_from(resume: str, checkpoints: Path) -> str | None:
 
 
 def training_arguments(
-    *, train: TrainConfig, ds: DeepSpeedConfig, model: ModelConfig, tracking: TrackingConfig,
-    dirs: StageDirs, stage: str, has_validation: bool, best_metric: str, greater_is_better: bool,
+    *,
+    train: TrainConfig,
+    ds: DeepSpeedConfig,
+    model: ModelConfig,
+    tracking: TrackingConfig,
+    dirs: StageDirs,
+    stage: str,
+    has_validation: bool,
+    best_metric: str,
+    greater_is_better: bool,
 ) -> dict[str, Any]:
     """Keyword arguments shared by trl.SFTConfig and trl.RewardConfig (both TrainingArguments)."""
     import torch
@@ -76,8 +84,7 @@ def training_arguments(
     ds_config = None
     if ds.enabled:
         distributed.ensure_process_group_env()
-        optimizer = ({"lr": train.learning_rate, "weight_decay": train.weight_decay}
-                     if ds.offload_optimizer else None)
+        optimizer = {"lr": train.learning_rate, "weight_decay": train.weight_decay} if ds.offload_optimizer else None
         ds_config = distributed.build_deepspeed_config(ds, train, distributed.world_size(), optimizer)
     keep_best = train.keep_best and evaluate
     return dict(
@@ -131,8 +138,11 @@ def interrupted(trainer, train: TrainConfig) -> bool:
     """Stopped before max_steps by something other than early stopping (a callback, a signal):
     the stage must stay resumable and write no manifest."""
     state = trainer.state
-    return (trainer.control.should_training_stop and state.global_step < state.max_steps
-            and not train.early_stopping_patience)
+    return (
+        trainer.control.should_training_stop
+        and state.global_step < state.max_steps
+        and not train.early_stopping_patience
+    )
 
 
 def callbacks(train: TrainConfig, dirs: StageDirs, has_validation: bool) -> list:
@@ -144,8 +154,9 @@ def callbacks(train: TrainConfig, dirs: StageDirs, has_validation: bool) -> list
     return out
 
 
-def export(trainer, tokenizer, out: Path, lora: LoraConfig, base_path: str, kind: ModelKind,
-           precision: Precision) -> dict[str, Any]:
+def export(
+    trainer, tokenizer, out: Path, lora: LoraConfig, base_path: str, kind: ModelKind, precision: Precision
+) -> dict[str, Any]:
     """Write the trained model to `out` as a standalone HF directory (or a LoRA adapter).
 
     Every rank must call this: under ZeRO-3 `save_model` gathers the sharded weights. A merged
@@ -170,7 +181,6 @@ def export(trainer, tokenizer, out: Path, lora: LoraConfig, base_path: str, kind
         tokenizer.save_pretrained(out)
     distributed.barrier()
     return info
-
 
 
 def peak_memory_mb(device) -> float:

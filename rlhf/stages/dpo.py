@@ -40,8 +40,9 @@ def check_parent(recipe: DPORecipe, tokenizer) -> dict:
     manifest = handoff.parent_stage(where, handoff.POLICY_STAGES, needed_by="the DPO stage")
     handoff.merged_adapter(where, manifest, needed_by="the DPO stage")
     if recipe.model.tokenizer:
-        handoff.same_tokenizer(tokenizer, f"model.tokenizer ({recipe.model.tokenizer})", load_tokenizer(where),
-                               f"the SFT output ({where})")
+        handoff.same_tokenizer(
+            tokenizer, f"model.tokenizer ({recipe.model.tokenizer})", load_tokenizer(where), f"the SFT output ({where})"
+        )
     return manifest
 
 
@@ -52,6 +53,7 @@ def _texts(example: dict) -> list:
 def prepare_data(recipe: DPORecipe, tokenizer) -> tuple[Splits, dict[str, int]]:
     """Pairs (DPO) or single judged responses (KTO), split before pairs are unpaired so that the
     two halves of a pair never land in different splits. Ties carry no preference: dropped, counted."""
+
     def length_of(ex: dict) -> int:
         sides = [ex[k] for k in ("chosen", "rejected", "completion") if k in ex]
         return max(len(render_conversation(tokenizer, ex["prompt"] + side)) for side in sides)
@@ -80,8 +82,10 @@ def prepare_data(recipe: DPORecipe, tokenizer) -> tuple[Splits, dict[str, int]]:
     if not splits.train:
         raise DataError("no training examples left after dropping ties")
     if recipe.method == "kto" and len({r["label"] for r in splits.train}) < 2:
-        raise DataError("KTO needs both desirable and undesirable responses in the training split; "
-                        f"all {len(splits.train)} have label={splits.train[0]['label']}")
+        raise DataError(
+            "KTO needs both desirable and undesirable responses in the training split; "
+            f"all {len(splits.train)} have label={splits.train[0]['label']}"
+        )
     return splits, ties
 
 
@@ -107,10 +111,12 @@ def check_tokenization(tokenizer, rows: list[dict], tokenized, split: str) -> No
             ours = render_conversation(tokenizer, rows[i]["prompt"] + rows[i][side])
             theirs = list(got["prompt_ids"]) + list(got[f"{side}_ids"])
             if ours != theirs:
+                at = next((j for j, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
                 raise DataError(
                     f"{split} example {i} ({side}): TRL's tokens differ from the renderer every other stage uses "
-                    f"(first difference at token {next((j for j, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))}"
-                    f" of {len(ours)}); the chat template does not render the prompt as a prefix of the conversation")
+                    f"(first difference at token {at} of {len(ours)}); the chat template does not render the "
+                    "prompt as a prefix of the conversation"
+                )
 
 
 def _trainer(recipe: DPORecipe, model, ref, tokenizer, dirs, train_ds, eval_ds, extra_callbacks):
@@ -118,27 +124,48 @@ def _trainer(recipe: DPORecipe, model, ref, tokenizer, dirs, train_ds, eval_ds, 
     from trl import DPOConfig, DPOTrainer, KTOConfig, KTOTrainer
 
     accuracy = recipe.best_metric == "accuracy"
-    shared = common.training_arguments(train=recipe.train, ds=recipe.deepspeed, model=recipe.model,
-                                       tracking=recipe.tracking, dirs=dirs, stage="dpo",
-                                       has_validation=eval_ds is not None,
-                                       best_metric="eval_rewards/accuracies" if accuracy else "eval_loss",
-                                       greater_is_better=accuracy)
-    common_args = dict(max_length=recipe.data.max_length, beta=recipe.beta,
-                       precompute_ref_log_probs=recipe.precompute_ref_log_probs)
+    shared = common.training_arguments(
+        train=recipe.train,
+        ds=recipe.deepspeed,
+        model=recipe.model,
+        tracking=recipe.tracking,
+        dirs=dirs,
+        stage="dpo",
+        has_validation=eval_ds is not None,
+        best_metric="eval_rewards/accuracies" if accuracy else "eval_loss",
+        greater_is_better=accuracy,
+    )
+    common_args = dict(
+        max_length=recipe.data.max_length, beta=recipe.beta, precompute_ref_log_probs=recipe.precompute_ref_log_probs
+    )
     if recipe.method == "dpo":
         args = DPOConfig(**shared, **common_args, loss_type=[recipe.loss_type], label_smoothing=recipe.label_smoothing)
         cls = DPOTrainer
     else:
-        args = KTOConfig(**shared, **common_args, loss_type=recipe.loss_type, desirable_weight=recipe.desirable_weight,
-                         undesirable_weight=recipe.undesirable_weight)
+        args = KTOConfig(
+            **shared,
+            **common_args,
+            loss_type=recipe.loss_type,
+            desirable_weight=recipe.desirable_weight,
+            undesirable_weight=recipe.undesirable_weight,
+        )
         cls = KTOTrainer
-    return cls(model=model, ref_model=ref, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
-               peft_config=peft_config(recipe.peft, "CAUSAL_LM"),
-               callbacks=common.callbacks(recipe.train, dirs, eval_ds is not None) + list(extra_callbacks or []))
+    return cls(
+        model=model,
+        ref_model=ref,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_config(recipe.peft, "CAUSAL_LM"),
+        callbacks=common.callbacks(recipe.train, dirs, eval_ds is not None) + list(extra_callbacks or []),
+    )
 
 
-SPLIT_USE = {"eval": "checkpoint selection and early stopping (optimistic)",
-             "test": "nothing: held out from training and selection"}
+SPLIT_USE = {
+    "eval": "checkpoint selection and early stopping (optimistic)",
+    "test": "nothing: held out from training and selection",
+}
 
 
 def _split_metrics(trainer, test_ds) -> dict[str, Any]:
@@ -151,8 +178,11 @@ def _split_metrics(trainer, test_ds) -> dict[str, Any]:
             got = trainer.evaluate(None if prefix == "eval" else ds, metric_key_prefix=prefix)
             # TRL's `log` adds its own metrics (rewards/accuracies, margins, ...) as eval_* whatever
             # the prefix; the Trainer's own (loss, runtime) carry the prefix.
-            out[prefix] = {k.split("_", 1)[1]: v for k, v in got.items()
-                           if k.startswith(("eval_", prefix + "_")) and isinstance(v, (int, float))}
+            out[prefix] = {
+                k.split("_", 1)[1]: v
+                for k, v in got.items()
+                if k.startswith(("eval_", prefix + "_")) and isinstance(v, (int, float))
+            }
             out[prefix]["used_for"] = SPLIT_USE[prefix]
     return out
 
@@ -175,8 +205,9 @@ def run_dpo(recipe: DPORecipe, extra_callbacks: list | None = None) -> Path:
     # policy and before the DeepSpeed arguments exist: TRL's own loading would run under ZeRO-3's
     # `zero.Init` before DeepSpeed's communicator is up and fail on the batch-size check.
     def load() -> Any:
-        return load_model(recipe.model.name_or_path, "causal-lm", recipe.train.precision, model=recipe.model,
-                          lora=recipe.peft)
+        return load_model(
+            recipe.model.name_or_path, "causal-lm", recipe.train.precision, model=recipe.model, lora=recipe.peft
+        )
 
     model = load()
     ref = load() if not (recipe.peft.enabled or recipe.precompute_ref_log_probs) else None
@@ -191,20 +222,40 @@ def run_dpo(recipe: DPORecipe, extra_callbacks: list | None = None) -> Path:
     if common.interrupted(trainer, recipe.train):
         log.info("training stopped at step %d; rerun the same command to resume", trainer.state.global_step)
         return dirs.out
-    metrics = {"train_loss": result.training_loss, "global_step": trainer.state.global_step,
-               "train_seconds": round(seconds, 2), "peak_memory_mb": common.peak_memory_mb(trainer.args.device),
-               "best_checkpoint": trainer.state.best_model_checkpoint, **_split_metrics(trainer, test_ds)}
+    metrics = {
+        "train_loss": result.training_loss,
+        "global_step": trainer.state.global_step,
+        "train_seconds": round(seconds, 2),
+        "peak_memory_mb": common.peak_memory_mb(trainer.args.device),
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        **_split_metrics(trainer, test_ds),
+    }
 
     # 4. Export, then the manifest last: its presence means "complete".
-    export = common.export(trainer, tokenizer, dirs.out, recipe.peft, recipe.model.name_or_path, "causal-lm",
-                           recipe.train.precision)
+    export = common.export(
+        trainer, tokenizer, dirs.out, recipe.peft, recipe.model.name_or_path, "causal-lm", recipe.train.precision
+    )
     if distributed.is_main():
-        write_manifest(dirs.out, stage="dpo", recipe=to_dict(recipe), started_at=dirs.started_at,
-                       parents=[parent_ref(recipe.model.name_or_path)],
-                       datasets={**splits.report(), "ties_dropped": ties}, metrics=metrics,
-                       world_size=distributed.world_size(), **export)
+        write_manifest(
+            dirs.out,
+            stage="dpo",
+            recipe=to_dict(recipe),
+            started_at=dirs.started_at,
+            parents=[parent_ref(recipe.model.name_or_path)],
+            datasets={**splits.report(), "ties_dropped": ties},
+            metrics=metrics,
+            world_size=distributed.world_size(),
+            **export,
+        )
         test = metrics.get("test", {})
-        log.info("%s (%s) done in %.0fs: test preference accuracy %s, margin %s (held out) -> %s", recipe.method,
-                 recipe.loss_type, seconds, test.get("rewards/accuracies"), test.get("rewards/margins"), dirs.out)
+        log.info(
+            "%s (%s) done in %.0fs: test preference accuracy %s, margin %s (held out) -> %s",
+            recipe.method,
+            recipe.loss_type,
+            seconds,
+            test.get("rewards/accuracies"),
+            test.get("rewards/margins"),
+            dirs.out,
+        )
     distributed.barrier()
     return dirs.out

@@ -22,8 +22,14 @@ from rlhf.data.formats import Messages, RowError, normalize_labelled, normalize_
 from rlhf.data.io import DataError, read_rows
 from rlhf.data.prepare import Splits, prepare_splits
 from rlhf.models import load_model, load_tokenizer, peft_config, require_chat_template
-from rlhf.reward_metrics import (bradley_terry_loss, calibration_table, format_calibration, mean_margin,
-                                 pairwise_accuracy, precision_recall)
+from rlhf.reward_metrics import (
+    bradley_terry_loss,
+    calibration_table,
+    format_calibration,
+    mean_margin,
+    pairwise_accuracy,
+    precision_recall,
+)
 from rlhf.sampling import render_conversation, score_sequences
 from rlhf.stages import common
 
@@ -46,7 +52,10 @@ def split_ties(pairs: list[dict], policy: str) -> tuple[list[dict], int]:
 
 def prepare_reward_data(recipe: RewardRecipe, tokenizer) -> tuple[Splits, dict[str, Any]]:
     def length_of(pair: dict) -> int:
-        return max(len(render_conversation(tokenizer, _side(pair, "chosen"))), len(render_conversation(tokenizer, _side(pair, "rejected"))))
+        return max(
+            len(render_conversation(tokenizer, _side(pair, "chosen"))),
+            len(render_conversation(tokenizer, _side(pair, "rejected"))),
+        )
 
     splits = prepare_splits(recipe.data, normalize_preference, length_of)
     splits.train, ties_train = split_ties(splits.train, recipe.ties)
@@ -72,8 +81,10 @@ def _to_dataset(pairs: list[dict], tokenizer, use_margin: bool):
         return None
     rows = []
     for p in pairs:
-        row: dict[str, Any] = {"chosen_ids": render_conversation(tokenizer, _side(p, "chosen")),
-                               "rejected_ids": render_conversation(tokenizer, _side(p, "rejected"))}
+        row: dict[str, Any] = {
+            "chosen_ids": render_conversation(tokenizer, _side(p, "chosen")),
+            "rejected_ids": render_conversation(tokenizer, _side(p, "rejected")),
+        }
         if use_margin:
             row["margin"] = p["margin"]
         rows.append(row)
@@ -86,8 +97,14 @@ def load_reward_model(recipe: RewardRecipe, tokenizer):
 
     set_seed(recipe.train.seed)  # the new head is randomly initialised: same seed, same head, same run
     # The head reads the last token that is not this pad id; it must be the tokenizer's pad.
-    return load_model(recipe.model.name_or_path, "scorer", recipe.train.precision, model=recipe.model,
-                      lora=recipe.peft, pad_token_id=tokenizer.pad_token_id)
+    return load_model(
+        recipe.model.name_or_path,
+        "scorer",
+        recipe.train.precision,
+        model=recipe.model,
+        lora=recipe.peft,
+        pad_token_id=tokenizer.pad_token_id,
+    )
 
 
 def check_sft_parent(recipe: RewardRecipe) -> dict:
@@ -98,12 +115,15 @@ def check_sft_parent(recipe: RewardRecipe) -> dict:
 
 
 def _scores(model, tokenizer, conversations: list[Messages], device, batch_size: int) -> torch.Tensor:
-    return score_sequences(model, [render_conversation(tokenizer, c) for c in conversations], tokenizer.pad_token_id,
-                           device, batch_size)
+    return score_sequences(
+        model, [render_conversation(tokenizer, c) for c in conversations], tokenizer.pad_token_id, device, batch_size
+    )
 
 
-SPLIT_USE = {"validation": "checkpoint selection and early stopping (optimistic)",
-             "test": "nothing: held out from training and selection"}
+SPLIT_USE = {
+    "validation": "checkpoint selection and early stopping (optimistic)",
+    "test": "nothing: held out from training and selection",
+}
 
 
 def _pair_metrics(model, tokenizer, recipe: RewardRecipe, pairs: list[dict], device, bs: int) -> tuple[dict, list]:
@@ -111,9 +131,14 @@ def _pair_metrics(model, tokenizer, recipe: RewardRecipe, pairs: list[dict], dev
     rc = _scores(model, tokenizer, [_side(p, "chosen") for p in pairs], device, bs)
     rr = _scores(model, tokenizer, [_side(p, "rejected") for p in pairs], device, bs)
     margins = torch.tensor([p["margin"] for p in pairs]) if recipe.use_margin else None
-    metrics = {"pairs": len(pairs), "accuracy": pairwise_accuracy(rc, rr), "mean_margin": mean_margin(rc, rr),
-               "loss": bradley_terry_loss(rc, rr, margins), "mean_chosen": rc.mean().item(),
-               "mean_rejected": rr.mean().item()}
+    metrics = {
+        "pairs": len(pairs),
+        "accuracy": pairwise_accuracy(rc, rr),
+        "mean_margin": mean_margin(rc, rr),
+        "loss": bradley_terry_loss(rc, rr, margins),
+        "mean_chosen": rc.mean().item(),
+        "mean_rejected": rr.mean().item(),
+    }
     return metrics, calibration_table(rc, rr, recipe.calibration_bins)
 
 
@@ -158,8 +183,13 @@ def _labelled_metrics(model, tokenizer, recipe: RewardRecipe, out: dict, device,
 
 def _log_result(evaluation: dict[str, Any], seconds: float, out: Path) -> None:
     v, t = evaluation.get("validation", {}), evaluation.get("test", {})
-    log.info("reward model done in %.0fs: validation accuracy %s (selection), test accuracy %s (held out) -> %s",
-             seconds, v.get("accuracy"), t.get("accuracy"), out)
+    log.info(
+        "reward model done in %.0fs: validation accuracy %s (selection), test accuracy %s (held out) -> %s",
+        seconds,
+        v.get("accuracy"),
+        t.get("accuracy"),
+        out,
+    )
     if "calibration" in evaluation:
         log.info("calibration on the validation split:\n%s", format_calibration(evaluation["calibration"]))
 
@@ -183,16 +213,26 @@ def run_reward(recipe: RewardRecipe, extra_callbacks: list | None = None) -> Pat
     model = load_reward_model(recipe, tokenizer)
     accuracy = recipe.best_metric == "accuracy"
     args = RewardConfig(
-        **common.training_arguments(train=recipe.train, ds=recipe.deepspeed, model=recipe.model,
-                                    tracking=recipe.tracking, dirs=dirs, stage="reward",
-                                    has_validation=eval_ds is not None,
-                                    best_metric="eval_accuracy" if accuracy else "eval_loss",
-                                    greater_is_better=accuracy),
+        **common.training_arguments(
+            train=recipe.train,
+            ds=recipe.deepspeed,
+            model=recipe.model,
+            tracking=recipe.tracking,
+            dirs=dirs,
+            stage="reward",
+            has_validation=eval_ds is not None,
+            best_metric="eval_accuracy" if accuracy else "eval_loss",
+            greater_is_better=accuracy,
+        ),
         max_length=recipe.data.max_length,
         center_rewards_coefficient=recipe.center_rewards_coefficient,
     )
     trainer = RewardTrainer(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
         peft_config=peft_config(recipe.peft, "SEQ_CLS"),  # SEQ_CLS trains and saves the head in full
         callbacks=common.callbacks(recipe.train, dirs, eval_ds is not None) + list(extra_callbacks or []),
     )
@@ -207,18 +247,31 @@ def run_reward(recipe: RewardRecipe, extra_callbacks: list | None = None) -> Pat
 
     # 4. Exact metrics with the final (or best) weights, on every rank.
     evaluation = evaluate_reward_model(trainer.model, tokenizer, recipe, splits, trainer.args.device)
-    metrics = {"train_loss": result.training_loss, "global_step": trainer.state.global_step,
-               "train_seconds": round(seconds, 2), "best_checkpoint": trainer.state.best_model_checkpoint,
-               **evaluation}
+    metrics = {
+        "train_loss": result.training_loss,
+        "global_step": trainer.state.global_step,
+        "train_seconds": round(seconds, 2),
+        "best_checkpoint": trainer.state.best_model_checkpoint,
+        **evaluation,
+    }
 
     # 5. Export, then the manifest last.
-    export = common.export(trainer, tokenizer, dirs.out, recipe.peft, recipe.model.name_or_path, "scorer",
-                           recipe.train.precision)
+    export = common.export(
+        trainer, tokenizer, dirs.out, recipe.peft, recipe.model.name_or_path, "scorer", recipe.train.precision
+    )
     if distributed.is_main():
-        write_manifest(dirs.out, stage="reward", recipe=to_dict(recipe), started_at=dirs.started_at,
-                       parents=[parent_ref(recipe.model.name_or_path)],
-                       datasets={**splits.report(), "ties": ties}, metrics=metrics,
-                       reward_stats=evaluation["reward_stats"], world_size=distributed.world_size(), **export)
+        write_manifest(
+            dirs.out,
+            stage="reward",
+            recipe=to_dict(recipe),
+            started_at=dirs.started_at,
+            parents=[parent_ref(recipe.model.name_or_path)],
+            datasets={**splits.report(), "ties": ties},
+            metrics=metrics,
+            reward_stats=evaluation["reward_stats"],
+            world_size=distributed.world_size(),
+            **export,
+        )
         _log_result(evaluation, seconds, dirs.out)
     distributed.barrier()
     return dirs.out

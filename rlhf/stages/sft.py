@@ -27,6 +27,7 @@ log = logging.getLogger("rlhf")
 
 def prepare_sft_data(recipe: SFTRecipe, tokenizer) -> Splits:
     """Normalise every source to chat messages; lengths are those of the one rendering every stage uses."""
+
     def length_of(messages: Messages) -> int:
         return len(render_conversation(tokenizer, messages))
 
@@ -106,8 +107,12 @@ def _final_metrics(trainer, result, train_seconds: float, tokens_per_epoch: int)
 
 def _test_metrics(trainer, test_ds) -> dict[str, Any]:
     """Loss on the test split, which neither training nor checkpoint selection ever saw."""
-    out: dict[str, Any] = {"splits_used_for": {"eval_loss": "checkpoint selection and early stopping (optimistic)",
-                                               "test_loss": "nothing: held out from training and selection"}}
+    out: dict[str, Any] = {
+        "splits_used_for": {
+            "eval_loss": "checkpoint selection and early stopping (optimistic)",
+            "test_loss": "nothing: held out from training and selection",
+        }
+    }
     if test_ds is not None:
         out["test_loss"] = trainer.evaluate(test_ds, metric_key_prefix="test")["test_loss"]
     return out
@@ -131,19 +136,31 @@ def run_sft(recipe: SFTRecipe, extra_callbacks: list | None = None) -> Path:
     test_ds = _to_dataset(splits.test, tokenizer, recipe.loss_on, "test")
 
     # 3. Model and trainer.
-    model = load_model(recipe.model.name_or_path, "causal-lm", recipe.train.precision, model=recipe.model,
-                       lora=recipe.peft)
+    model = load_model(
+        recipe.model.name_or_path, "causal-lm", recipe.train.precision, model=recipe.model, lora=recipe.peft
+    )
     args = SFTConfig(
-        **common.training_arguments(train=recipe.train, ds=recipe.deepspeed, model=recipe.model,
-                                    tracking=recipe.tracking, dirs=dirs, stage="sft",
-                                    has_validation=eval_ds is not None, best_metric="eval_loss",
-                                    greater_is_better=False),
+        **common.training_arguments(
+            train=recipe.train,
+            ds=recipe.deepspeed,
+            model=recipe.model,
+            tracking=recipe.tracking,
+            dirs=dirs,
+            stage="sft",
+            has_validation=eval_ds is not None,
+            best_metric="eval_loss",
+            greater_is_better=False,
+        ),
         max_length=recipe.data.max_length,
         packing=recipe.packing,
         completion_only_loss=False,  # the mask comes with the data (`assistant_masks`), for any template
     )
     trainer = SFTTrainer(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
         peft_config=peft_config(recipe.peft, "CAUSAL_LM"),
         callbacks=common.callbacks(recipe.train, dirs, eval_ds is not None) + list(extra_callbacks or []),
     )
@@ -158,17 +175,32 @@ def run_sft(recipe: SFTRecipe, extra_callbacks: list | None = None) -> Path:
     if common.interrupted(trainer, recipe.train):
         log.info("training stopped at step %d; rerun the same command to resume", trainer.state.global_step)
         return dirs.out
-    metrics = {**_final_metrics(trainer, result, seconds, splits.train_tokens),
-               **_test_metrics(trainer, test_ds)}
+    metrics = {**_final_metrics(trainer, result, seconds, splits.train_tokens), **_test_metrics(trainer, test_ds)}
 
     # 5. Export the model, then the manifest last: its presence means "complete".
-    export = common.export(trainer, tokenizer, dirs.out, recipe.peft, recipe.model.name_or_path, "causal-lm",
-                           recipe.train.precision)
+    export = common.export(
+        trainer, tokenizer, dirs.out, recipe.peft, recipe.model.name_or_path, "causal-lm", recipe.train.precision
+    )
     if distributed.is_main():
-        write_manifest(dirs.out, stage="sft", recipe=to_dict(recipe), started_at=dirs.started_at,
-                       parents=[], datasets=splits.report(), metrics=metrics, base_model=recipe.model.name_or_path,
-                       world_size=distributed.world_size(), **export)
-        log.info("SFT done in %.0fs: train loss %.4f, eval loss %s (selection), test loss %s (held out) -> %s",
-                 seconds, metrics["train_loss"], metrics["eval_loss"], metrics.get("test_loss"), dirs.out)
+        write_manifest(
+            dirs.out,
+            stage="sft",
+            recipe=to_dict(recipe),
+            started_at=dirs.started_at,
+            parents=[],
+            datasets=splits.report(),
+            metrics=metrics,
+            base_model=recipe.model.name_or_path,
+            world_size=distributed.world_size(),
+            **export,
+        )
+        log.info(
+            "SFT done in %.0fs: train loss %.4f, eval loss %s (selection), test loss %s (held out) -> %s",
+            seconds,
+            metrics["train_loss"],
+            metrics["eval_loss"],
+            metrics.get("test_loss"),
+            dirs.out,
+        )
     distributed.barrier()
     return dirs.out

@@ -28,5 +28,8 @@ def _arithmetic(prompt: str, response: str, hit_limit: bool) -> float:
     return arithmetic.score(prompt, response, hit_limit)
 
 
-GRADERS: dict[str, Callable[[str, str, bool], float]] = {"demo": _demo, "instruct": _instruct,
-                                                         "arithmetic": _arithmetic}
+GRADERS: dict[str, Callable[[str, str, bool], float]] = {
+    "demo": _demo,
+    "instruct": _instruct,
+    "arithmetic": _arithmetic,
+}

@@ -26,18 +26,29 @@ from dataclasses import dataclass
 
 # topic noun -> words a short answer about it may use
 TOPICS = {
-    "cat": ["soft", "curious", "playful", "quiet"], "dog": ["loyal", "friendly", "happy", "energetic"],
-    "sea": ["deep", "blue", "vast", "calm"], "apple": ["sweet", "crisp", "red", "fresh"],
-    "rain": ["wet", "cool", "gentle", "grey"], "tree": ["tall", "green", "old", "strong"],
-    "bread": ["warm", "soft", "fresh", "tasty"], "city": ["busy", "loud", "bright", "large"],
-    "winter": ["cold", "snowy", "dark", "long"], "music": ["loud", "happy", "soft", "lively"],
-    "garden": ["green", "quiet", "pretty", "small"], "coffee": ["hot", "bitter", "strong", "dark"],
-    "moon": ["bright", "round", "pale", "distant"], "river": ["long", "cold", "clear", "fast"],
-    "train": ["fast", "long", "noisy", "crowded"], "book": ["long", "thick", "good", "old"],
+    "cat": ["soft", "curious", "playful", "quiet"],
+    "dog": ["loyal", "friendly", "happy", "energetic"],
+    "sea": ["deep", "blue", "vast", "calm"],
+    "apple": ["sweet", "crisp", "red", "fresh"],
+    "rain": ["wet", "cool", "gentle", "grey"],
+    "tree": ["tall", "green", "old", "strong"],
+    "bread": ["warm", "soft", "fresh", "tasty"],
+    "city": ["busy", "loud", "bright", "large"],
+    "winter": ["cold", "snowy", "dark", "long"],
+    "music": ["loud", "happy", "soft", "lively"],
+    "garden": ["green", "quiet", "pretty", "small"],
+    "coffee": ["hot", "bitter", "strong", "dark"],
+    "moon": ["bright", "round", "pale", "distant"],
+    "river": ["long", "cold", "clear", "fast"],
+    "train": ["fast", "long", "noisy", "crowded"],
+    "book": ["long", "thick", "good", "old"],
     # held out: never in training prompts
-    "mountain": ["high", "cold", "steep", "rocky"], "bird": ["small", "quick", "bright", "free"],
-    "island": ["small", "sunny", "remote", "green"], "pizza": ["hot", "cheesy", "tasty", "round"],
-    "forest": ["dark", "green", "quiet", "dense"], "storm": ["loud", "wild", "dark", "wet"],
+    "mountain": ["high", "cold", "steep", "rocky"],
+    "bird": ["small", "quick", "bright", "free"],
+    "island": ["small", "sunny", "remote", "green"],
+    "pizza": ["hot", "cheesy", "tasty", "round"],
+    "forest": ["dark", "green", "quiet", "dense"],
+    "storm": ["loud", "wild", "dark", "wet"],
 }
 HELDOUT_TOPICS = ["mountain", "bird", "island", "pizza", "forest", "storm"]
 TOPIC_PHRASINGS = ["Describe the {t}.", "Tell me about the {t}.", "Write a sentence about the {t}."]
@@ -48,11 +59,13 @@ MAX_WORDS, SHORT_WORDS = 20, 6
 
 
 def instruction(name: str, word: str) -> str:
-    return {"exclaim": "End your answer with an exclamation mark.",
-            "yes": "Start your answer with the word 'Yes'.",
-            "lowercase": "Use only lowercase letters.",
-            "word": f"Include the word '{word}'.",
-            "short": f"Answer in at most {SHORT_WORDS} words."}[name]
+    return {
+        "exclaim": "End your answer with an exclamation mark.",
+        "yes": "Start your answer with the word 'Yes'.",
+        "lowercase": "Use only lowercase letters.",
+        "word": f"Include the word '{word}'.",
+        "short": f"Answer in at most {SHORT_WORDS} words.",
+    }[name]
 
 
 @dataclass(frozen=True)
@@ -64,8 +77,10 @@ class Prompt:
 
     @property
     def text(self) -> str:
-        return " ".join([TOPIC_PHRASINGS[self.phrasing].format(t=self.topic)] +
-                        [instruction(c, self.word) for c in self.constraints])
+        return " ".join(
+            [TOPIC_PHRASINGS[self.phrasing].format(t=self.topic)]
+            + [instruction(c, self.word) for c in self.constraints]
+        )
 
 
 _WORD_RE = re.compile(r"[A-Za-z']+")
@@ -83,11 +98,13 @@ def checks(p: Prompt, response: str) -> dict[str, bool]:
     """Whether `response` follows each of the prompt's instructions."""
     text = response.strip()
     words = _WORD_RE.findall(text)
-    out = {"exclaim": text.endswith("!"),
-           "yes": bool(words) and words[0].lower() == "yes",
-           "lowercase": any(ch.isalpha() for ch in text) and text == text.lower(),
-           "word": p.word.lower() in (w.lower() for w in words),
-           "short": 0 < len(words) <= SHORT_WORDS}
+    out = {
+        "exclaim": text.endswith("!"),
+        "yes": bool(words) and words[0].lower() == "yes",
+        "lowercase": any(ch.isalpha() for ch in text) and text == text.lower(),
+        "word": p.word.lower() in (w.lower() for w in words),
+        "short": 0 < len(words) <= SHORT_WORDS,
+    }
     return {c: out[c] for c in p.constraints}
 
 
@@ -169,22 +186,44 @@ def train_topics() -> list[str]:
 # General questions for the forgetting measure: how well each policy still predicts the base
 # model's own answers to everyday questions unrelated to the task (lower NLL = less forgotten).
 GENERAL_QUESTIONS = [
-    "What is the capital of France?", "How many days are in a week?", "Why is the sky blue?",
-    "What do bees make?", "How do plants get energy?", "What is the boiling point of water?",
-    "Name three primary colours.", "What is a synonym for happy?", "How many legs does a spider have?",
-    "What does a doctor do?", "Explain what a noun is.", "What is the largest planet in our solar system?",
-    "How do you make a cup of tea?", "What is the opposite of cold?", "Why do we need sleep?",
-    "What is photosynthesis?", "Give me a tip for learning a new language.", "What is 7 times 8?",
-    "What language is spoken in Spain?", "Describe how a bicycle works.", "What is the function of the heart?",
-    "What causes rain?", "Name a famous painter.", "What is the freezing point of water in Celsius?",
-    "How can I save energy at home?", "What is a computer program?", "Why do leaves change colour in autumn?",
-    "What is the main ingredient of guacamole?", "How many continents are there?", "What is gravity?",
-    "Suggest a name for a pet goldfish.", "What is the difference between weather and climate?",
+    "What is the capital of France?",
+    "How many days are in a week?",
+    "Why is the sky blue?",
+    "What do bees make?",
+    "How do plants get energy?",
+    "What is the boiling point of water?",
+    "Name three primary colours.",
+    "What is a synonym for happy?",
+    "How many legs does a spider have?",
+    "What does a doctor do?",
+    "Explain what a noun is.",
+    "What is the largest planet in our solar system?",
+    "How do you make a cup of tea?",
+    "What is the opposite of cold?",
+    "Why do we need sleep?",
+    "What is photosynthesis?",
+    "Give me a tip for learning a new language.",
+    "What is 7 times 8?",
+    "What language is spoken in Spain?",
+    "Describe how a bicycle works.",
+    "What is the function of the heart?",
+    "What causes rain?",
+    "Name a famous painter.",
+    "What is the freezing point of water in Celsius?",
+    "How can I save energy at home?",
+    "What is a computer program?",
+    "Why do leaves change colour in autumn?",
+    "What is the main ingredient of guacamole?",
+    "How many continents are there?",
+    "What is gravity?",
+    "Suggest a name for a pet goldfish.",
+    "What is the difference between weather and climate?",
 ]
 
 
-def build_data(out: str | os.PathLike, seed: int = 0, n_sft: int = 1200, n_pairs: int = 1200,
-               n_rl: int = 400, n_heldout: int = 60) -> dict[str, int]:
+def build_data(
+    out: str | os.PathLike, seed: int = 0, n_sft: int = 1200, n_pairs: int = 1200, n_rl: int = 400, n_heldout: int = 60
+) -> dict[str, int]:
     """Write the task's files into `out`: sft.jsonl, preferences.jsonl, prompts.jsonl (RL),
     heldout_prompts.jsonl (evaluation only) and general_questions.jsonl (forgetting)."""
     import json
@@ -194,7 +233,9 @@ def build_data(out: str | os.PathLike, seed: int = 0, n_sft: int = 1200, n_pairs
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     train, heldout = train_topics(), HELDOUT_TOPICS
-    sft = [{"prompt": p.text, "completion": demonstration(rng, p)} for p in make_prompts(rng, train, REQUIRED_WORDS, n_sft)]
+    sft = [
+        {"prompt": p.text, "completion": demonstration(rng, p)} for p in make_prompts(rng, train, REQUIRED_WORDS, n_sft)
+    ]
     pairs = []
     for p in make_prompts(rng, train, REQUIRED_WORDS, n_pairs * 10):
         a, b = demonstration(rng, p), demonstration(rng, p)
@@ -207,7 +248,8 @@ def build_data(out: str | os.PathLike, seed: int = 0, n_sft: int = 1200, n_pairs
         if len(pairs) == n_pairs:
             break
     files = {
-        "sft.jsonl": sft, "preferences.jsonl": pairs,
+        "sft.jsonl": sft,
+        "preferences.jsonl": pairs,
         "prompts.jsonl": [{"prompt": p.text} for p in make_prompts(rng, train, REQUIRED_WORDS, n_rl)],
         "heldout_prompts.jsonl": [{"prompt": p.text} for p in make_prompts(rng, heldout, HELDOUT_WORDS, n_heldout)],
         "general_questions.jsonl": [{"prompt": q} for q in GENERAL_QUESTIONS],

@@ -159,15 +159,20 @@ def reinforce_pp_baseline(x: AdvantageInputs) -> tuple[torch.Tensor, None]:
 
 ESTIMATORS: dict[str, Estimator] = {
     "gae": Estimator(gae, needs_critic=True, needs_groups=False, kl_in="reward", loss_aggregation="token_mean"),
-    "grpo": Estimator(grpo, needs_critic=False, needs_groups=True, kl_in="loss", loss_aggregation="sequence_mean",
-                      sequence_level=True),
-    "dr_grpo": Estimator(dr_grpo, needs_critic=False, needs_groups=True, kl_in="loss", loss_aggregation="constant",
-                         sequence_level=True),
-    "rloo": Estimator(rloo, needs_critic=False, needs_groups=True, kl_in="reward", loss_aggregation="token_mean",
-                      sequence_level=True),
-    "reinforce_pp": Estimator(reinforce_pp, needs_critic=False, needs_groups=False, kl_in="reward",
-                              loss_aggregation="token_mean"),
-    "reinforce_pp_baseline": Estimator(reinforce_pp_baseline, needs_critic=False, needs_groups=True, kl_in="reward",
-                                       loss_aggregation="token_mean"),
+    "grpo": Estimator(
+        grpo, needs_critic=False, needs_groups=True, kl_in="loss", loss_aggregation="sequence_mean", sequence_level=True
+    ),
+    "dr_grpo": Estimator(
+        dr_grpo, needs_critic=False, needs_groups=True, kl_in="loss", loss_aggregation="constant", sequence_level=True
+    ),
+    "rloo": Estimator(
+        rloo, needs_critic=False, needs_groups=True, kl_in="reward", loss_aggregation="token_mean", sequence_level=True
+    ),
+    "reinforce_pp": Estimator(
+        reinforce_pp, needs_critic=False, needs_groups=False, kl_in="reward", loss_aggregation="token_mean"
+    ),
+    "reinforce_pp_baseline": Estimator(
+        reinforce_pp_baseline, needs_critic=False, needs_groups=True, kl_in="reward", loss_aggregation="token_mean"
+    ),
 }
 """The estimators by the name a recipe gives in `ppo.advantage_estimator`."""

@@ -41,8 +41,9 @@ class TokenValues(nn.Module):
         # Under LoRA the adapters sit inside the wrapped model's layers, so its backbone uses them.
         inner = self.scorer.get_base_model() if hasattr(self.scorer, "get_base_model") else self.scorer
         backbone = getattr(inner, inner.base_model_prefix)
-        hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                          use_cache=False).last_hidden_state
+        hidden = backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         return inner.score(hidden).squeeze(-1).float()
 
 
@@ -200,9 +201,12 @@ def training_engine(model: nn.Module, recipe: PPORecipe, learning_rate: float):
 
     train = replace(recipe.train, learning_rate=learning_rate)
     offload = recipe.deepspeed.offload_optimizer
-    config = build_deepspeed_config(recipe.deepspeed, train, world_size(),
-                                    optimizer={"lr": learning_rate, "weight_decay": train.weight_decay} if offload
-                                    else None)
+    config = build_deepspeed_config(
+        recipe.deepspeed,
+        train,
+        world_size(),
+        optimizer={"lr": learning_rate, "weight_decay": train.weight_decay} if offload else None,
+    )
     config["zero_allow_untested_optimizer"] = True
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = None if offload else _adamw(params, learning_rate, train.weight_decay)
@@ -214,8 +218,9 @@ def training_engine(model: nn.Module, recipe: PPORecipe, learning_rate: float):
     def scheduler(opt):
         return get_scheduler(train.lr_scheduler, opt, num_warmup_steps=warmup, num_training_steps=total)
 
-    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, model_parameters=params,
-                                      lr_scheduler=scheduler, config=config)
+    engine, *_ = deepspeed.initialize(
+        model=model, optimizer=optimizer, model_parameters=params, lr_scheduler=scheduler, config=config
+    )
     return engine
 
 
@@ -241,8 +246,9 @@ def gathered(engine, zero_stage: int, enabled: bool = True, params: list | None 
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(params if params is not None else list(engine.module.parameters()),
-                                             modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(
+        params if params is not None else list(engine.module.parameters()), modifier_rank=None
+    )
 
 
 def full_state_dict(engine, zero_stage: int) -> dict[str, torch.Tensor] | None:

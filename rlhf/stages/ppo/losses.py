@@ -33,8 +33,13 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ((x - mean) ** 2 * mask).sum() / (n - 1)
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8,
-                  all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+def masked_whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """(x - mean) / std over the masked elements, (B, T) -> (B, T); masked-out positions become 0.
 
     With several processes pass `all_reduce` (sums a tensor over ranks): the mean and variance are
@@ -76,8 +81,9 @@ def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl
     return rewards
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
-        ) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation (Schulman et al. 2016), (B, T) each -> advantages, returns.
 
     delta_t = r_t + gamma * V_{t+1} - V_t, A_t = delta_t + gamma * lam * A_{t+1}, with V and A
@@ -99,8 +105,9 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     return advantages, returns
 
 
-def aggregate(x: torch.Tensor, mask: torch.Tensor, how: str = "token_mean", max_tokens: int | None = None
-              ) -> torch.Tensor:
+def aggregate(
+    x: torch.Tensor, mask: torch.Tensor, how: str = "token_mean", max_tokens: int | None = None
+) -> torch.Tensor:
     """Average token losses (B, T) -> scalar, the way a method defines its objective.
 
     token_mean: over every counted token of the batch (long responses weigh more; DAPO, PPO here);
@@ -131,10 +138,18 @@ class PolicyLossOut:
     kl_loss: torch.Tensor | None = None  # the k3 KL-to-reference term, when the method puts KL in the loss
 
 
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip: float, aggregation: str = "token_mean", max_tokens: int | None = None,
-                ratio_level: str = "token", ref_logprobs: torch.Tensor | None = None, kl_coef: float = 0.0
-                ) -> PolicyLossOut:
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float,
+    aggregation: str = "token_mean",
+    max_tokens: int | None = None,
+    ratio_level: str = "token",
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> PolicyLossOut:
     """Clipped surrogate objective (Schulman et al. 2017, eq. 7), (B, T) each -> PolicyLossOut.
 
     ratio_level 'token' clips each token's ratio p/p_old; 'sequence' is GSPO (Zheng et al. 2025):
@@ -173,8 +188,9 @@ def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: 
     return PolicyLossOut(loss, clip_fraction, approx_kl, ratio_mean, kl_loss)
 
 
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+def value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Clipped value loss 0.5 * max((V - R)^2, (V_clip - R)^2) (PPO2 baselines); -> (loss, clip fraction)."""
     err = (values - returns) ** 2
     if clip is None:

@@ -1,6 +1,7 @@
 """Rollouts: sample responses, score them with all four models, turn scores into advantages.
 
-With a group estimator every prompt appears k = ppo.rollouts_per_prompt times in a row. Layout of one rollout batch: B prompts left-padded to width P, responses right-padded to width R,
+With a group estimator every prompt appears k = ppo.rollouts_per_prompt times in a row.
+Layout of one rollout batch: B prompts left-padded to width P, responses right-padded to width R,
 so every response starts at column P and position t of a response is column P + t. Rendering,
 sampling and log-probs come from `rlhf.sampling`, shared with evaluation and labelling.
 """
@@ -16,8 +17,15 @@ import torch
 from rlhf import distributed
 from rlhf.config_rl import PPOSettings, PPORecipe
 from rlhf.data.formats import Messages
-from rlhf.sampling import (generate, left_pad, policy_outputs, positions, render_prompt, response_mask_of,
-                           score_responses)
+from rlhf.sampling import (
+    generate,
+    left_pad,
+    policy_outputs,
+    positions,
+    render_prompt,
+    response_mask_of,
+    score_responses,
+)
 from rlhf.stages.ppo import advantages, engines, losses, scoring
 
 
@@ -50,15 +58,30 @@ class Rollout:
         return Rollout(**{k: getattr(self, k)[idx] for k in self.__dataclass_fields__ if k != "source_stats"})
 
 
-def advantages_and_returns(values: torch.Tensor | None, scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor,
-                           ppo: PPOSettings, kl_coef: float, all_reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
+def advantages_and_returns(
+    values: torch.Tensor | None,
+    scores: torch.Tensor,
+    kl: torch.Tensor,
+    mask: torch.Tensor,
+    ppo: PPOSettings,
+    kl_coef: float,
+    all_reduce=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The recipe's estimator on one rank's batch: scores (B,), values / kl / mask (B, R) -> advantages
     and returns (B, R); returns are zeros for critic-free estimators. `all_reduce` sums over ranks
     (batch whitening); None on a single process. With the KL in the loss it stays out of the reward."""
     inputs = advantages.AdvantageInputs(
-        scores=scores, kl=kl, mask=mask.float(), values=values,
-        kl_coef=kl_coef if ppo.kl_placement == "reward" else 0.0, group_size=ppo.rollouts_per_prompt,
-        gamma=ppo.gamma, lam=ppo.lam, whiten=ppo.whiten_advantages, all_reduce=all_reduce)
+        scores=scores,
+        kl=kl,
+        mask=mask.float(),
+        values=values,
+        kl_coef=kl_coef if ppo.kl_placement == "reward" else 0.0,
+        group_size=ppo.rollouts_per_prompt,
+        gamma=ppo.gamma,
+        lam=ppo.lam,
+        whiten=ppo.whiten_advantages,
+        all_reduce=all_reduce,
+    )
     adv, ret = ppo.estimator.fn(inputs)
     return adv, (ret if ret is not None else torch.zeros_like(adv))
 
@@ -68,9 +91,16 @@ def decode_responses(tok, responses: list[list[int]]) -> list[str]:
 
 
 @torch.no_grad()
-def make_rollout(m: engines.Models, recipe: PPORecipe, prompts: list[Messages], norm: tuple[float, float],
-                 kl_coef: float, times: dict, code: scoring.CodeRewards | None = None,
-                 fields: list[dict] | None = None) -> Rollout:
+def make_rollout(
+    m: engines.Models,
+    recipe: PPORecipe,
+    prompts: list[Messages],
+    norm: tuple[float, float],
+    kl_coef: float,
+    times: dict,
+    code: scoring.CodeRewards | None = None,
+    fields: list[dict] | None = None,
+) -> Rollout:
     """Generate for `prompts` (k consecutive copies per prompt for grouped estimators), score with
     actor / reference / critic and the reward sources, and compute rewards and advantages.
     `norm` is the reward model's (mean, std) at this step; `code` the reward functions, called
@@ -81,8 +111,15 @@ def make_rollout(m: engines.Models, recipe: PPORecipe, prompts: list[Messages], 
     with engines.gathered(m.actor, recipe.deepspeed.zero_stage, gen.gather_weights), engines.compute(m):
         m.actor.module.eval()
         synced = recipe.deepspeed.zero_stage == 3 and distributed.world_size() > 1
-        response = generate(m.actor.module, prompt_ids.to(dev), prompt_mask.to(dev), gen, tok.eos_token_id,
-                            tok.pad_token_id, synced=synced).cpu()
+        response = generate(
+            m.actor.module,
+            prompt_ids.to(dev),
+            prompt_mask.to(dev),
+            gen,
+            tok.eos_token_id,
+            tok.pad_token_id,
+            synced=synced,
+        ).cpu()
     times["generation"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     resp_mask = response_mask_of(response, tok.eos_token_id)
@@ -100,11 +137,12 @@ def make_rollout(m: engines.Models, recipe: PPORecipe, prompts: list[Messages], 
         values = None
         if m.critic is not None:
             m.critic.module.eval()
-            values = m.critic.module(on[0], on[1], on[2])[:, P - 1:-1].float().cpu()
+            values = m.critic.module(on[0], on[1], on[2])[:, P - 1 : -1].float().cpu()
         rm_raw = None
         if m.reward is not None:
-            rm_raw = score_responses(m.reward, tok, prompts, responses, dev,
-                                     batch_size=recipe.train.micro_batch_size * 2)
+            rm_raw = score_responses(
+                m.reward, tok, prompts, responses, dev, batch_size=recipe.train.micro_batch_size * 2
+            )
     fn_scores = code(prompts, decode_responses(tok, responses), fields or [{}] * len(prompts)) if code else None
     times["scoring"] = time.perf_counter() - t0
     logp, ref_logp, entropy = (x.float().cpu() for x in (logp, ref_logp, entropy))
@@ -116,10 +154,28 @@ def make_rollout(m: engines.Models, recipe: PPORecipe, prompts: list[Messages], 
     scores = torch.where(ok, scores, torch.zeros_like(scores))
     kl = losses.kl_penalty(logp, ref_logp, ppo.kl_estimator) * resp_mask
     rewards = losses.token_rewards(scores, kl, resp_mask.float(), kl_coef if ppo.kl_placement == "reward" else 0.0)
-    adv, ret = advantages_and_returns(values, scores, kl, resp_mask, ppo, kl_coef, all_reduce=distributed.sum_over_ranks)
+    adv, ret = advantages_and_returns(
+        values, scores, kl, resp_mask, ppo, kl_coef, all_reduce=distributed.sum_over_ranks
+    )
     raw = scoring.headline_raw(recipe, rm_raw, fn_scores)
-    return Rollout(ids, attn, pos, resp_mask, logp, ref_logp, values if values is not None else torch.zeros_like(logp),
-                   entropy, raw, scores, has_eos, kl, rewards, adv, ret, scoring.source_metrics(recipe, fn_scores))
+    return Rollout(
+        ids,
+        attn,
+        pos,
+        resp_mask,
+        logp,
+        ref_logp,
+        values if values is not None else torch.zeros_like(logp),
+        entropy,
+        raw,
+        scores,
+        has_eos,
+        kl,
+        rewards,
+        adv,
+        ret,
+        scoring.source_metrics(recipe, fn_scores),
+    )
 
 
 def rollout_metrics(ro: Rollout, kl_coef: float, with_critic: bool = True) -> dict[str, float]:
@@ -133,9 +189,12 @@ def rollout_metrics(ro: Rollout, kl_coef: float, with_critic: bool = True) -> di
         "reward_std": raw.std().item() if len(raw) > 1 else 0.0,
         "score_mean": ro.scores[kept].mean().item() if kept.any() else math.nan,
         "kl": (ro.kl * mask).sum(1)[kept].mean().item() if kept.any() else 0.0,
-        "entropy": losses.masked_mean(ro.entropy, mask).item(), "response_length": mask.sum(1)[kept].mean().item(),
-        "eos_rate": ro.has_eos.float().mean().item(), "kl_coef": kl_coef,
-        "advantage_mean": losses.masked_mean(ro.advantages, mask).item(), "dropped_rows": float((~kept).sum()),
+        "entropy": losses.masked_mean(ro.entropy, mask).item(),
+        "response_length": mask.sum(1)[kept].mean().item(),
+        "eos_rate": ro.has_eos.float().mean().item(),
+        "kl_coef": kl_coef,
+        "advantage_mean": losses.masked_mean(ro.advantages, mask).item(),
+        "dropped_rows": float((~kept).sum()),
         **ro.source_stats,
     }
     if with_critic:
@@ -146,5 +205,6 @@ def rollout_metrics(ro: Rollout, kl_coef: float, with_critic: bool = True) -> di
 def is_finite(ro: Rollout) -> bool:
     """The batch is usable: log-probs and values finite, and at least one row kept (rows with a
     non-finite score were dropped in `make_rollout`)."""
-    return (bool(ro.response_mask.any())
-            and all(torch.isfinite(t).all() for t in (ro.logprobs, ro.ref_logprobs, ro.values)))
+    return bool(ro.response_mask.any()) and all(
+        torch.isfinite(t).all() for t in (ro.logprobs, ro.ref_logprobs, ro.values)
+    )

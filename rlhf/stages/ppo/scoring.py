@@ -80,7 +80,9 @@ class CodeRewards:
                 col = normalise(col, self.moments[j].mean, self.moments[j].std)
             mixed = mixed + spec.weight * col
         for f in failures:
-            log.warning("%s (prompt %r...); the response is left out of this update", f, prompt_text(prompts[f.row])[:60])
+            log.warning(
+                "%s (prompt %r...); the response is left out of this update", f, prompt_text(prompts[f.row])[:60]
+            )
         return FunctionScores(raw.float(), mixed.float(), failures)
 
     def state_dict(self) -> list[dict]:
@@ -94,8 +96,13 @@ class CodeRewards:
         self.runner.close()
 
 
-def mix(recipe: PPORecipe, rm_raw: torch.Tensor | None, rm_norm: tuple[float, float],
-        code: FunctionScores | None, has_eos: torch.Tensor) -> torch.Tensor:
+def mix(
+    recipe: PPORecipe,
+    rm_raw: torch.Tensor | None,
+    rm_norm: tuple[float, float],
+    code: FunctionScores | None,
+    has_eos: torch.Tensor,
+) -> torch.Tensor:
     """Final scores (B,) from the sources; NaN on rows where a source failed."""
     parts = []
     if rm_raw is not None:

@@ -81,15 +81,19 @@ def load_state(path: Path, actor, critic) -> dict[str, Any]:
     """Restore engines, this rank's RNG, and return the trainer state dict."""
     has_critic = (path / "critic").is_dir()
     if has_critic != (critic is not None):
-        raise HandoffError(f"{path} was saved by a run {'with' if has_critic else 'without'} a critic, but this recipe's "
-                           f"estimator {'does not use' if has_critic else 'needs'} one; resume with the recipe that "
-                           "made it, or start over with resume=never (or another output_dir)")
+        raise HandoffError(
+            f"{path} was saved by a run {'with' if has_critic else 'without'} a critic, but this recipe's "
+            f"estimator {'does not use' if has_critic else 'needs'} one; resume with the recipe that "
+            "made it, or start over with resume=never (or another output_dir)"
+        )
     actor.load_checkpoint(str(path / "actor"), tag="state")
     if critic is not None:
         critic.load_checkpoint(str(path / "critic"), tag="state")
     rng_file = path / f"rng_rank{distributed.rank()}.pt"
     if not rng_file.is_file():
-        raise HandoffError(f"{path} was saved with a different number of processes (no {rng_file.name}); "
-                           "resume with the same world size, or start over with resume=never")
+        raise HandoffError(
+            f"{path} was saved with a different number of processes (no {rng_file.name}); "
+            "resume with the same world size, or start over with resume=never"
+        )
     set_rng_state(torch.load(rng_file, weights_only=False))
     return json.loads((path / STATE_FILE).read_text())

@@ -54,8 +54,9 @@ def check_handoff(recipe: PPORecipe):
     tok = load_tokenizer(recipe.sft_dir)
     if recipe.reward_dir is None:
         return tok, {}
-    reward_manifest = handoff.reward_model(recipe.reward_dir, tok, f"actor/reference ({recipe.sft_dir})",
-                                           needed_by="the PPO stage")
+    reward_manifest = handoff.reward_model(
+        recipe.reward_dir, tok, f"actor/reference ({recipe.sft_dir})", needed_by="the PPO stage"
+    )
     return tok, reward_manifest
 
 
@@ -77,8 +78,9 @@ def rollout_prompts(rows: list[dict], step: int, recipe: PPORecipe) -> list[dict
     """This rank's prompt rows for `step`: rollout_batch_size / k prompts of the stream, each
     repeated k = ppo.rollouts_per_prompt times in a row (a group never spans ranks)."""
     k = recipe.ppo.rollouts_per_prompt
-    return [row for row in stream_batch(rows, step, recipe.ppo.rollout_batch_size // k, recipe.train.seed)
-            for _ in range(k)]
+    return [
+        row for row in stream_batch(rows, step, recipe.ppo.rollout_batch_size // k, recipe.train.seed) for _ in range(k)
+    ]
 
 
 @dataclass
@@ -92,8 +94,11 @@ class RunState:
     code: CodeRewards | None = None  # reward functions and their running normalisers
 
     def saved(self) -> dict:
-        out = {"bad_steps": self.bad_steps, "kl_controller": self.kl_ctl.state_dict(),
-               "reward_normaliser": self.running.state_dict()}
+        out = {
+            "bad_steps": self.bad_steps,
+            "kl_controller": self.kl_ctl.state_dict(),
+            "reward_normaliser": self.running.state_dict(),
+        }
         if self.code is not None:
             out["reward_function_normalisers"] = self.code.state_dict()
         return out
@@ -110,13 +115,17 @@ def prepare_data(recipe: PPORecipe, tokenizer, reward_manifest: dict) -> Data:
     """Prompts and ptx rows through the same cleaning and length filter as every stage's data."""
     # Other columns matter only to reward functions; without them a prompt row is its messages
     # alone (so de-duplication and the data stream are those of the prompts).
-    normalize = (normalize_prompt_row if recipe.reward_functions
-                 else lambda data: {"messages": normalize_prompt(data), "fields": {}})
+    normalize = (
+        normalize_prompt_row
+        if recipe.reward_functions
+        else lambda data: {"messages": normalize_prompt(data), "fields": {}}
+    )
     prompts = prepare_splits(recipe.prompts, normalize, lambda row: len(render_prompt(tokenizer, row["messages"])))
     ptx = None
     if recipe.ptx_data and recipe.ppo.ptx_coef:
-        ptx = prepare_splits(recipe.ptx_data, normalize_sft,
-                             lambda msgs: len(render_conversation(tokenizer, msgs))).train
+        ptx = prepare_splits(
+            recipe.ptx_data, normalize_sft, lambda msgs: len(render_conversation(tokenizer, msgs))
+        ).train
         for i, msgs in enumerate(ptx):  # every rank draws other rows: a bad one must fail here, not mid-step
             try:
                 render_for_loss(tokenizer, msgs)
@@ -155,25 +164,43 @@ def normaliser(recipe: PPORecipe, data: Data, state: RunState) -> tuple[float, f
     return 0.0, 1.0
 
 
-def train_step(recipe: PPORecipe, m: engines.Models, data: Data, state: RunState, step: int,
-               checkpoints: Path) -> tuple[Rollout, dict[str, float]]:
+def train_step(
+    recipe: PPORecipe, m: engines.Models, data: Data, state: RunState, step: int, checkpoints: Path
+) -> tuple[Rollout, dict[str, float]]:
     """Steps 4-6 of one PPO step; returns the rollout and the metrics, averaged over ranks."""
     times: dict[str, float] = {}
     batch = rollout_prompts(data.prompts.train, step, recipe)
-    ro = make_rollout(m, recipe, [r["messages"] for r in batch], normaliser(recipe, data, state), state.kl_ctl.value,
-                      times, code=state.code, fields=[r["fields"] for r in batch])
+    ro = make_rollout(
+        m,
+        recipe,
+        [r["messages"] for r in batch],
+        normaliser(recipe, data, state),
+        state.kl_ctl.value,
+        times,
+        code=state.code,
+        fields=[r["fields"] for r in batch],
+    )
     t0 = time.perf_counter()
     if distributed.reduce_floats([float(not is_finite(ro))], "max")[0] > 0:
         state.bad_steps += 1
-        log.warning("step %d: non-finite rewards/log-probs/values (or no row with a usable reward); update "
-                    "skipped (%d in a row)", step, state.bad_steps)
+        log.warning(
+            "step %d: non-finite rewards/log-probs/values (or no row with a usable reward); update "
+            "skipped (%d in a row)",
+            step,
+            state.bad_steps,
+        )
         if state.bad_steps >= recipe.ppo.max_bad_steps:
-            raise PPOAborted(f"{state.bad_steps} consecutive PPO steps had NaN/inf in rewards, log-probs or values "
-                             f"(ppo.max_bad_steps={recipe.ppo.max_bad_steps}); last good state is in {checkpoints}")
+            raise PPOAborted(
+                f"{state.bad_steps} consecutive PPO steps had NaN/inf in rewards, log-probs or values "
+                f"(ppo.max_bad_steps={recipe.ppo.max_bad_steps}); last good state is in {checkpoints}"
+            )
         return ro, {"skipped_step": 1.0, **{f"time/{k}": v for k, v in times.items()}}
     state.bad_steps = 0
-    ptx_source = (partial(stream_batch, data.ptx, batch=recipe.train.micro_batch_size, seed=recipe.train.seed + 1)
-                  if data.ptx else None)
+    ptx_source = (
+        partial(stream_batch, data.ptx, batch=recipe.train.micro_batch_size, seed=recipe.train.seed + 1)
+        if data.ptx
+        else None
+    )
     update = ppo_update(m, recipe, ro, step, ptx_source, kl_coef=state.kl_ctl.value)
     times["training"] = time.perf_counter() - t0
     local = {**rollout_metrics(ro, state.kl_ctl.value, with_critic=m.critic is not None), **update}
@@ -207,36 +234,53 @@ def _rank_spread(state: RunState) -> dict[str, float]:
         values += [moments.mean, moments.std]
         names += [f"reward_fn_norm_mean_{j}", f"reward_fn_norm_std_{j}"]
     hi, lo = distributed.reduce_floats(values, "max"), distributed.reduce_floats(values, "min")
-    return {f"rank_spread/{n}": h - l for n, h, l in zip(names, hi, lo)}
+    return {f"rank_spread/{n}": high - low for n, high, low in zip(names, hi, lo)}
 
 
-def log_step(tracker: Tracker, recipe: PPORecipe, tokenizer, ro: Rollout, metrics: dict, step: int,
-             elapsed: float) -> None:
+def log_step(
+    tracker: Tracker, recipe: PPORecipe, tokenizer, ro: Rollout, metrics: dict, step: int, elapsed: float
+) -> None:
     """Step 7: metrics with throughput, and a table of samples every `sample_every` steps."""
     tokens = int(ro.response_mask.sum()) * distributed.world_size()
     metrics.update({"time/step": elapsed, "tokens_per_second": tokens / elapsed})
     tracker.log(metrics, step + 1)
     if recipe.sample_every and (step + 1) % recipe.sample_every == 0:
         P = ro.prompt_width
-        rows = [[tokenizer.decode(ro.input_ids[i, :P], skip_special_tokens=True),
-                 tokenizer.decode(ro.input_ids[i, P:][ro.response_mask[i].bool()], skip_special_tokens=True),
-                 ro.raw_scores[i].item()] for i in range(min(8, ro.input_ids.shape[0]))]
+        rows = [
+            [
+                tokenizer.decode(ro.input_ids[i, :P], skip_special_tokens=True),
+                tokenizer.decode(ro.input_ids[i, P:][ro.response_mask[i].bool()], skip_special_tokens=True),
+                ro.raw_scores[i].item(),
+            ]
+            for i in range(min(8, ro.input_ids.shape[0]))
+        ]
         tracker.table("samples", ["prompt", "response", "reward"], rows, step + 1)
 
 
-def export(recipe: PPORecipe, m: engines.Models, dirs: common.StageDirs, data: Data, metrics: dict,
-           seconds: float) -> None:
+def export(
+    recipe: PPORecipe, m: engines.Models, dirs: common.StageDirs, data: Data, metrics: dict, seconds: float
+) -> None:
     """Step 9 (collective): the policy (ZeRO-3 shards gathered), the tokenizer, then the manifest last."""
     peft_info = engines.export_policy(m.actor, recipe, dirs.out)
     if distributed.is_main():
         m.tokenizer.save_pretrained(dirs.out)
         final = {k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)}
-        write_manifest(dirs.out, stage="ppo", recipe=to_dict(recipe), started_at=dirs.started_at,
-                       parents=[parent_ref(d) for d in (recipe.sft_dir, recipe.reward_dir) if d is not None],
-                       datasets={"prompts": data.prompts.report()},
-                       metrics={**final, "steps": recipe.train.max_steps, "train_seconds": seconds,
-                                "peak_memory_mb": common.peak_memory_mb(m.device)},
-                       world_size=distributed.world_size(), peft=peft_info)
+        write_manifest(
+            dirs.out,
+            stage="ppo",
+            recipe=to_dict(recipe),
+            started_at=dirs.started_at,
+            parents=[parent_ref(d) for d in (recipe.sft_dir, recipe.reward_dir) if d is not None],
+            datasets={"prompts": data.prompts.report()},
+            metrics={
+                **final,
+                "steps": recipe.train.max_steps,
+                "train_seconds": seconds,
+                "peak_memory_mb": common.peak_memory_mb(m.device),
+            },
+            world_size=distributed.world_size(),
+            peft=peft_info,
+        )
         log.info("PPO done: %d steps -> %s", recipe.train.max_steps, dirs.out)
     distributed.barrier()
 
@@ -256,8 +300,14 @@ def run_ppo(recipe: PPORecipe, on_step_end: Callable[[int, dict], bool] | None =
             code.close()
 
 
-def _train(recipe: PPORecipe, dirs: common.StageDirs, tokenizer, data: Data, code: CodeRewards | None,
-           on_step_end: Callable[[int, dict], bool] | None) -> Path:
+def _train(
+    recipe: PPORecipe,
+    dirs: common.StageDirs,
+    tokenizer,
+    data: Data,
+    code: CodeRewards | None,
+    on_step_end: Callable[[int, dict], bool] | None,
+) -> Path:
     torch.manual_seed(recipe.train.seed)
     m = engines.build_models(recipe, tokenizer)
     state = resume(recipe, m, dirs.checkpoints, code)
@@ -266,8 +316,13 @@ def _train(recipe: PPORecipe, dirs: common.StageDirs, tokenizer, data: Data, cod
     tracker = Tracker(recipe.tracking, dirs.run, "ppo", dirs.out, to_dict(recipe))
     from tqdm.auto import tqdm
 
-    bar = tqdm(range(state.start_step, recipe.train.max_steps), initial=state.start_step,
-               total=recipe.train.max_steps, desc="PPO", disable=not distributed.is_main())
+    bar = tqdm(
+        range(state.start_step, recipe.train.max_steps),
+        initial=state.start_step,
+        total=recipe.train.max_steps,
+        desc="PPO",
+        disable=not distributed.is_main(),
+    )
     metrics: dict[str, float] = {}
     started = time.perf_counter()
     for step in bar:

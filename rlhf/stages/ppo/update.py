@@ -18,8 +18,16 @@ from rlhf.sampling import policy_outputs, render_for_loss, right_pad
 from rlhf.stages.ppo import engines, losses
 from rlhf.stages.ppo.rollout import Rollout
 
-STATS = ("policy_loss", "value_loss", "clip_fraction", "approx_kl", "value_clip_fraction", "ratio_mean", "ptx_loss",
-         "kl_loss")
+STATS = (
+    "policy_loss",
+    "value_loss",
+    "clip_fraction",
+    "approx_kl",
+    "value_clip_fraction",
+    "ratio_mean",
+    "ptx_loss",
+    "kl_loss",
+)
 
 
 def ptx_batch(tokenizer, rows: list[Messages], device) -> dict[str, torch.Tensor]:
@@ -32,8 +40,10 @@ def ptx_batch(tokenizer, rows: list[Messages], device) -> dict[str, torch.Tensor
         labels.append([t if keep else -100 for t, keep in zip(full, train_on)])
     input_ids, attention_mask = right_pad(ids, tokenizer.pad_token_id)
     label_ids, _ = right_pad(labels, -100)
-    return {k: v.to(device) for k, v in
-            {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids}.items()}
+    return {
+        k: v.to(device)
+        for k, v in {"input_ids": input_ids, "attention_mask": attention_mask, "labels": label_ids}.items()
+    }
 
 
 def ptx_stream_index(step: int, epoch: int, k: int, ppo_epochs: int, minibatches: int) -> int:
@@ -52,22 +62,29 @@ class MinibatchLosses:
     max_abs_log_ratio: float  # max |log new/old| over the response tokens
 
 
-def minibatch_losses(m: engines.Models, recipe: PPORecipe, mb: Rollout, ptx_rows: list | None,
-                     kl_coef: float = 0.0) -> MinibatchLosses:
+def minibatch_losses(
+    m: engines.Models, recipe: PPORecipe, mb: Rollout, ptx_rows: list | None, kl_coef: float = 0.0
+) -> MinibatchLosses:
     """Forward the actor (and critic) on one mini-batch and form the losses (Schulman et al. 2017);
     the estimator decides the loss aggregation, the ratio level and whether KL is a loss term."""
     ppo, dev = recipe.ppo, m.device
-    on = [x.to(dev) for x in (mb.input_ids, mb.attention_mask, mb.position_ids, mb.input_ids[:, mb.prompt_width:])]
+    on = [x.to(dev) for x in (mb.input_ids, mb.attention_mask, mb.position_ids, mb.input_ids[:, mb.prompt_width :])]
     mask = mb.response_mask.float().to(dev)
     sequence = ppo.importance_ratio == "sequence"
     with engines.compute(m):
         logp, ent = policy_outputs(m.actor, *on, recipe.generation.temperature, with_entropy=ppo.entropy_coef > 0)
-        pl = losses.policy_loss(logp, mb.logprobs.to(dev), mb.advantages.to(dev), mask,
-                                ppo.sequence_clip_ratio if sequence else ppo.clip_ratio,
-                                aggregation=ppo.aggregation, max_tokens=recipe.generation.max_new_tokens,
-                                ratio_level=ppo.importance_ratio,
-                                ref_logprobs=mb.ref_logprobs.to(dev) if ppo.kl_placement == "loss" else None,
-                                kl_coef=kl_coef if ppo.kl_placement == "loss" else 0.0)
+        pl = losses.policy_loss(
+            logp,
+            mb.logprobs.to(dev),
+            mb.advantages.to(dev),
+            mask,
+            ppo.sequence_clip_ratio if sequence else ppo.clip_ratio,
+            aggregation=ppo.aggregation,
+            max_tokens=recipe.generation.max_new_tokens,
+            ratio_level=ppo.importance_ratio,
+            ref_logprobs=mb.ref_logprobs.to(dev) if ppo.kl_placement == "loss" else None,
+            kl_coef=kl_coef if ppo.kl_placement == "loss" else 0.0,
+        )
         total = pl.loss - (ppo.entropy_coef * losses.masked_mean(ent, mask) if ent is not None else 0.0)
         ptx = None
         if ptx_rows:
@@ -75,9 +92,9 @@ def minibatch_losses(m: engines.Models, recipe: PPORecipe, mb: Rollout, ptx_rows
             total = total + ppo.ptx_coef * ptx
         vl = vclip = None
         if m.critic is not None:
-            values = m.critic(on[0], on[1], on[2])[:, mb.prompt_width - 1:-1]
+            values = m.critic(on[0], on[1], on[2])[:, mb.prompt_width - 1 : -1]
             vl, vclip = losses.value_loss(values, mb.values.to(dev), mb.returns.to(dev), mask, ppo.value_clip)
-    dev_log = ((logp.detach() - mb.logprobs.to(dev)).abs() * mask)
+    dev_log = (logp.detach() - mb.logprobs.to(dev)).abs() * mask
     return MinibatchLosses(pl, total, vl, vclip, ptx, float(dev_log.max()) if mask.any() else 0.0)
 
 
@@ -95,15 +112,28 @@ def _verdict(out: MinibatchLosses, ppo) -> str | None:
 def _record(stats: dict[str, list[float]], out: MinibatchLosses) -> None:
     """Append an applied mini-batch's losses and diagnostics to the step's lists (absent ones skipped)."""
     pl = out.policy
-    for key, val in (("policy_loss", pl.loss), ("value_loss", out.value), ("clip_fraction", pl.clip_fraction),
-                     ("approx_kl", pl.approx_kl), ("value_clip_fraction", out.value_clip_fraction),
-                     ("ratio_mean", pl.ratio_mean), ("ptx_loss", out.ptx), ("kl_loss", pl.kl_loss)):
+    for key, val in (
+        ("policy_loss", pl.loss),
+        ("value_loss", out.value),
+        ("clip_fraction", pl.clip_fraction),
+        ("approx_kl", pl.approx_kl),
+        ("value_clip_fraction", out.value_clip_fraction),
+        ("ratio_mean", pl.ratio_mean),
+        ("ptx_loss", out.ptx),
+        ("kl_loss", pl.kl_loss),
+    ):
         if val is not None:
             stats[key].append(float(val.detach()))
 
 
-def ppo_update(m: engines.Models, recipe: PPORecipe, ro: Rollout, step: int,
-               ptx_source: Callable[[int], list] | None = None, kl_coef: float | None = None) -> dict[str, float]:
+def ppo_update(
+    m: engines.Models,
+    recipe: PPORecipe,
+    ro: Rollout,
+    step: int,
+    ptx_source: Callable[[int], list] | None = None,
+    kl_coef: float | None = None,
+) -> dict[str, float]:
     """PPO epochs of clipped policy (and value) updates over shuffled mini-batches; returns their means.
 
     `ptx_source(index)` gives the demonstrations of ptx stream position `index` (`ptx_stream_index`).
@@ -131,7 +161,7 @@ def ppo_update(m: engines.Models, recipe: PPORecipe, ro: Rollout, step: int,
         epoch_kl = []
         for k, start in enumerate(range(0, len(order), micro)):
             ptx_rows = ptx_source(ptx_stream_index(step, epoch, k, ppo.ppo_epochs, n_mini)) if ptx_source else None
-            out = minibatch_losses(m, recipe, ro.select(order[start:start + micro]), ptx_rows, kl_coef)
+            out = minibatch_losses(m, recipe, ro.select(order[start : start + micro]), ptx_rows, kl_coef)
             initial = out.max_abs_log_ratio if initial is None else initial
             verdict = _verdict(out, ppo)
             worst = distributed.reduce_floats([float(verdict is not None), float(verdict == "kl")], "max")
@@ -155,6 +185,12 @@ def ppo_update(m: engines.Models, recipe: PPORecipe, ro: Rollout, step: int,
         if ppo.target_approx_kl is not None and mean_kl > ppo.target_approx_kl:
             break
     out_stats = {k: sum(v) / len(v) for k, v in stats.items() if v}
-    out_stats.update({"skipped_minibatches": skipped, "ppo_epochs_run": epochs_run, "kl_guard_stop": stopped,
-                      "initial_max_abs_log_ratio": initial or 0.0})
+    out_stats.update(
+        {
+            "skipped_minibatches": skipped,
+            "ppo_epochs_run": epochs_run,
+            "kl_guard_stop": stopped,
+            "initial_max_abs_log_ratio": initial or 0.0,
+        }
+    )
     return out_stats

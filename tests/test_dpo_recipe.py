@@ -62,7 +62,8 @@ VARIANTS = {
 }
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
+# DPO itself in the fast tier; the other variants in the full suite.
+@pytest.mark.parametrize("name", [n if n == "dpo" else pytest.param(n, marks=pytest.mark.slow) for n in VARIANTS])
 def test_each_loss_variant_trains_changes_the_model_and_exports(demo_assets, sft_dir, tmp_path, name):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -93,6 +94,7 @@ def test_each_loss_variant_trains_changes_the_model_and_exports(demo_assets, sft
         assert 0.0 <= m["metrics"]["test"]["rewards/accuracies"] <= 1.0
 
 
+@pytest.mark.slow
 def test_lora_reference_is_the_adapter_switched_off_and_the_export_is_merged(demo_assets, sft_dir, tmp_path):
     out = run_dpo(recipe(demo_assets, sft_dir, tmp_path, "peft.enabled=true", "peft.r=8", "peft.alpha=16"))
     m = json.loads((out / MANIFEST).read_text())
@@ -101,6 +103,28 @@ def test_lora_reference_is_the_adapter_switched_off_and_the_export_is_merged(dem
     # the implicit rewards are 0 and the DPO loss is log 2 exactly.
     first = next(r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r)
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_best_checkpoint_by_held_out_preference_accuracy(demo_assets, sft_dir, tmp_path):
+    """best_metric: accuracy keeps the checkpoint whose validation preference accuracy (TRL's
+    rewards/accuracies) was highest; early stopping watches the same number."""
+    out = run_dpo(
+        recipe(
+            demo_assets,
+            sft_dir,
+            tmp_path,
+            "best_metric=accuracy",
+            "train.load_best_at_end=true",
+            "train.early_stopping_patience=5",
+        )
+    )
+    m = json.loads((out / MANIFEST).read_text())
+    state = json.loads((out / "checkpoints" / "checkpoint-6" / "trainer_state.json").read_text())
+    evals = {h["step"]: h["eval_rewards/accuracies"] for h in state["log_history"] if "eval_rewards/accuracies" in h}
+    assert sorted(evals) == [3, 6] and state["best_metric"] == max(evals.values())
+    best_step = max(evals, key=lambda k: (evals[k], -k))  # the first of equals is kept
+    assert m["metrics"]["best_checkpoint"].endswith(f"checkpoint-{best_step}")
 
 
 def kto_file(path: Path) -> Path:
@@ -121,6 +145,7 @@ def kto_file(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_kto_reads_single_judged_responses(demo_assets, sft_dir, tmp_path):
     data = kto_file(tmp_path / "kto.jsonl")
     out = run_dpo(

@@ -95,6 +95,7 @@ def test_single_mode_refuses_a_second_policy(tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_kto_stage_trains_on_the_single_mode_export(demo_assets, sft_dir, tmp_path):
     """Responses from the demo's preference pairs, judged through the API (chosen = good), exported
     and trained on by KTO with no conversion and bad rows fatal."""

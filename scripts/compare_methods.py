@@ -1,11 +1,13 @@
-"""RL methods side by side (PPO, GRPO, Dr. GRPO, RLOO, REINFORCE++): one table of ground-truth gain
-over SFT, reward, KL, forgetting, wall time and peak memory, from one pipeline run.
+"""Methods side by side (PPO, GRPO, Dr. GRPO, RLOO, REINFORCE++, DPO, IPO, robust DPO, KTO): one
+table of ground-truth gain over SFT, reward, KL, forgetting, wall time and peak memory, from one
+pipeline run.
 
     .venv/bin/python scripts/compare_methods.py --recipe recipes/demo/pipeline_methods.yaml
-    .venv/bin/python scripts/compare_methods.py --recipe recipes/smollm2-135m/pipeline_methods.yaml
+    .venv/bin/python scripts/compare_methods.py --recipe recipes/smollm2-135m/pipeline_dpo_methods.yaml
 
-Runs `rlhf pipeline` on the recipe (its `rl_variants` train beside the PPO stage from the same SFT
-and reward outputs; finished stages are reused), then prints the table and writes it as JSON
+Runs `rlhf pipeline` on the recipe (its `rl_variants` train beside the PPO stage, its `dpo` stage
+and `dpo_variants` from the same SFT output and preference data; finished stages are reused),
+then prints the table and writes it as JSON
 (default `<output_dir>/methods.json`). Every number comes from the evaluation on held-out prompts
 (`<output_dir>/eval/report.json`) and from each RL run's manifest and metrics log.
 """
@@ -31,7 +33,12 @@ def seconds_per_step(run: Path) -> float | None:
         else []
     )
     times = [r["time/step"] for r in rows if "time/step" in r]
-    return statistics.median(times) if times else None
+    if times:
+        return statistics.median(times)
+    # an HF-trainer stage (DPO, KTO) logs no per-step time: its training time over its steps
+    manifest = json.loads((run / "rlhf_manifest.json").read_text())["metrics"]
+    steps = manifest.get("global_step")
+    return manifest["train_seconds"] / steps if steps else None
 
 
 def table(recipe: dict) -> dict:
@@ -41,13 +48,20 @@ def table(recipe: dict) -> dict:
         "ppo": out / "ppo",
         **{v["name"]: out / "variants" / v["name"] / "ppo" for v in recipe.get("rl_variants", [])},
     }
+    if recipe.get("dpo"):
+        runs["dpo"] = out / "dpo"
+        runs.update({v["name"]: out / "variants" / v["name"] / "dpo" for v in recipe.get("dpo_variants", [])})
     sft = summary["sft"]
     rows = {}
     for name, run in runs.items():
         s = summary[name]
         manifest = json.loads((run / "rlhf_manifest.json").read_text())
         rows[name] = {
-            "estimator": manifest["recipe"]["ppo"].get("advantage_estimator", "gae"),
+            "estimator": (
+                manifest["recipe"]["ppo"].get("advantage_estimator", "gae")
+                if manifest["stage"] == "ppo"
+                else f"{manifest['recipe']['method']}:{manifest['recipe']['loss_type']}"
+            ),
             "ground_truth": s.get("ground_truth"),
             "gain_over_sft": s["ground_truth"] - sft["ground_truth"] if "ground_truth" in s else None,
             "reward_mean": s.get("reward_mean"),
@@ -81,7 +95,9 @@ def show(result: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--recipe", default="recipes/demo/pipeline_methods.yaml", help="a pipeline recipe with rl_variants")
+    ap.add_argument(
+        "--recipe", default="recipes/demo/pipeline_methods.yaml", help="a pipeline recipe with rl_variants / dpo"
+    )
     ap.add_argument("--out", help="JSON file (default <output_dir>/methods.json)")
     ap.add_argument("--no-run", action="store_true", help="only read an existing run")
     args = ap.parse_args()

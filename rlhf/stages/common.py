@@ -1,4 +1,4 @@
-"""What every HF-trainer stage (SFT, reward) does the same way: set up, build arguments, export.
+"""What every HF-trainer stage (SFT, reward, DPO) does the same way: set up, build arguments, export.
 
 The stages compose TRL trainers; this module holds the glue they share so that a change to,
 say, checkpoint selection or LoRA export happens once.
@@ -13,8 +13,17 @@ from pathlib import Path
 from typing import Any
 
 from rlhf import distributed
-from rlhf.checkpoint import latest_checkpoint, now
-from rlhf.config import ConfigError, DeepSpeedConfig, LoraConfig, ModelConfig, Precision, TrackingConfig, TrainConfig
+from rlhf.checkpoint import latest_checkpoint, now, write_manifest
+from rlhf.config import (
+    ConfigError,
+    DeepSpeedConfig,
+    LoraConfig,
+    ModelConfig,
+    Precision,
+    TrackingConfig,
+    TrainConfig,
+    to_dict,
+)
 from rlhf.models import ModelKind, merge_adapter
 from rlhf.tracking import METRICS_FILE, metrics_callback, setup_wandb_env
 
@@ -193,3 +202,36 @@ def peak_memory_mb(device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def finish_stage(
+    trainer,
+    tokenizer,
+    recipe,
+    dirs: StageDirs,
+    *,
+    stage: str,
+    kind: ModelKind,
+    parents: list[dict],
+    datasets: dict[str, Any],
+    metrics: dict[str, Any],
+    **extra: Any,
+) -> None:
+    """Export the trained model (every rank: ZeRO-3 gathers shards), then write the manifest last on
+    the main rank, since its presence is what marks the stage complete. The one ending of every
+    HF-trainer stage (SFT, reward, DPO)."""
+    info = export(trainer, tokenizer, dirs.out, recipe.peft, recipe.model.name_or_path, kind, recipe.train.precision)
+    if distributed.is_main():
+        write_manifest(
+            dirs.out,
+            stage=stage,
+            recipe=to_dict(recipe),
+            started_at=dirs.started_at,
+            parents=parents,
+            datasets=datasets,
+            metrics=metrics,
+            world_size=distributed.world_size(),
+            **extra,
+            **info,
+        )
+    distributed.barrier()

@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlhf import distributed, handoff
-from rlhf.checkpoint import parent_ref, write_manifest
-from rlhf.config import to_dict
+from rlhf import handoff
+from rlhf.checkpoint import parent_ref
 from rlhf.config_dpo import DPORecipe
 from rlhf.data.formats import normalize_preference, normalize_unpaired, unpair
 from rlhf.data.io import DataError
@@ -232,30 +231,25 @@ def run_dpo(recipe: DPORecipe, extra_callbacks: list | None = None) -> Path:
     }
 
     # 4. Export, then the manifest last: its presence means "complete".
-    export = common.export(
-        trainer, tokenizer, dirs.out, recipe.peft, recipe.model.name_or_path, "causal-lm", recipe.train.precision
+    common.finish_stage(
+        trainer,
+        tokenizer,
+        recipe,
+        dirs,
+        stage="dpo",
+        kind="causal-lm",
+        parents=[parent_ref(recipe.model.name_or_path)],
+        datasets={**splits.report(), "ties_dropped": ties},
+        metrics=metrics,
     )
-    if distributed.is_main():
-        write_manifest(
-            dirs.out,
-            stage="dpo",
-            recipe=to_dict(recipe),
-            started_at=dirs.started_at,
-            parents=[parent_ref(recipe.model.name_or_path)],
-            datasets={**splits.report(), "ties_dropped": ties},
-            metrics=metrics,
-            world_size=distributed.world_size(),
-            **export,
-        )
-        test = metrics.get("test", {})
-        log.info(
-            "%s (%s) done in %.0fs: test preference accuracy %s, margin %s (held out) -> %s",
-            recipe.method,
-            recipe.loss_type,
-            seconds,
-            test.get("rewards/accuracies"),
-            test.get("rewards/margins"),
-            dirs.out,
-        )
-    distributed.barrier()
+    test = metrics.get("test", {})
+    log.info(
+        "%s (%s) done in %.0fs: test preference accuracy %s, margin %s (held out) -> %s",
+        recipe.method,
+        recipe.loss_type,
+        seconds,
+        test.get("rewards/accuracies"),
+        test.get("rewards/margins"),
+        dirs.out,
+    )
     return dirs.out

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from rlhf import distributed, handoff
-from rlhf.checkpoint import parent_ref, write_manifest
-from rlhf.config import RewardRecipe, to_dict
+from rlhf.checkpoint import parent_ref
+from rlhf.config import RewardRecipe
 from rlhf.data.formats import Messages, RowError, normalize_labelled, normalize_preference
 from rlhf.data.io import DataError, read_rows
 from rlhf.data.prepare import Splits, prepare_splits
@@ -256,22 +256,18 @@ def run_reward(recipe: RewardRecipe, extra_callbacks: list | None = None) -> Pat
     }
 
     # 5. Export, then the manifest last.
-    export = common.export(
-        trainer, tokenizer, dirs.out, recipe.peft, recipe.model.name_or_path, "scorer", recipe.train.precision
+    common.finish_stage(
+        trainer,
+        tokenizer,
+        recipe,
+        dirs,
+        stage="reward",
+        kind="scorer",
+        parents=[parent_ref(recipe.model.name_or_path)],
+        datasets={**splits.report(), "ties": ties},
+        metrics=metrics,
+        reward_stats=evaluation["reward_stats"],
     )
     if distributed.is_main():
-        write_manifest(
-            dirs.out,
-            stage="reward",
-            recipe=to_dict(recipe),
-            started_at=dirs.started_at,
-            parents=[parent_ref(recipe.model.name_or_path)],
-            datasets={**splits.report(), "ties": ties},
-            metrics=metrics,
-            reward_stats=evaluation["reward_stats"],
-            world_size=distributed.world_size(),
-            **export,
-        )
         _log_result(evaluation, seconds, dirs.out)
-    distributed.barrier()
     return dirs.out

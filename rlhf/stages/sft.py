@@ -12,9 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rlhf import distributed
-from rlhf.checkpoint import write_manifest
-from rlhf.config import SFTRecipe, to_dict
+from rlhf.config import SFTRecipe
 from rlhf.data.formats import Messages, normalize_sft
 from rlhf.data.io import DataError
 from rlhf.data.prepare import Splits, prepare_splits
@@ -178,29 +176,24 @@ def run_sft(recipe: SFTRecipe, extra_callbacks: list | None = None) -> Path:
     metrics = {**_final_metrics(trainer, result, seconds, splits.train_tokens), **_test_metrics(trainer, test_ds)}
 
     # 5. Export the model, then the manifest last: its presence means "complete".
-    export = common.export(
-        trainer, tokenizer, dirs.out, recipe.peft, recipe.model.name_or_path, "causal-lm", recipe.train.precision
+    common.finish_stage(
+        trainer,
+        tokenizer,
+        recipe,
+        dirs,
+        stage="sft",
+        kind="causal-lm",
+        parents=[],
+        datasets=splits.report(),
+        metrics=metrics,
+        base_model=recipe.model.name_or_path,
     )
-    if distributed.is_main():
-        write_manifest(
-            dirs.out,
-            stage="sft",
-            recipe=to_dict(recipe),
-            started_at=dirs.started_at,
-            parents=[],
-            datasets=splits.report(),
-            metrics=metrics,
-            base_model=recipe.model.name_or_path,
-            world_size=distributed.world_size(),
-            **export,
-        )
-        log.info(
-            "SFT done in %.0fs: train loss %.4f, eval loss %s (selection), test loss %s (held out) -> %s",
-            seconds,
-            metrics["train_loss"],
-            metrics["eval_loss"],
-            metrics.get("test_loss"),
-            dirs.out,
-        )
-    distributed.barrier()
+    log.info(
+        "SFT done in %.0fs: train loss %.4f, eval loss %s (selection), test loss %s (held out) -> %s",
+        seconds,
+        metrics["train_loss"],
+        metrics["eval_loss"],
+        metrics.get("test_loss"),
+        dirs.out,
+    )
     return dirs.out

@@ -215,6 +215,25 @@ def stats(engine) -> dict[str, Any]:
     }
 
 
+def _labelled_items(engine, min_labels: int, counts: Counter) -> tuple[dict, dict, list[tuple[Any, list]]]:
+    """What both exports read: candidates and prompts by id, and each item (a pair, or a single
+    response) in id order with its labels. Items with fewer than `min_labels` labels are left out
+    and counted in `counts` (as unlabelled, or too_few_labels)."""
+    by_pair = _labels_by_pair(engine)
+    with engine.connect() as c:
+        cands = {r.id: r for r in c.execute(select(store.candidates))}
+        prompts = {r.id: json.loads(r.messages) for r in c.execute(select(store.prompts))}
+        all_items = list(c.execute(select(store.pairs).order_by(store.pairs.c.id)))
+    kept = []
+    for p in all_items:
+        labels = by_pair.get(p.id, [])
+        if not labels or len(labels) < min_labels:
+            counts["too_few_labels" if labels else "unlabelled"] += 1
+        else:
+            kept.append((p, labels))
+    return cands, prompts, kept
+
+
 def export(
     engine, out: str | Path, ties: str = "keep", min_labels: int = 1, margin_scale: float = 0.5
 ) -> dict[str, int]:
@@ -227,18 +246,10 @@ def export(
         raise store.LabelError(f"--out {out} is a directory; give a file to write, e.g. {out / 'prefs.jsonl'}")
     if store.mode(engine) == "single":
         return export_single(engine, out, min_labels)
-    by_pair = _labels_by_pair(engine)
     counts = Counter({"preferences": 0, "ties": 0})
-    with engine.connect() as c:
-        cands = {r.id: r for r in c.execute(select(store.candidates))}
-        prompts = {r.id: json.loads(r.messages) for r in c.execute(select(store.prompts))}
-        all_pairs = list(c.execute(select(store.pairs).order_by(store.pairs.c.id)))
+    cands, prompts, items = _labelled_items(engine, min_labels, counts)
     rows = []
-    for p in all_pairs:
-        labels = by_pair.get(p.id, [])
-        if not labels or len(labels) < min_labels:
-            counts["too_few_labels" if labels else "unlabelled"] += 1
-            continue
+    for p, labels in items:
         winner = agreement.export_vote([lab["choice"] for lab in labels])
         if winner == "both_bad":
             counts["both_bad"] += 1
@@ -256,18 +267,10 @@ def export_single(engine, out: Path, min_labels: int = 1) -> dict[str, int]:
     """Single-response projects -> JSONL rows the DPO stage's KTO method reads as they are:
     {prompt (messages), completion, label (true = good), provenance}. The majority vote decides; a
     response with as many good as bad votes is left out and counted."""
-    by_pair = _labels_by_pair(engine)
     counts = Counter({"good": 0, "bad": 0})
-    with engine.connect() as c:
-        cands = {r.id: r for r in c.execute(select(store.candidates))}
-        prompts = {r.id: json.loads(r.messages) for r in c.execute(select(store.prompts))}
-        items = list(c.execute(select(store.pairs).order_by(store.pairs.c.id)))
+    cands, prompts, items = _labelled_items(engine, min_labels, counts)
     rows = []
-    for p in items:
-        labels = by_pair.get(p.id, [])
-        if not labels or len(labels) < min_labels:
-            counts["too_few_labels" if labels else "unlabelled"] += 1
-            continue
+    for p, labels in items:
         votes = Counter(lab["choice"] for lab in labels)
         if votes["good"] == votes["bad"]:
             counts["split_votes"] += 1

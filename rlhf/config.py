@@ -183,30 +183,83 @@ class DeepSpeedConfig:
             raise ConfigError("deepspeed.offload_params needs deepspeed.zero_stage: 3")
 
 
+PeftMethod = Literal["lora", "dora", "qlora", "loha", "lokr", "ia3", "prompt_tuning", "prefix_tuning"]
+"""The parameter-efficient methods a recipe can name (`rlhf.adapters` maps each to peft)."""
+
+
 @dataclass
-class LoraConfig:
-    """Parameter-efficient fine-tuning with LoRA (QLoRA with `quantization`)."""
+class PeftConfig:
+    """Parameter-efficient fine-tuning with peft: LoRA and its relatives, or prompt / prefix tuning."""
 
     enabled: bool = False
-    """Train low-rank adapters instead of all weights."""
+    """Train a small set of added parameters (the method below) instead of all weights."""
+    method: PeftMethod = "lora"
+    """lora; dora (LoRA with a learned magnitude, Liu et al. 2024); qlora (LoRA on a 4-bit base,
+    Dettmers et al. 2023); loha / lokr (Hadamard / Kronecker products of low-rank factors, LyCORIS);
+    ia3 (learned scaling vectors, Liu et al. 2022); prompt_tuning (learned input embeddings, Lester
+    et al. 2021); prefix_tuning (learned keys and values in every layer, Li & Liang 2021). The last
+    two cannot be merged into the weights: their outputs stay adapters, which SFT, evaluation,
+    `rlhf generate` and `rlhf chat` accept and the stages that need full weights refuse."""
     r: int = 16
-    """Rank of the adapters."""
+    """Rank of the adapters (lora, dora, qlora, loha, lokr)."""
     alpha: int = 32
-    """Scaling numerator: the update is scaled by alpha / r."""
+    """Scaling numerator: the update is scaled by alpha / r (lora, dora, qlora, loha, lokr)."""
     dropout: float = 0.05
-    """Dropout on the adapter input."""
+    """Dropout on the adapter input (lora, dora, qlora); module dropout for loha / lokr."""
     target_modules: list[str] | str = "all-linear"
-    """Module names to adapt, or 'all-linear'."""
+    """Module names to adapt, or 'all-linear'. For ia3 'all-linear' means peft's per-architecture
+    choice from the IA3 paper (keys, values and the feed-forward output)."""
+    feedforward_modules: list[str] | None = None
+    """ia3 only, with explicit target_modules: which of them scale their input (feed-forward layers)
+    rather than their output."""
+    num_virtual_tokens: int = 20
+    """prompt_tuning / prefix_tuning: how many learned positions are put before every input."""
+    prompt_init_text: str | None = None
+    """prompt_tuning: start the learned embeddings from this text's tokens (Lester et al. found this
+    trains faster than random); None starts from randomly sampled vocabulary embeddings."""
     quantization: Literal["none", "4bit", "8bit"] = "none"
-    """Load the frozen base in 4 or 8 bit (QLoRA); needs a CUDA GPU and bitsandbytes."""
+    """How the frozen base is loaded for qlora: 'none' means the QLoRA default, 4-bit NF4 with
+    double quantization; '8bit' is LLM.int8(). Needs bitsandbytes (`pip install -e '.[qlora]'`).
+    With method lora, a value other than 'none' is the older spelling of method qlora."""
     merge_on_export: bool = True
-    """Write a merged standalone model; false writes the adapter with its base recorded."""
+    """Write a merged standalone model; false writes the adapter with its base recorded. Methods
+    that cannot merge (prompt_tuning, prefix_tuning) always write the adapter."""
 
     def __post_init__(self) -> None:
         if self.r < 1:
             raise ConfigError(f"peft.r must be >= 1, got {self.r}")
+        if self.num_virtual_tokens < 1:
+            raise ConfigError(f"peft.num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
+        if self.method != "lora" and not self.enabled:
+            raise ConfigError(f"peft.method={self.method} needs peft.enabled: true (it trains adapters)")
         if self.quantization != "none" and not self.enabled:
             raise ConfigError("peft.quantization needs peft.enabled: true (QLoRA trains adapters)")
+        if self.quantization != "none" and self.method not in ("lora", "qlora"):
+            raise ConfigError(f"peft.quantization is for method qlora (LoRA on a quantized base), not {self.method}")
+        if self.prompt_init_text is not None and self.method != "prompt_tuning":
+            raise ConfigError("peft.prompt_init_text is used by method prompt_tuning only")
+
+    @property
+    def quant_bits(self) -> Literal["4bit", "8bit"] | None:
+        """The base model's load precision under QLoRA, or None for an unquantized base."""
+        if not self.enabled:
+            return None
+        if self.method == "qlora":
+            return "4bit" if self.quantization == "none" else self.quantization
+        return None if self.quantization == "none" else self.quantization
+
+    @property
+    def mergeable(self) -> bool:
+        """Whether the trained adapter folds into the base weights (prompt and prefix tuning do not)."""
+        return self.method not in ("prompt_tuning", "prefix_tuning")
+
+    def require_mergeable(self, stage: str, why: str) -> None:
+        """Refuse a non-mergeable method in a stage that needs full weights, saying why."""
+        if self.enabled and not self.mergeable:
+            raise ConfigError(
+                f"peft.method={self.method} is not supported by the {stage} stage: {why}. Use one of "
+                "lora, dora, loha, lokr or ia3 (mergeable adapters), or full fine-tuning"
+            )
 
 
 @dataclass
@@ -239,8 +292,8 @@ class SFTRecipe:
     """Optimisation."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """DeepSpeed engine settings."""
-    peft: LoraConfig = field(default_factory=LoraConfig)
-    """LoRA / QLoRA; off by default (full fine-tuning)."""
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    """Parameter-efficient fine-tuning (LoRA, QLoRA, DoRA, LoHa, LoKr, IA3, prompt or prefix tuning); off by default."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """wandb and the local metrics log."""
     packing: bool = False
@@ -269,8 +322,8 @@ class RewardRecipe:
     """Optimisation."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """DeepSpeed engine settings."""
-    peft: LoraConfig = field(default_factory=LoraConfig)
-    """LoRA / QLoRA; the scalar head is always trained in full and saved."""
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    """Parameter-efficient fine-tuning (mergeable methods); the scalar head is always trained in full and saved."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """wandb and the local metrics log."""
     ties: Literal["drop", "soft"] = "drop"
@@ -296,6 +349,11 @@ class RewardRecipe:
     def __post_init__(self) -> None:
         if self.calibration_bins < 1:
             raise ConfigError(f"calibration_bins must be >= 1, got {self.calibration_bins}")
+        self.peft.require_mergeable(
+            "reward",
+            "its head reads the score at the last real token, which prompt learning hides (peft feeds the "
+            "model embeddings, not token ids), and RL loads the reward model as full weights",
+        )
 
 
 @dataclass
@@ -326,7 +384,7 @@ __all__ = [
     "DataConfig",
     "TrainConfig",
     "DeepSpeedConfig",
-    "LoraConfig",
+    "PeftConfig",
     "TrackingConfig",
     "SFTRecipe",
     "RewardRecipe",

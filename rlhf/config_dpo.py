@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from rlhf.config import ConfigError, DataConfig, DeepSpeedConfig, LoraConfig, ModelConfig, TrackingConfig, TrainConfig
+from rlhf.config import ConfigError, DataConfig, DeepSpeedConfig, PeftConfig, ModelConfig, TrackingConfig, TrainConfig
 
 DPO_LOSSES = {
     "sigmoid": "DPO, Rafailov et al. 2023 (arXiv:2305.18290). With label_smoothing > 0 it is conservative "
@@ -77,7 +77,7 @@ class DPORecipe:
     """Optimisation."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """DeepSpeed engine settings."""
-    peft: LoraConfig = field(default_factory=LoraConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     """LoRA; the reference is then the model with its adapter disabled."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """wandb and the local metrics log."""
@@ -117,5 +117,8 @@ class DPORecipe:
                 "KTO estimates its KL term from mismatched responses within a batch: "
                 "train.micro_batch_size must be >= 2"
             )
-        if self.peft.quantization != "none":
-            raise ConfigError("peft.quantization (QLoRA) is not supported by the DPO stage yet")
+        if self.peft.quant_bits is not None:
+            raise ConfigError("peft.method=qlora (a quantized base) is not supported by the DPO stage yet")
+        self.peft.require_mergeable(
+            "DPO", "its reference is the policy with the adapter switched off, tested here with mergeable adapters only"
+        )

@@ -14,7 +14,7 @@ from rlhf.config import (
     DataConfig,
     DeepSpeedConfig,
     GenerationSettings,
-    LoraConfig,
+    PeftConfig,
     RewardRecipe,
     SFTRecipe,
     TrackingConfig,
@@ -202,7 +202,7 @@ class PPORecipe:
     """Engines for actor and critic (reference and reward model share the ZeRO stage, inference only)."""
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     """Rollout sampling."""
-    peft: LoraConfig = field(default_factory=LoraConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
     """LoRA on actor and critic (the critic's scalar head trains in full); the reference is then the
     actor with its adapter disabled, so no second copy of the policy is held."""
     ppo: PPOSettings = field(default_factory=PPOSettings)
@@ -260,11 +260,15 @@ class PPORecipe:
                 "(softmax(logits / temperature)); leave top_p: 1.0 and top_k: 0 for RL "
                 "(evaluation and `rlhf generate` may use them)"
             )
-        if self.peft.quantization != "none":
+        if self.peft.quant_bits is not None:
             raise ConfigError(
-                "peft.quantization (QLoRA) is not supported in PPO: actor and critic train in "
-                "precision, use peft.enabled with quantization: none"
+                "peft.method=qlora (a quantized base) is not supported in RL: the actor's base also "
+                "serves as the reference and generates every rollout, in full precision; use "
+                "peft.method: lora"
             )
+        self.peft.require_mergeable(
+            "RL", "the trained policy is exported as full weights for evaluation and the next stage"
+        )
 
 
 STAGES: dict[str, type] = {"sft": SFTRecipe, "reward": RewardRecipe, "ppo": PPORecipe}

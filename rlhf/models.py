@@ -8,7 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any, Literal
 
-from rlhf.config import LoraConfig, ModelConfig, Precision
+from rlhf.config import ModelConfig, PeftConfig, Precision
 from rlhf.errors import ConfigError, HandoffError
 
 log = logging.getLogger(__name__)
@@ -67,33 +67,6 @@ def tokenizer_signature(tok) -> dict[str, Any]:
     }
 
 
-def quantization_config(lora: LoraConfig):
-    """BitsAndBytes config for QLoRA, with a clear error where it cannot run."""
-    if lora.quantization == "none":
-        return None
-    import torch
-
-    if not torch.cuda.is_available():
-        raise ConfigError(
-            f"peft.quantization={lora.quantization} (QLoRA) needs a CUDA GPU; none is available. "
-            "Set peft.quantization=none to train LoRA adapters in full precision."
-        )
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ConfigError("peft.quantization needs the bitsandbytes package: pip install bitsandbytes") from None
-    from transformers import BitsAndBytesConfig
-
-    if lora.quantization == "4bit":
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16,
-        )
-    return BitsAndBytesConfig(load_in_8bit=True)
-
-
 ModelKind = Literal["causal-lm", "scorer"]
 
 
@@ -117,21 +90,29 @@ def load_model(
     precision: Precision = "fp32",
     *,
     model: ModelConfig | None = None,
-    lora: LoraConfig | None = None,
+    lora: PeftConfig | None = None,
+    zero_stage: int = 0,
     device=None,
     **hf_kwargs: Any,
 ):
     """The one way every stage and tool loads a model: a causal LM or a 1-label scorer (reward model,
-    critic) from a local HF directory, or from a LoRA adapter directory, which is merged into its base.
+    critic) from a local HF directory, or from an adapter directory: a mergeable adapter (LoRA and
+    its relatives) is merged into its base; one that cannot merge (prompt or prefix tuning) comes
+    back as a peft model for inference.
 
     `model` adds the recipe's loading options (attention kernel, remote code), `lora` its QLoRA
-    quantisation; `hf_kwargs` go to `from_pretrained` (e.g. pad_token_id for a new scorer head).
+    quantisation (`zero_stage` sets its storage dtype); `hf_kwargs` go to `from_pretrained` (e.g.
+    pad_token_id for a new scorer head).
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from rlhf.adapters import is_mergeable, quantization_config, saved_adapter_type
+
     path = _require_dir(str(path), "model")
     if adapter_base(path):
+        if not is_mergeable(saved_adapter_type(path)):
+            return _unmerged_adapter(path, kind, precision, model=model, device=device, **hf_kwargs)
         return merge_adapter(path, kind, precision, model=model, device=device, **hf_kwargs)
     kwargs: dict[str, Any] = {"dtype": getattr(torch, TORCH_DTYPES[precision])}
     if kind == "scorer":
@@ -140,7 +121,7 @@ def load_model(
         kwargs["trust_remote_code"] = model.trust_remote_code
         if model.attn_implementation:
             kwargs["attn_implementation"] = model.attn_implementation
-    quant = quantization_config(lora) if lora is not None else None
+    quant = quantization_config(lora, precision, zero_stage) if lora is not None else None
     if quant is not None:
         kwargs["quantization_config"] = quant
     cls = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
@@ -170,22 +151,15 @@ def merge_adapter(
     return merged.to(device) if device is not None else merged
 
 
+def _unmerged_adapter(adapter_dir, kind: ModelKind, precision: Precision, *, model=None, device=None, **hf_kwargs):
+    """Base + an adapter that cannot be folded into weights (prompt / prefix tuning), for inference."""
+    from peft import PeftModel
+
+    base = load_model(adapter_base(adapter_dir), kind, precision, model=model, **hf_kwargs)
+    wrapped = PeftModel.from_pretrained(base, str(adapter_dir))
+    return wrapped.to(device) if device is not None else wrapped
+
+
 def merged_weights(peft_model):
     """A PeftModel's adapters folded into its base weights (in memory); returns the plain model."""
     return peft_model.merge_and_unload()
-
-
-def peft_config(lora: LoraConfig, task_type: str, modules_to_save: list[str] | None = None):
-    """A peft.LoraConfig from the recipe, or None when LoRA is off."""
-    if not lora.enabled:
-        return None
-    from peft import LoraConfig as PeftLoraConfig
-
-    return PeftLoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        task_type=task_type,
-        modules_to_save=modules_to_save,
-    )

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf.adapters import uses_position_ids
 from rlhf.config import GenerationSettings
 from rlhf.data.formats import Messages
 
@@ -236,12 +237,13 @@ def policy_outputs(
     """
     R = response.shape[1]
     # logits_to_keep: the LM head runs on the R + 1 last positions only, never on the prompt (with a
-    # 150k vocabulary and long prompts that is most of the logits memory).
+    # 150k vocabulary and long prompts that is most of the logits memory). It also drops the
+    # positions of prompt tuning's learned embeddings, which peft puts before the input.
     logits = (
         policy(
             input_ids=input_ids,
             attention_mask=attention_mask,
-            position_ids=position_ids,
+            position_ids=position_ids if uses_position_ids(policy) else None,
             use_cache=False,
             logits_to_keep=R + 1,
         )

@@ -17,7 +17,7 @@ from rlhf.checkpoint import latest_checkpoint, now, write_manifest
 from rlhf.config import (
     ConfigError,
     DeepSpeedConfig,
-    LoraConfig,
+    PeftConfig,
     ModelConfig,
     Precision,
     TrackingConfig,
@@ -164,16 +164,17 @@ def callbacks(train: TrainConfig, dirs: StageDirs, has_validation: bool) -> list
 
 
 def export(
-    trainer, tokenizer, out: Path, lora: LoraConfig, base_path: str, kind: ModelKind, precision: Precision
+    trainer, tokenizer, out: Path, peft: PeftConfig, base_path: str, kind: ModelKind, precision: Precision
 ) -> dict[str, Any]:
-    """Write the trained model to `out` as a standalone HF directory (or a LoRA adapter).
+    """Write the trained model to `out` as a standalone HF directory (or an adapter: when the recipe
+    asks, or when its method cannot merge, as prompt and prefix tuning cannot).
 
     Every rank must call this: under ZeRO-3 `save_model` gathers the sharded weights. A merged
     LoRA export reloads base + adapter on the main rank's CPU (`rlhf.models.merge_adapter`, the
     one merge every stage uses), so it works at any ZeRO stage. Returns the manifest's record.
     """
     info: dict[str, Any] = {"peft": None}
-    if lora.enabled and lora.merge_on_export:
+    if peft.enabled and peft.merge_on_export and peft.mergeable:
         adapter = out / "adapter"
         trainer.save_model(str(adapter))
         distributed.barrier()
@@ -181,11 +182,11 @@ def export(
             merged = merge_adapter(adapter, kind, precision)
             merged.config.pad_token_id = tokenizer.pad_token_id  # a scorer's head reads the last non-pad token
             merged.save_pretrained(out)
-        info["peft"] = {"type": "lora", "merged": True, "base": str(base_path), "adapter": str(adapter)}
+        info["peft"] = {"type": peft.method, "merged": True, "base": str(base_path), "adapter": str(adapter)}
     else:
         trainer.save_model(str(out))
-        if lora.enabled:
-            info["peft"] = {"type": "lora", "merged": False, "base": str(base_path)}
+        if peft.enabled:
+            info["peft"] = {"type": peft.method, "merged": False, "mergeable": peft.mergeable, "base": str(base_path)}
     if distributed.is_main():
         tokenizer.save_pretrained(out)
     distributed.barrier()

@@ -23,7 +23,8 @@ from rlhf.config_dpo import DPORecipe
 from rlhf.data.formats import normalize_preference, normalize_unpaired, unpair
 from rlhf.data.io import DataError
 from rlhf.data.prepare import Splits, prepare_splits
-from rlhf.models import load_model, load_tokenizer, peft_config, require_chat_template
+from rlhf.adapters import adapter_config
+from rlhf.models import load_model, load_tokenizer, require_chat_template
 from rlhf.sampling import render_conversation
 from rlhf.stages import common
 
@@ -156,7 +157,7 @@ def _trainer(recipe: DPORecipe, model, ref, tokenizer, dirs, train_ds, eval_ds, 
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        peft_config=peft_config(recipe.peft, "CAUSAL_LM"),
+        peft_config=adapter_config(recipe.peft, "CAUSAL_LM"),
         callbacks=common.callbacks(recipe.train, dirs, eval_ds is not None) + list(extra_callbacks or []),
     )
 

@@ -21,7 +21,8 @@ from rlhf.config import RewardRecipe
 from rlhf.data.formats import Messages, RowError, normalize_labelled, normalize_preference
 from rlhf.data.io import DataError, read_rows
 from rlhf.data.prepare import Splits, prepare_splits
-from rlhf.models import load_model, load_tokenizer, peft_config, require_chat_template
+from rlhf.adapters import adapter_config
+from rlhf.models import load_model, load_tokenizer, require_chat_template
 from rlhf.reward_metrics import (
     bradley_terry_loss,
     calibration_table,
@@ -103,6 +104,7 @@ def load_reward_model(recipe: RewardRecipe, tokenizer):
         recipe.train.precision,
         model=recipe.model,
         lora=recipe.peft,
+        zero_stage=recipe.deepspeed.zero_stage,
         pad_token_id=tokenizer.pad_token_id,
     )
 
@@ -233,7 +235,7 @@ def run_reward(recipe: RewardRecipe, extra_callbacks: list | None = None) -> Pat
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        peft_config=peft_config(recipe.peft, "SEQ_CLS"),  # SEQ_CLS trains and saves the head in full
+        peft_config=adapter_config(recipe.peft, "SEQ_CLS"),  # SEQ_CLS trains and saves the head in full
         callbacks=common.callbacks(recipe.train, dirs, eval_ds is not None) + list(extra_callbacks or []),
     )
 

@@ -16,7 +16,8 @@ from rlhf.config import SFTRecipe
 from rlhf.data.formats import Messages, normalize_sft
 from rlhf.data.io import DataError
 from rlhf.data.prepare import Splits, prepare_splits
-from rlhf.models import load_model, load_tokenizer, peft_config, require_chat_template
+from rlhf.adapters import adapter_config
+from rlhf.models import load_model, load_tokenizer, require_chat_template
 from rlhf.sampling import render_conversation, render_for_loss
 from rlhf.stages import common
 
@@ -135,7 +136,12 @@ def run_sft(recipe: SFTRecipe, extra_callbacks: list | None = None) -> Path:
 
     # 3. Model and trainer.
     model = load_model(
-        recipe.model.name_or_path, "causal-lm", recipe.train.precision, model=recipe.model, lora=recipe.peft
+        recipe.model.name_or_path,
+        "causal-lm",
+        recipe.train.precision,
+        model=recipe.model,
+        lora=recipe.peft,
+        zero_stage=recipe.deepspeed.zero_stage,
     )
     args = SFTConfig(
         **common.training_arguments(
@@ -159,7 +165,7 @@ def run_sft(recipe: SFTRecipe, extra_callbacks: list | None = None) -> Path:
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        peft_config=peft_config(recipe.peft, "CAUSAL_LM"),
+        peft_config=adapter_config(recipe.peft, "CAUSAL_LM", tokenizer_path=tok_path),
         callbacks=common.callbacks(recipe.train, dirs, eval_ds is not None) + list(extra_callbacks or []),
     )
 

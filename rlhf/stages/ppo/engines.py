@@ -102,14 +102,17 @@ def _prepared(model: PreTrainedModel, recipe: PPORecipe) -> PreTrainedModel:
 
 
 def with_lora(model: nn.Module, recipe: PPORecipe, task_type: str) -> nn.Module:
-    """Wrap in LoRA adapters when the recipe asks; a scorer's head is trained in full and saved."""
+    """Wrap in the recipe's adapters (LoRA or a mergeable relative) when it asks; a scorer's head is
+    trained in full and saved."""
     if not recipe.peft.enabled:
         return model
     from peft import get_peft_model
 
-    from rlhf.models import peft_config
+    from rlhf.adapters import adapter_config
 
-    wrapped = get_peft_model(model, peft_config(recipe.peft, task_type, ["score"] if task_type == "SEQ_CLS" else None))
+    wrapped = get_peft_model(
+        model, adapter_config(recipe.peft, task_type, ["score"] if task_type == "SEQ_CLS" else None)
+    )
     return disable_dropout(wrapped) if recipe.model.disable_dropout else wrapped
 
 
@@ -172,7 +175,7 @@ def _export_lora(engine, recipe: PPORecipe, out) -> dict[str, Any]:
     trained = [p for p in engine.module.parameters() if p.requires_grad]  # only the adapter is gathered
     with gathered(engine, recipe.deepspeed.zero_stage, params=trained):
         adapter = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(engine.module).items()}
-    info = {"type": "lora", "merged": recipe.peft.merge_on_export, "base": str(recipe.sft_dir)}
+    info = {"type": recipe.peft.method, "merged": recipe.peft.merge_on_export, "base": str(recipe.sft_dir)}
     if is_main():
         base = load_model(recipe.sft_dir, "causal-lm", recipe.train.precision, model=recipe.model)
         model = with_lora(base, recipe, "CAUSAL_LM")

@@ -179,17 +179,68 @@ def is_mergeable(peft_type: str | None) -> bool:
     return peft_type not in NOT_MERGEABLE_PEFT_TYPES
 
 
-def uses_position_ids(model) -> bool:
-    """False for a prompt-tuned model: peft prepends learned embeddings and drops `position_ids`
-    (with a warning) in both forward and generate, so we drop them too and both see the same
-    positions. Prefix tuning keeps them (peft shifts them past the learned prefix)."""
+def _peft_type(model) -> str | None:
     cfg = getattr(model, "active_peft_config", None)
-    if cfg is None:
-        return True
-    return str(getattr(cfg.peft_type, "value", cfg.peft_type)) not in ("PROMPT_TUNING", "P_TUNING")
+    return None if cfg is None else str(getattr(cfg.peft_type, "value", cfg.peft_type))
+
+
+def is_prompt_tuned(model) -> bool:
+    """Whether `model` is a peft model whose adapter is learned input embeddings (prompt tuning)."""
+    return _peft_type(model) in ("PROMPT_TUNING", "P_TUNING")
+
+
+def prompt_tuned_inputs(model, input_ids, attention_mask):
+    """The base model's inputs for a prompt-tuned model: the learned embeddings put before the
+    token embeddings, their mask positions on. (B, T) ids -> (B, n + T, H) embeddings, (B, n + T) mask.
+
+    Why not peft's own forward and generate: peft drops `position_ids` for prompt tuning, so a
+    left-padded row would put its padding between the learned tokens and the text; and with
+    transformers 5 its generate re-inserts the learned tokens at every decoding step (it looks for
+    the cache under a name transformers no longer uses). Feeding the base model these embeddings,
+    with positions from this mask, gives the positions training used (learned tokens, then the
+    text) in both sampling and scoring.
+    """
+    import torch
+
+    embeds = model.get_base_model().get_input_embeddings()(input_ids)
+    learned = model.get_prompt(batch_size=input_ids.shape[0]).to(embeds.dtype)
+    on = torch.ones(input_ids.shape[0], learned.shape[1], dtype=attention_mask.dtype, device=attention_mask.device)
+    return torch.cat([learned, embeds], 1), torch.cat([on, attention_mask], 1)
+
+
+def generation_inputs(model, prompt_ids, prompt_mask):
+    """(what to call `generate` on, its inputs, where the new tokens start in its output).
+
+    A plain or LoRA-style model generates from its ids. A prompt-tuned one generates from
+    `prompt_tuned_inputs`. A prefix-tuned one gets its learned keys and values as a prefilled cache:
+    peft 0.21's own generate ignores the prefix under transformers 5 (measured: the sampled tokens'
+    log-probs equal the base model's), so we hand the cache to the base model ourselves. `n`
+    placeholder ids stand for the cached positions (generate reads only ids past the cache), and the
+    mask and positions then count the prefix first, as peft's forward does in training.
+    """
+    import torch
+
+    kind = _peft_type(model)
+    if kind in ("PROMPT_TUNING", "P_TUNING"):
+        embeds, mask = prompt_tuned_inputs(model, prompt_ids, prompt_mask)
+        return model.get_base_model(), {"inputs_embeds": embeds, "attention_mask": mask}, 0
+    if kind == "PREFIX_TUNING":
+        b, n = prompt_ids.shape[0], model.active_peft_config.num_virtual_tokens
+        placeholder = prompt_ids.new_zeros(b, n)
+        on = prompt_mask.new_ones(b, n)
+        inputs = {
+            "input_ids": torch.cat([placeholder, prompt_ids], 1),
+            "attention_mask": torch.cat([on, prompt_mask], 1),
+            "past_key_values": model.get_prompt(batch_size=b),
+        }
+        return model.get_base_model(), inputs, n + prompt_ids.shape[1]
+    return model, {"input_ids": prompt_ids, "attention_mask": prompt_mask}, prompt_ids.shape[1]
 
 
 def trainable_parameters(model) -> tuple[int, int]:
-    """(trainable, total) parameter counts of a model, adapters included."""
+    """(trainable, total) parameter counts of a model, adapters included. peft's own count where it
+    applies: it counts a 4-bit base's packed weights (two per stored byte) as the weights they are."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return trainable, sum(p.numel() for p in model.parameters())

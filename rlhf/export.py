@@ -1,6 +1,6 @@
 """`rlhf export`: turn a stage output into a standalone HF directory for deployment.
 
-A LoRA adapter (a stage run with `peft.merge_on_export: false`, or the `adapter/` kept beside a
+A LoRA-style adapter (a stage run with `peft.merge_on_export: false`, or the `adapter/` kept beside a
 merged export) is merged into its base with PEFT's `merge_and_unload`; a full model is copied
 as is. The manifest travels along (marked as exported), so the result still feeds the next stage.
 """
@@ -11,6 +11,7 @@ import json
 import shutil
 from pathlib import Path
 
+from rlhf.adapters import is_mergeable, saved_adapter_type
 from rlhf.checkpoint import MANIFEST, now, write_json_atomic
 from rlhf.errors import HandoffError
 from rlhf.models import adapter_base, merge_adapter
@@ -25,6 +26,13 @@ def export(src: str | Path, out: str | Path) -> Path:
         raise HandoffError(f"{src} is not a directory")
     if out.exists() and any(out.iterdir()):
         raise HandoffError(f"{out} exists and is not empty; choose a new directory")
+    kind = saved_adapter_type(src)
+    if kind is not None and not is_mergeable(kind):
+        raise HandoffError(
+            f"{src} holds a {kind.lower()} adapter, which cannot be merged into the model's weights; "
+            "serve it with its base as it is (`rlhf generate` and `rlhf chat` load it), or retrain with "
+            "a mergeable method (peft.method lora, dora, qlora, loha, lokr or ia3)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     if adapter_base(src):
         task = json.loads((src / "adapter_config.json").read_text()).get("task_type")

@@ -26,6 +26,13 @@ POLICY_STAGES = ("sft", "pretrained")
 def merged_adapter(directory: str | Path, manifest: dict, needed_by: str) -> None:
     """A stage that starts from full weights cannot start from a LoRA adapter left unmerged."""
     peft = manifest.get("peft") or {}
+    if peft and not peft.get("mergeable", True):
+        raise HandoffError(
+            f"{directory} holds a {peft.get('type')} adapter, which cannot be merged into weights, so "
+            f"{needed_by} cannot start from it; train the SFT stage with a mergeable method (peft.method "
+            "lora, dora, qlora, loha, lokr or ia3) or full fine-tuning. Evaluation, `rlhf generate` "
+            "and `rlhf chat` do accept it"
+        )
     if peft and not peft.get("merged", True):
         raise HandoffError(
             f"{directory} holds an unmerged LoRA adapter, which {needed_by} cannot start from; "

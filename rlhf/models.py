@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from rlhf.config import ModelConfig, PeftConfig, Precision
-from rlhf.errors import ConfigError, HandoffError
+from rlhf.errors import HandoffError
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rlhf.adapters import uses_position_ids
+from rlhf.adapters import generation_inputs, is_prompt_tuned, prompt_tuned_inputs
 from rlhf.config import GenerationSettings
 from rlhf.data.formats import Messages
 
@@ -202,13 +202,12 @@ def generate(
     cfg = generation_config(gen, eos_id, pad_id, greedy)
     if return_scores:
         cfg.output_scores, cfg.return_dict_in_generate = True, True
+    model, inputs, start = generation_inputs(policy, prompt_ids, prompt_mask)  # prompt / prefix tuning apart
     with _without_checkpoint_generation_defaults(policy):
-        out = policy.generate(
-            input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=cfg, synced_gpus=synced
-        )
+        out = model.generate(**inputs, generation_config=cfg, synced_gpus=synced)
     if return_scores:
-        return out.sequences[:, prompt_ids.shape[1] :], torch.stack(out.scores, dim=1)
-    return out[:, prompt_ids.shape[1] :]
+        return out.sequences[:, start:], torch.stack(out.scores, dim=1)
+    return out[:, start:]
 
 
 def logprobs_of(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -236,21 +235,17 @@ def policy_outputs(
     input_ids / attention_mask / position_ids are (B, P+R) with the response in the last R columns.
     """
     R = response.shape[1]
-    # logits_to_keep: the LM head runs on the R + 1 last positions only, never on the prompt (with a
-    # 150k vocabulary and long prompts that is most of the logits memory). It also drops the
-    # positions of prompt tuning's learned embeddings, which peft puts before the input.
-    logits = (
-        policy(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids if uses_position_ids(policy) else None,
-            use_cache=False,
-            logits_to_keep=R + 1,
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    model = policy
+    if is_prompt_tuned(policy):  # learned embeddings first, positions as in training (see adapters)
+        embeds, mask = prompt_tuned_inputs(policy, input_ids, attention_mask)
+        inputs, model = (
+            {"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions(mask)},
+            policy.get_base_model(),
         )
-        .logits[:, :-1]
-        .float()
-        / temperature
-    )
+    # logits_to_keep: the LM head runs on the R + 1 last positions only, never on the prompt (with a
+    # 150k vocabulary and long prompts that is most of the logits memory).
+    logits = model(**inputs, use_cache=False, logits_to_keep=R + 1).logits[:, :-1].float() / temperature
     logp = logprobs_of(logits, response)
     return logp, (entropy_from_logits(logits) if with_entropy else None)
 

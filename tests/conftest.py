@@ -111,3 +111,15 @@ def smollm2_dir(tmp_path_factory) -> Path:
         return get_model("smollm2-135m-instruct", tmp_path_factory.mktemp("smollm2") / "model")
     except ConfigError as e:
         pytest.skip(f"SmolLM2 package unavailable: {e}")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need a CUDA device; elsewhere (CI, this CPU machine) they skip, saying so."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (marker `gpu`); none is available")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

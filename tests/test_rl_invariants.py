@@ -42,10 +42,14 @@ VARIANTS = {
     # LoRA's default adapter dropout (0.05) is what broke the ratio before dropout was disabled for RL.
     "lora": ["peft.enabled=true", "peft.r=8", "peft.alpha=16", "peft.dropout=0.05"],
     "bf16-autocast": ["model.autocast=bf16"],
+    # LoRA's relatives: the reference is the actor with these adapters switched off too (IA3 starts
+    # at scale 1, LoHa with one factor at 0), and module dropout must be off for ratio 1.
+    "ia3": ["peft.enabled=true", "peft.method=ia3"],
+    "loha": ["peft.enabled=true", "peft.method=loha", "peft.r=4", "peft.alpha=8", "peft.dropout=0.05"],
 }
 # fp32: the same rows through the same weights; only batch composition differs between rollout and
 # update. bf16 autocast rounds activations to 8 bits of mantissa, so "1 within rounding".
-RATIO_TOL = {"full": 1e-5, "lora": 1e-5, "bf16-autocast": 5e-2}
+RATIO_TOL = {"full": 1e-5, "lora": 1e-5, "bf16-autocast": 5e-2, "ia3": 1e-5, "loha": 1e-5}
 
 
 def _recipe(demo_assets, sft_dir, reward_dir, tmp_path, *extra) -> PPORecipe:

@@ -16,7 +16,7 @@ from rlhf.config import SFTRecipe
 from rlhf.data.formats import Messages, normalize_sft
 from rlhf.data.io import DataError
 from rlhf.data.prepare import Splits, prepare_splits
-from rlhf.adapters import adapter_config
+from rlhf.adapters import adapter_config, trainable_parameters
 from rlhf.models import load_model, load_tokenizer, require_chat_template
 from rlhf.sampling import render_conversation, render_for_loss
 from rlhf.stages import common
@@ -89,6 +89,7 @@ def _final_metrics(trainer, result, train_seconds: float, tokens_per_epoch: int)
     # Our own count (TRL's `num_tokens` assumes its padding-free layout): real tokens per epoch of
     # the training split times the epochs run. Includes the steps before a resume.
     tokens = tokens_per_epoch * (trainer.state.epoch or 0.0)
+    trainable, total = trainable_parameters(trainer.model)  # adapters included; the base's under PEFT
     return {
         "train_loss": result.training_loss,
         "first_logged_loss": history[0]["loss"] if history else None,
@@ -101,6 +102,9 @@ def _final_metrics(trainer, result, train_seconds: float, tokens_per_epoch: int)
         "epochs": trainer.state.epoch,
         "tokens_seen": round(tokens),
         "tokens_per_second": round(tokens / train_seconds, 1) if train_seconds > 0 else None,
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "peak_memory_mb": round(common.peak_memory_mb(trainer.args.device), 1),
     }
 
 

@@ -18,7 +18,14 @@ from rlhf.errors import ConfigError
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS")
 
 # peft's names for the adapter types a saved adapter_config.json records, for the messages.
-NOT_MERGEABLE_PEFT_TYPES = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "ADAPTION_PROMPT")
+NOT_MERGEABLE_PEFT_TYPES = (
+    "PROMPT_TUNING",
+    "PREFIX_TUNING",
+    "P_TUNING",
+    "MULTITASK_PROMPT_TUNING",
+    "CPT",
+    "ADAPTION_PROMPT",
+)
 
 
 def _lora(peft: PeftConfig, task_type: str, modules_to_save: list[str] | None, **extra: Any):

@@ -58,7 +58,7 @@ def _add_recipe_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (a stage output, or a LoRA adapter)")
+    p.add_argument("--model", required=True, help="model directory (a stage output, or an adapter directory)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -74,7 +74,7 @@ def _add_tool_args(sub) -> None:
     chat = sub.add_parser("chat", help="talk to a model in the terminal")
     _add_generation_args(chat)
     chat.add_argument("--system", default=None, help="system message")
-    exp = sub.add_parser("export", help="write a standalone HF directory (merges a LoRA adapter into its base)")
+    exp = sub.add_parser("export", help="write a standalone HF directory (merges a LoRA-style adapter into its base)")
     exp.add_argument("src", help="stage output or adapter directory")
     exp.add_argument("out", help="new directory to write")
     data = sub.add_parser("data", help="data tools").add_subparsers(dest="data_command", required=True)

@@ -208,7 +208,7 @@ class PeftConfig:
     """Dropout on the adapter input (lora, dora, qlora); module dropout for loha / lokr."""
     target_modules: list[str] | str = "all-linear"
     """Module names to adapt, or 'all-linear'. For ia3 'all-linear' means peft's per-architecture
-    choice from the IA3 paper (keys, values and the feed-forward output)."""
+    choice from the IA3 paper (keys, values and the feed-forward layer's input)."""
     feedforward_modules: list[str] | None = None
     """ia3 only, with explicit target_modules: which of them scale their input (feed-forward layers)
     rather than their output."""
@@ -238,6 +238,14 @@ class PeftConfig:
             raise ConfigError(f"peft.quantization is for method qlora (LoRA on a quantized base), not {self.method}")
         if self.prompt_init_text is not None and self.method != "prompt_tuning":
             raise ConfigError("peft.prompt_init_text is used by method prompt_tuning only")
+        if self.feedforward_modules is not None and (self.method != "ia3" or self.target_modules == "all-linear"):
+            raise ConfigError(
+                "peft.feedforward_modules is used by method ia3 with explicit peft.target_modules only "
+                "(with 'all-linear', peft chooses the feed-forward layers)"
+            )
+        targets = self.target_modules
+        if self.feedforward_modules and isinstance(targets, list) and not set(self.feedforward_modules) <= set(targets):
+            raise ConfigError("peft.feedforward_modules must be a subset of peft.target_modules")
 
     @property
     def quant_bits(self) -> Literal["4bit", "8bit"] | None:
@@ -247,6 +255,11 @@ class PeftConfig:
         if self.method == "qlora":
             return "4bit" if self.quantization == "none" else self.quantization
         return None if self.quantization == "none" else self.quantization
+
+    @property
+    def kind(self) -> str:
+        """The method as trained: the older spelling (lora + quantization) is qlora."""
+        return "qlora" if self.quant_bits is not None else self.method
 
     @property
     def mergeable(self) -> bool:
@@ -306,6 +319,14 @@ class SFTRecipe:
     demo_assets: str | None = None
     """If set, build the demo tokenizer, base model and task data into this directory first
     (deterministic, skipped when already built). Only the demo recipes set it."""
+
+    def __post_init__(self) -> None:
+        if self.packing and self.peft.enabled and not self.peft.mergeable:
+            raise ConfigError(
+                f"packing: true cannot be used with peft.method={self.peft.method}: packed examples are "
+                "kept apart by their position ids, which peft drops (prompt tuning) or the model ignores "
+                "behind a prefix cache (prefix tuning), so they would attend to each other; set packing: false"
+            )
 
 
 @dataclass

@@ -78,7 +78,8 @@ class DPORecipe:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     """DeepSpeed engine settings."""
     peft: PeftConfig = field(default_factory=PeftConfig)
-    """LoRA; the reference is then the model with its adapter disabled."""
+    """LoRA or a mergeable relative (dora, loha, lokr, ia3); the reference is then the model with its
+    adapter disabled."""
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """wandb and the local metrics log."""
     resume: str = "auto"
@@ -118,7 +119,11 @@ class DPORecipe:
                 "train.micro_batch_size must be >= 2"
             )
         if self.peft.quant_bits is not None:
-            raise ConfigError("peft.method=qlora (a quantized base) is not supported by the DPO stage yet")
+            raise ConfigError(
+                "peft.method=qlora (a quantized base) is not supported by the DPO stage: its reference is "
+                "the base with the adapter switched off, which would then be the 4-bit model, not the SFT "
+                "policy; use peft.method: lora"
+            )
         self.peft.require_mergeable(
             "DPO", "its reference is the policy with the adapter switched off, tested here with mergeable adapters only"
         )

@@ -203,7 +203,8 @@ class PPORecipe:
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     """Rollout sampling."""
     peft: PeftConfig = field(default_factory=PeftConfig)
-    """LoRA on actor and critic (the critic's scalar head trains in full); the reference is then the
+    """LoRA (or a mergeable relative: dora, loha, lokr, ia3) on actor and critic (the critic's scalar
+    head trains in full); the reference is then the
     actor with its adapter disabled, so no second copy of the policy is held."""
     ppo: PPOSettings = field(default_factory=PPOSettings)
     """The algorithm."""

@@ -1,7 +1,7 @@
 """`rlhf generate` (a prompts file in, a JSONL of responses out) and `rlhf chat` (interactive).
 
-Both take any stage output or HF directory (a LoRA adapter directory is merged on load) and
-use the same batched sampler as evaluation.
+Both take any stage output or HF directory (an adapter directory is merged on load, or run on its
+base when it cannot merge) and use the same batched sampler as evaluation.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from rlhf.sampling import generate, left_pad, render_prompt, response_mask_of, s
 
 
 def load_policy(path: str, device):
-    """A causal LM from a full HF directory or a LoRA adapter directory (merged with its base)."""
+    """A causal LM from a full HF directory or an adapter directory (see `rlhf.models.load_model`)."""
     return load_model(path, "causal-lm", device=device).eval()
 
 

@@ -35,7 +35,7 @@ def merged_adapter(directory: str | Path, manifest: dict, needed_by: str) -> Non
         )
     if peft and not peft.get("merged", True):
         raise HandoffError(
-            f"{directory} holds an unmerged LoRA adapter, which {needed_by} cannot start from; "
+            f"{directory} holds an unmerged adapter, which {needed_by} cannot start from; "
             f"export it first (`rlhf export {directory} NEW_DIR`), or rerun its stage with "
             "peft.merge_on_export=true"
         )

@@ -76,13 +76,26 @@ def lora_params(shape: Shape, r: int, intermediate: int, kv_heads: int) -> int:
     return shape.layers * sum(r * (a + b) for a, b in pairs)
 
 
+def adapter_params(shape: Shape, peft, intermediate: int, kv_heads: int) -> int:
+    """Trainable parameters of the recipe's PEFT method (adapters on every linear layer)."""
+    lora = lora_params(shape, peft.r, intermediate, kv_heads)
+    kv = kv_heads * (shape.hidden // shape.heads)
+    per_method = {
+        "loha": 2 * lora,  # two low-rank pairs per layer
+        "ia3": shape.layers * (2 * kv + intermediate),  # keys, values, feed-forward input
+        "prompt_tuning": peft.num_virtual_tokens * shape.hidden,
+        "prefix_tuning": peft.num_virtual_tokens * 2 * kv * shape.layers,
+    }
+    return per_method.get(peft.method, lora)  # lora, qlora, dora (+ a vector), lokr (<= lora)
+
+
 def stage_estimates(shape: Shape, kv_heads: int, intermediate: int, tied: bool, world: int, recipes: dict) -> dict:
     """GB per GPU for each stage recipe in `recipes` ({"sft": SFTRecipe, "reward": ..., "ppo": ...})."""
     out = {}
     head = 0 if tied else shape.vocab * shape.hidden  # a scorer drops the LM head, keeps a 1 x h one
 
     def trainable(r, n: int) -> int:
-        return lora_params(shape, r.peft.r, intermediate, kv_heads) if r.peft.enabled else n
+        return adapter_params(shape, r.peft, intermediate, kv_heads) if r.peft.enabled else n
 
     def states(r, n: int) -> dict[str, float]:
         ds = r.deepspeed
@@ -153,7 +166,10 @@ def estimate_recipe_dir(directory, peft: bool | None = None) -> dict:
     if peft is not None:  # the same recipes with LoRA switched on or off
         from dataclasses import replace
 
-        recipes = {s: replace(r, peft=replace(r.peft, enabled=peft)) for s, r in recipes.items()}
+        def switched(p):  # off: a plain section (other methods need enabled); on: the recipe's method
+            return replace(p, enabled=True) if peft else replace(p, enabled=False, method="lora", quantization="none")
+
+        recipes = {s: replace(r, peft=switched(r.peft)) for s, r in recipes.items()}
     stages = stage_estimates(
         shape, cfg.num_key_value_heads, cfg.intermediate_size, bool(cfg.tie_word_embeddings), world, recipes
     )

@@ -126,7 +126,11 @@ def load_model(
         kwargs["quantization_config"] = quant
     cls = AutoModelForCausalLM if kind == "causal-lm" else AutoModelForSequenceClassification
     m = cls.from_pretrained(path, **{**kwargs, **hf_kwargs})
-    if quant is not None:
+    if quant is not None and zero_stage == 3:
+        # prepare_model_for_kbit_training casts every non-4-bit weight to fp32; ZeRO-3 shards
+        # parameters of one dtype (the 4-bit storage dtype), so only let gradients reach the inputs.
+        m.enable_input_require_grads()
+    elif quant is not None:
         from peft import prepare_model_for_kbit_training
 
         m = prepare_model_for_kbit_training(m, use_gradient_checkpointing=bool(model and model.gradient_checkpointing))

@@ -114,6 +114,14 @@ def plan(p: PipelineRecipe) -> list[PlannedStage]:
             recipe = load_recipe(RECIPES[stage], paths[stage], overrides)
         except RlhfError as e:
             raise ConfigError(f"pipeline stage '{where}' ({paths[stage]}): {e}") from e
+        if stage == "sft" and recipe.peft.enabled and not recipe.peft.mergeable:
+            later = [s for s in p.stages if s in ("reward", "ppo", "dpo")]
+            if later:
+                raise ConfigError(
+                    f"pipeline stage 'sft' ({paths['sft']}): peft.method={recipe.peft.method} cannot be merged "
+                    f"into the weights, and the {', '.join(later)} stage(s) after it need full weights; use a "
+                    "mergeable method (lora, dora, qlora, loha, lokr, ia3) or run SFT and evaluation only"
+                )
         out.append(PlannedStage(stage, str(paths[stage]), overrides, json.loads(json.dumps(to_dict(recipe))), label))
     return out
 

@@ -94,7 +94,7 @@ def evaluate(runs: dict[str, Path], args) -> dict:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     run([str(REPO / ".venv/bin/rlhf"), "eval", "--config", str(path)])
     summary = json.loads((Path(args.out) / "eval" / "report.json").read_text())["summary"]
-    return {("full" if name == "sft" else name): s for name, s in summary.items()}
+    return {(first if name == "sft" else name): s for name, s in summary.items()}  # the eval calls it "sft"
 
 
 def table(runs: dict[str, Path], summary: dict) -> dict:

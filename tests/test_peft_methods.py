@@ -92,6 +92,11 @@ def test_scorer_adapters_train_the_head_in_full():
         ({"enabled": True, "prompt_init_text": "hi"}, "prompt_init_text is used by method prompt_tuning"),
         ({"enabled": True, "method": "prefix_tuning", "num_virtual_tokens": 0}, "num_virtual_tokens must be >= 1"),
         ({"enabled": True, "method": "adalora"}, "adalora"),
+        ({"enabled": True, "feedforward_modules": ["down_proj"]}, "feedforward_modules is used by method ia3"),
+        (
+            {"enabled": True, "method": "ia3", "target_modules": ["k_proj"], "feedforward_modules": ["down_proj"]},
+            "must be a subset of peft.target_modules",
+        ),
     ],
 )
 def test_bad_peft_sections_are_errors_that_name_the_key(tmp_path, section, message):
@@ -100,6 +105,48 @@ def test_bad_peft_sections_are_errors_that_name_the_key(tmp_path, section, messa
     path.write_text(json.dumps(recipe))
     with pytest.raises(ConfigError, match=message):
         load_recipe(SFTRecipe, path)
+
+
+@pytest.mark.parametrize("method", NOT_MERGEABLE)
+def test_packing_is_refused_with_prompt_style_methods(method):
+    with pytest.raises(ConfigError, match=f"packing: true cannot be used with peft.method={method}"):
+        load_recipe(
+            SFTRecipe, REPO / "recipes/demo/sft.yaml", ["packing=true", "peft.enabled=true", f"peft.method={method}"]
+        )
+
+
+def test_pipeline_refuses_a_prompt_tuned_sft_before_stages_that_need_weights(tmp_path):
+    from rlhf.config_run import PipelineRecipe
+    from rlhf.pipeline import plan
+
+    sft = tmp_path / "sft.yaml"
+    sft.write_text((REPO / "recipes/demo/sft.yaml").read_text() + "\npeft: {enabled: true, method: prompt_tuning}\n")
+    pipe = tmp_path / "pipeline.yaml"
+    pipe.write_text((REPO / "recipes/demo/pipeline.yaml").read_text().replace("recipes/demo/sft.yaml", str(sft)))
+    p = load_recipe(PipelineRecipe, pipe, [f"output_dir={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match="peft.method=prompt_tuning cannot be merged.*reward, ppo stage"):
+        plan(p)
+
+
+def test_legacy_qlora_spelling_is_recorded_as_qlora():
+    legacy = PeftConfig(enabled=True, method="lora", quantization="4bit")
+    assert legacy.kind == "qlora" and legacy.quant_bits == "4bit" and PeftConfig(enabled=True).kind == "lora"
+
+
+def test_dropout_inside_loha_adapters_is_switched_off_for_rl(demo_assets):
+    """LoHa / LoKr keep their module dropout in a dict per adapter; RL must zero it like nn.Dropout."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.stages.ppo.engines import disable_dropout
+
+    cfg = adapter_config(PeftConfig(enabled=True, method="loha", dropout=0.3), "CAUSAL_LM")
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(demo_assets / "base"), cfg)
+    rates = [v for m in model.modules() for v in (getattr(m, "module_dropout", None) or {}).values()]
+    assert rates and set(rates) == {0.3}
+    disable_dropout(model)
+    rates = [v for m in model.modules() for v in (getattr(m, "module_dropout", None) or {}).values()]
+    assert rates and set(rates) == {0.0}
 
 
 def test_ia3_with_named_modules_needs_its_feedforward_modules():
@@ -215,7 +262,8 @@ def test_mergeable_methods_train_and_export_merged_weights(demo_assets, tmp_path
     if method == "qlora":
         assert record.kinds == {"Linear4bit"}, f"QLoRA trained on {record.kinds}, not a 4-bit base"
     merged = AutoModelForCausalLM.from_pretrained(out)
-    assert not any("base_layer" in k or method in k for k in merged.state_dict()), "adapter keys left in the export"
+    adapter_keys = ("base_layer", "lora_", "hada_", "lokr_", "ia3_")
+    assert not any(a in k for k in merged.state_dict() for a in adapter_keys), "adapter keys left in the export"
     base = AutoModelForCausalLM.from_pretrained(demo_assets / "base")
     changed = [k for k, v in base.state_dict().items() if not torch.equal(v, merged.state_dict()[k])]
     assert changed, f"{method}: the merged export equals the base model"
@@ -250,9 +298,10 @@ def test_prompt_style_methods_export_an_adapter_that_loads_for_inference(prompt_
 
 @pytest.mark.slow
 def test_prompt_style_adapters_sample_from_the_distribution_they_score(prompt_style_sft):
-    """Left-padded prompts of different lengths: the logits each token was drawn from (peft's
-    generate) equal our scoring forward's. peft drops position_ids for prompt tuning, so our forward
-    must drop them too, or the two would disagree on every padded row."""
+    """Left-padded prompts of different lengths: the logits each token was drawn from (our
+    `generation_inputs`, since peft's own generate is wrong for both methods under transformers 5)
+    equal our scoring forward's; on an unpadded row our forward equals peft's own (training) forward,
+    and the adapter really changes the distribution (it is not the base model's)."""
     from transformers import AutoTokenizer
 
     from rlhf.models import load_model
@@ -273,6 +322,17 @@ def test_prompt_style_adapters_sample_from_the_distribution_they_score(prompt_st
     sampled = torch.log_softmax(drawn_from.float(), -1).gather(-1, response.unsqueeze(-1)).squeeze(-1)
     on = resp_mask.bool()
     torch.testing.assert_close(sampled[on], logp[on], atol=1e-4, rtol=1e-4)
+    # One unpadded row through peft's forward, as SFT trained it: the same log-probs as ours.
+    row = torch.cat([ids[2:3], response[2:3]], 1)
+    R = response.shape[1]
+    peft_logits = model(input_ids=row, attention_mask=torch.ones_like(row)).logits[:, -R - 1 : -1].float()
+    peft_logp = torch.log_softmax(peft_logits / gen.temperature, -1).gather(-1, response[2:3, :, None])[..., 0]
+    torch.testing.assert_close(peft_logp, logp[2:3], atol=1e-4, rtol=1e-4)
+    plain = model.get_base_model()  # the same weights without the learned tokens or prefix
+    base_logp, _ = policy_outputs(
+        plain, torch.cat([ids, response], 1), attn, positions(attn), response, gen.temperature
+    )
+    assert (base_logp[on] - logp[on]).abs().max() > 1e-2, "the adapter does not change what is sampled"
 
 
 @pytest.mark.slow

@@ -182,11 +182,11 @@ def export(
             merged = merge_adapter(adapter, kind, precision)
             merged.config.pad_token_id = tokenizer.pad_token_id  # a scorer's head reads the last non-pad token
             merged.save_pretrained(out)
-        info["peft"] = {"type": peft.method, "merged": True, "base": str(base_path), "adapter": str(adapter)}
+        info["peft"] = {"type": peft.kind, "merged": True, "base": str(base_path), "adapter": str(adapter)}
     else:
         trainer.save_model(str(out))
         if peft.enabled:
-            info["peft"] = {"type": peft.method, "merged": False, "mergeable": peft.mergeable, "base": str(base_path)}
+            info["peft"] = {"type": peft.kind, "merged": False, "mergeable": peft.mergeable, "base": str(base_path)}
     if distributed.is_main():
         tokenizer.save_pretrained(out)
     distributed.barrier()

@@ -69,14 +69,20 @@ def compute(m: Models):
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
-    """Every dropout to 0: nn.Dropout modules (LoRA's included) and the float rates that attention
-    implementations read from their module (e.g. Llama's `attention_dropout`)."""
+    """Every dropout to 0: nn.Dropout modules (LoRA's included), the float rates that attention
+    implementations read from their module (e.g. Llama's `attention_dropout`), and the per-adapter
+    rates LoHa / LoKr keep in dicts (`module_dropout`, `rank_dropout`: whole adapters skipped at
+    random in training mode, which would break ratio 1 between rollout and update)."""
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
         for name, value in list(vars(module).items()):
-            if "dropout" in name and isinstance(value, float):
+            if "dropout" not in name:
+                continue
+            if isinstance(value, float):
                 setattr(module, name, 0.0)
+            elif isinstance(value, dict) and all(isinstance(v, float) for v in value.values()):
+                setattr(module, name, dict.fromkeys(value, 0.0))
     return model
 
 
@@ -175,7 +181,7 @@ def _export_lora(engine, recipe: PPORecipe, out) -> dict[str, Any]:
     trained = [p for p in engine.module.parameters() if p.requires_grad]  # only the adapter is gathered
     with gathered(engine, recipe.deepspeed.zero_stage, params=trained):
         adapter = {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(engine.module).items()}
-    info = {"type": recipe.peft.method, "merged": recipe.peft.merge_on_export, "base": str(recipe.sft_dir)}
+    info = {"type": recipe.peft.kind, "merged": recipe.peft.merge_on_export, "base": str(recipe.sft_dir)}
     if is_main():
         base = load_model(recipe.sft_dir, "causal-lm", recipe.train.precision, model=recipe.model)
         model = with_lora(base, recipe, "CAUSAL_LM")

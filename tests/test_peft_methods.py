@@ -348,6 +348,13 @@ def test_prompt_style_adapters_generate_and_are_refused_where_weights_are_needed
     assert generate_file(str(out), str(prompts), str(tmp_path / "gen.jsonl"), gen, samples=2) == 2
     rows = [json.loads(line) for line in (tmp_path / "gen.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(isinstance(r["response"], str) for r in rows)
+    import io
+
+    from rlhf.generate import chat
+
+    said = io.StringIO()
+    chat(str(out), gen, stdin=io.StringIO("tell me about the hotel .\n/quit\n"), stdout=said)
+    assert "model> " in said.getvalue()
     with pytest.raises(HandoffError, match=f"holds a {method} adapter, which cannot be merged"):
         merged_adapter(out, json.loads((out / MANIFEST).read_text()), needed_by="the reward stage")
     with pytest.raises(HandoffError, match="cannot be merged into the model's weights"):

@@ -20,7 +20,10 @@ from rlhf.errors import HandoffError
 from rlhf.stages.sft import run_sft
 from rlhf.tracking import METRICS_FILE, read_jsonl
 
-MERGEABLE = ["dora", "loha", "lokr", "ia3", "qlora"]  # plain LoRA: tests/test_sft_recipe.py
+# One of each code path end to end (LoRA itself: tests/test_sft_recipe.py): a LyCORIS method, IA3's
+# scaling vectors, and QLoRA's 4-bit base. DoRA and LoKr share these paths (a LoRA flag, LoHa's
+# tuner family); their configs are checked above, and docs/peft.md's run trains them on SmolLM2.
+MERGEABLE = ["loha", "ia3", "qlora"]
 NOT_MERGEABLE = ["prompt_tuning", "prefix_tuning"]
 
 

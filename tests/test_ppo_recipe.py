@@ -255,7 +255,7 @@ def test_handoff_refuses_an_unmerged_lora_sft_output(demo_assets, sft_dir, rewar
     manifest = json.loads((adapter_only / MANIFEST).read_text())
     manifest["peft"] = {"type": "lora", "merged": False, "base": str(sft_dir)}
     (adapter_only / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(HandoffError, match="holds an unmerged LoRA adapter, which the PPO stage cannot start from"):
+    with pytest.raises(HandoffError, match="holds an unmerged adapter, which the PPO stage cannot start from"):
         run_ppo(recipe(demo_assets, adapter_only, reward_dir, tmp_path / "out"))
 
 

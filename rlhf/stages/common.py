@@ -24,7 +24,7 @@ from rlhf.config import (
     TrainConfig,
     to_dict,
 )
-from rlhf.models import ModelKind, merge_adapter
+from rlhf.models import ModelKind, load_model, merge_adapter
 from rlhf.tracking import METRICS_FILE, metrics_callback, setup_wandb_env
 
 log = logging.getLogger("rlhf")
@@ -191,6 +191,20 @@ def export(
         tokenizer.save_pretrained(out)
     distributed.barrier()
     return info
+
+
+def load_stage_model(recipe, kind: ModelKind, **hf_kwargs: Any):
+    """The model an HF-trainer stage (SFT, reward, DPO) starts from, loaded as its recipe says:
+    path, precision, loading options, and QLoRA's quantized base (storage dtype per ZeRO stage)."""
+    return load_model(
+        recipe.model.name_or_path,
+        kind,
+        recipe.train.precision,
+        model=recipe.model,
+        lora=recipe.peft,
+        zero_stage=recipe.deepspeed.zero_stage,
+        **hf_kwargs,
+    )
 
 
 def peak_memory_mb(device) -> float:

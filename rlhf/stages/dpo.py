@@ -24,7 +24,7 @@ from rlhf.data.formats import normalize_preference, normalize_unpaired, unpair
 from rlhf.data.io import DataError
 from rlhf.data.prepare import Splits, prepare_splits
 from rlhf.adapters import adapter_config
-from rlhf.models import load_model, load_tokenizer, require_chat_template
+from rlhf.models import load_tokenizer, require_chat_template
 from rlhf.sampling import render_conversation
 from rlhf.stages import common
 
@@ -204,13 +204,12 @@ def run_dpo(recipe: DPORecipe, extra_callbacks: list | None = None) -> Path:
     # precomputed log-probs; under LoRA TRL disables the adapter instead. We load it here, like the
     # policy and before the DeepSpeed arguments exist: TRL's own loading would run under ZeRO-3's
     # `zero.Init` before DeepSpeed's communicator is up and fail on the batch-size check.
-    def load() -> Any:
-        return load_model(
-            recipe.model.name_or_path, "causal-lm", recipe.train.precision, model=recipe.model, lora=recipe.peft
-        )
-
-    model = load()
-    ref = load() if not (recipe.peft.enabled or recipe.precompute_ref_log_probs) else None
+    model = common.load_stage_model(recipe, "causal-lm")
+    ref = (
+        common.load_stage_model(recipe, "causal-lm")
+        if not (recipe.peft.enabled or recipe.precompute_ref_log_probs)
+        else None
+    )
     trainer = _trainer(recipe, model, ref, tokenizer, dirs, train_ds, eval_ds, extra_callbacks)
     check_tokenization(tokenizer, splits.train, trainer.train_dataset, "train")
     check_tokenization(tokenizer, splits.validation, trainer.eval_dataset, "validation")

@@ -22,7 +22,7 @@ from rlhf.data.formats import Messages, RowError, normalize_labelled, normalize_
 from rlhf.data.io import DataError, read_rows
 from rlhf.data.prepare import Splits, prepare_splits
 from rlhf.adapters import adapter_config
-from rlhf.models import load_model, load_tokenizer, require_chat_template
+from rlhf.models import load_tokenizer, require_chat_template
 from rlhf.reward_metrics import (
     bradley_terry_loss,
     calibration_table,
@@ -98,15 +98,7 @@ def load_reward_model(recipe: RewardRecipe, tokenizer):
 
     set_seed(recipe.train.seed)  # the new head is randomly initialised: same seed, same head, same run
     # The head reads the last token that is not this pad id; it must be the tokenizer's pad.
-    return load_model(
-        recipe.model.name_or_path,
-        "scorer",
-        recipe.train.precision,
-        model=recipe.model,
-        lora=recipe.peft,
-        zero_stage=recipe.deepspeed.zero_stage,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    return common.load_stage_model(recipe, "scorer", pad_token_id=tokenizer.pad_token_id)
 
 
 def check_sft_parent(recipe: RewardRecipe) -> dict:

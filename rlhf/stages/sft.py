@@ -17,7 +17,7 @@ from rlhf.data.formats import Messages, normalize_sft
 from rlhf.data.io import DataError
 from rlhf.data.prepare import Splits, prepare_splits
 from rlhf.adapters import adapter_config, trainable_parameters
-from rlhf.models import load_model, load_tokenizer, require_chat_template
+from rlhf.models import load_tokenizer, require_chat_template
 from rlhf.sampling import render_conversation, render_for_loss
 from rlhf.stages import common
 
@@ -139,14 +139,7 @@ def run_sft(recipe: SFTRecipe, extra_callbacks: list | None = None) -> Path:
     test_ds = _to_dataset(splits.test, tokenizer, recipe.loss_on, "test")
 
     # 3. Model and trainer.
-    model = load_model(
-        recipe.model.name_or_path,
-        "causal-lm",
-        recipe.train.precision,
-        model=recipe.model,
-        lora=recipe.peft,
-        zero_stage=recipe.deepspeed.zero_stage,
-    )
+    model = common.load_stage_model(recipe, "causal-lm")
     args = SFTConfig(
         **common.training_arguments(
             train=recipe.train,

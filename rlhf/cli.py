@@ -18,7 +18,10 @@ import sys
 from typing import Callable
 
 from rlhf.config import ConfigError, dump_yaml, load_recipe
-from rlhf.config_run import RECIPES
+from rlhf.config_rounds import RoundsRecipe
+from rlhf.config_run import RECIPES as STAGE_RECIPES
+
+RECIPES = {**STAGE_RECIPES, "rounds": RoundsRecipe}
 
 
 def _run_stage(stage: str) -> Callable[[object], object]:
@@ -46,6 +49,10 @@ def _run_stage(stage: str) -> Callable[[object], object]:
         from rlhf.pipeline import run_pipeline
 
         return run_pipeline
+    if stage == "rounds":
+        from rlhf.rounds.runner import run_rounds
+
+        return run_rounds
     raise ConfigError(f"unknown stage {stage!r}")  # pragma: no cover - argparse limits the choices
 
 
@@ -174,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command in RECIPES:
+        if args.command == "rounds":
+            require_label_extra()  # the rounds serve the labelling app
         recipe = load_recipe(RECIPES[args.command], args.config, args.overrides)
         if args.dry_run:
             print(dump_yaml(recipe), end="")

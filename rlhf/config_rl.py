@@ -180,6 +180,34 @@ class RewardFunction:
 
 
 @dataclass
+class ContinueFrom:
+    """Start an RL run from a finished RL run's final training state (a new round of `rlhf rounds`).
+
+    What is carried is explicit; everything else starts fresh: the step count, the prompt stream
+    (seeded by train.seed), the RNG, and the reward normaliser (the new reward model has its own
+    statistics)."""
+
+    path: str
+    """The earlier RL stage's output directory (`<run>/ppo`, with its `checkpoints/`)."""
+    actor: bool = True
+    """The actor's weights (and its adapter under LoRA). false: the actor starts from sft_dir, e.g.
+    when sft_dir is already that run's exported policy (the previous policy as the reference)."""
+    critic: bool = False
+    """The critic's weights. false: a fresh critic from reward_dir (ppo.critic_init), fitted to the
+    new reward model rather than the one the old critic learned."""
+    optimizer: bool = False
+    """The Adam moments of the carried models (the learning-rate schedule restarts either way)."""
+    kl_controller: bool = False
+    """The adaptive KL coefficient as it ended (with ppo.kl_target); false: ppo.kl_coef again."""
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ConfigError("continue_from.path: give the earlier RL run's output directory")
+        if self.optimizer and not (self.actor or self.critic):
+            raise ConfigError("continue_from.optimizer carries the optimizer of a carried model: set actor or critic")
+
+
+@dataclass
 class PPORecipe:
     """PPO: optimise the SFT policy against the reward model, with a KL leash to the SFT reference."""
 
@@ -222,6 +250,8 @@ class PPORecipe:
     """Rewards computed by Python functions, alone or mixed with the reward model."""
     reward_model_weight: float = 1.0
     """Weight of the reward model's (normalised) score when mixed with reward_functions."""
+    continue_from: ContinueFrom | None = None
+    """Carry parts of a finished RL run into this one (see ContinueFrom); null: a fresh start."""
 
     def __post_init__(self) -> None:
         if self.reward_dir is None and not self.reward_functions:
@@ -270,6 +300,10 @@ class PPORecipe:
         self.peft.require_mergeable(
             "RL", "the trained policy is exported as full weights for evaluation and the next stage"
         )
+        if self.continue_from and self.continue_from.critic and not self.ppo.needs_critic:
+            raise ConfigError(
+                f"continue_from.critic: ppo.advantage_estimator={self.ppo.advantage_estimator} has no critic to carry"
+            )
 
 
 STAGES: dict[str, type] = {"sft": SFTRecipe, "reward": RewardRecipe, "ppo": PPORecipe}

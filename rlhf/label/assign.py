@@ -25,6 +25,8 @@ from rlhf.label.store import (
     NotServed,
     PairFull,
     assignments,
+    batch_pairs,
+    batches,
     candidates,
     labels,
     locked,
@@ -61,6 +63,15 @@ def _held(c: Connection, annotator_id: int, t: dt.datetime) -> int | None:
     return c.execute(q).scalar()
 
 
+def _closed():
+    """Pairs of closed batches: their round has taken its labels, so they are not served again."""
+    return (
+        select(batch_pairs.c.pair_id)
+        .join(batches, batches.c.id == batch_pairs.c.batch_id)
+        .where(batches.c.closed_at.is_not(None))
+    )
+
+
 def _pick(c: Connection, annotator_id: int, t: dt.datetime) -> int | None:
     """Fewest places in use first (spreads the work), then priority (active sampling or random)."""
     filled = _filled(pairs.c.id, t)
@@ -68,7 +79,7 @@ def _pick(c: Connection, annotator_id: int, t: dt.datetime) -> int | None:
     skipped = select(skips.c.pair_id).where(skips.c.annotator_id == annotator_id)
     q = (
         select(pairs.c.id)
-        .where(pairs.c.id.not_in(mine), pairs.c.id.not_in(skipped), filled < overlap(c))
+        .where(pairs.c.id.not_in(mine), pairs.c.id.not_in(skipped), pairs.c.id.not_in(_closed()), filled < overlap(c))
         .order_by(filled, pairs.c.priority, pairs.c.id)
         .limit(1)
     )
@@ -178,7 +189,9 @@ def progress(engine: Engine, annotator_id: int) -> dict[str, int]:
         k = overlap(c)
         done = c.execute(select(func.count()).where(labels.c.annotator_id == annotator_id)).scalar()
         n_labels = select(func.count()).where(labels.c.pair_id == pairs.c.id).scalar_subquery()
-        open_pairs = c.execute(select(func.count()).select_from(pairs).where(n_labels < k)).scalar()
+        open_pairs = c.execute(
+            select(func.count()).select_from(pairs).where(n_labels < k, pairs.c.id.not_in(_closed()))
+        ).scalar()
     return {"done": int(done), "open": int(open_pairs)}
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import random
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -163,9 +162,15 @@ def _priorities(conn, planned: list[tuple[int, int, int]], reward_model: str | N
     if planned and planned[0][1] == planned[0][2]:  # single responses (each scored twice, identically)
         one = scores[0::2]
         return (one - one.median()).abs().tolist()
-    return [
-        abs(1 / (1 + math.exp(-(float(scores[2 * i]) - float(scores[2 * i + 1])))) - 0.5) for i in range(len(planned))
-    ]
+    return pair_uncertainty(scores[0::2], scores[1::2]).tolist()
+
+
+def pair_uncertainty(score_a, score_b):
+    """How unsure the reward model is about a pair, (N,) x (N,) -> (N,): |P(a > b) - 1/2| with
+    P = sigmoid(score_a - score_b) under Bradley-Terry; 0 is a coin flip (label it first)."""
+    import torch
+
+    return (torch.sigmoid(torch.as_tensor(score_a) - torch.as_tensor(score_b)) - 0.5).abs()
 
 
 def _labels_by_pair(engine) -> dict[int, list[dict[str, Any]]]:
@@ -215,10 +220,13 @@ def stats(engine) -> dict[str, Any]:
     }
 
 
-def _labelled_items(engine, min_labels: int, counts: Counter) -> tuple[dict, dict, list[tuple[Any, list]]]:
+def _labelled_items(
+    engine, min_labels: int, counts: Counter, only: set[int] | None = None
+) -> tuple[dict, dict, list[tuple[Any, list]]]:
     """What both exports read: candidates and prompts by id, and each item (a pair, or a single
-    response) in id order with its labels. Items with fewer than `min_labels` labels are left out
-    and counted in `counts` (as unlabelled, or too_few_labels)."""
+    response) in id order with its labels (only the pair ids in `only`, when given: one batch).
+    Items with fewer than `min_labels` labels are left out and counted in `counts` (as
+    unlabelled, or too_few_labels)."""
     by_pair = _labels_by_pair(engine)
     with engine.connect() as c:
         cands = {r.id: r for r in c.execute(select(store.candidates))}
@@ -226,6 +234,8 @@ def _labelled_items(engine, min_labels: int, counts: Counter) -> tuple[dict, dic
         all_items = list(c.execute(select(store.pairs).order_by(store.pairs.c.id)))
     kept = []
     for p in all_items:
+        if only is not None and p.id not in only:
+            continue
         labels = by_pair.get(p.id, [])
         if not labels or len(labels) < min_labels:
             counts["too_few_labels" if labels else "unlabelled"] += 1
@@ -235,19 +245,25 @@ def _labelled_items(engine, min_labels: int, counts: Counter) -> tuple[dict, dic
 
 
 def export(
-    engine, out: str | Path, ties: str = "keep", min_labels: int = 1, margin_scale: float = 0.5
+    engine,
+    out: str | Path,
+    ties: str = "keep",
+    min_labels: int = 1,
+    margin_scale: float = 0.5,
+    only: set[int] | None = None,
 ) -> dict[str, int]:
     """Vote per pair (agreement.export_vote) -> JSONL rows the reward stage reads as they are:
     {prompt (messages), chosen, rejected, margin, tie, provenance}. Margin = margin_scale x (mean
     strength of the winning votes - 1): 0 for 'slightly better', up to 1.0 for 'much better'.
-    Returns how many rows were written (preferences + ties) and how many pairs were left out, by reason."""
+    Returns how many rows were written (preferences + ties) and how many pairs were left out, by
+    reason. `only`: the pair ids to export (one batch of `rlhf rounds`); default all."""
     out = Path(out)
     if out.is_dir():
         raise store.LabelError(f"--out {out} is a directory; give a file to write, e.g. {out / 'prefs.jsonl'}")
     if store.mode(engine) == "single":
         return export_single(engine, out, min_labels)
     counts = Counter({"preferences": 0, "ties": 0})
-    cands, prompts, items = _labelled_items(engine, min_labels, counts)
+    cands, prompts, items = _labelled_items(engine, min_labels, counts, only)
     rows = []
     for p, labels in items:
         winner = agreement.export_vote([lab["choice"] for lab in labels])

@@ -118,7 +118,24 @@ assignments = Table(
     Column("expires_at", DateTime(timezone=True), nullable=False),
     Index("assignments_by_annotator", "annotator_id", "expires_at"),
 )
-ADDED_LATER = [sessions, assignments]  # created on connect in projects made before they existed
+# Labelling batches (`rlhf rounds`): each round opens one batch of pairs sampled from the current
+# policy; a pair belongs to at most one batch. A closed batch's pairs are no longer served.
+batches = Table(
+    "batches",
+    metadata,
+    Column("id", Integer, primary_key=True),
+    Column("name", String(200), nullable=False, unique=True),  # e.g. "round-2"
+    Column("policy", Text, nullable=False),  # the model directory that produced its candidates
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("closed_at", DateTime(timezone=True)),
+)
+batch_pairs = Table(
+    "batch_pairs",
+    metadata,
+    Column("pair_id", ForeignKey("pairs.id"), primary_key=True),
+    Column("batch_id", ForeignKey("batches.id"), nullable=False, index=True),
+)
+ADDED_LATER = [sessions, assignments, batches, batch_pairs]  # created on connect in projects made before they existed
 ADVISORY_LOCK = 0x72_6C_68_66  # "rlhf": the PostgreSQL advisory lock that serialises assignment writes
 
 
@@ -208,9 +225,10 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def add_annotator(engine: Engine, name: str, is_admin: bool = False) -> str:
-    """Create an annotator; returns the token (shown once, stored only as a hash)."""
-    token = secrets.token_urlsafe(32)
+def add_annotator(engine: Engine, name: str, is_admin: bool = False, token: str | None = None) -> str:
+    """Create an annotator; returns the token (shown once, stored only as a hash). `token`: one
+    made by the caller (`rlhf rounds` keeps its scripted annotators' tokens to sign in again)."""
+    token = token or secrets.token_urlsafe(32)
     try:
         with engine.begin() as c:
             c.execute(

@@ -93,7 +93,8 @@ def _to_dataset(pairs: list[dict], tokenizer, use_margin: bool):
 
 
 def load_reward_model(recipe: RewardRecipe, tokenizer):
-    """AutoModelForSequenceClassification with one label: the SFT body plus a fresh scalar head."""
+    """AutoModelForSequenceClassification with one label: the SFT body plus a fresh scalar head (or,
+    starting from a reward model, its body and trained head)."""
     from transformers import set_seed
 
     set_seed(recipe.train.seed)  # the new head is randomly initialised: same seed, same head, same run
@@ -102,8 +103,9 @@ def load_reward_model(recipe: RewardRecipe, tokenizer):
 
 
 def check_sft_parent(recipe: RewardRecipe) -> dict:
-    """Hand-off: the starting directory must be a finished SFT output with full (merged) weights."""
-    manifest = handoff.parent_stage(recipe.model.name_or_path, "sft", needed_by="the reward stage")
+    """Hand-off: the starting directory must be a finished SFT output with full (merged) weights,
+    or a finished reward model to continue training (`rlhf rounds`: its trained head is kept)."""
+    manifest = handoff.parent_stage(recipe.model.name_or_path, ("sft", "reward"), needed_by="the reward stage")
     handoff.merged_adapter(recipe.model.name_or_path, manifest, needed_by="the reward stage")
     return manifest
 

@@ -9,6 +9,7 @@ process computes on the same global batch.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import random
@@ -33,7 +34,7 @@ from rlhf.stages import common
 from rlhf.stages.ppo import engines, losses
 from rlhf.stages.ppo.rollout import Rollout, is_finite, make_rollout, rollout_metrics
 from rlhf.stages.ppo.scoring import CodeRewards
-from rlhf.stages.ppo.state import complete_states, load_state, save_state
+from rlhf.stages.ppo.state import STATE_FILE, complete_states, load_state, save_state
 from rlhf.stages.ppo.update import ppo_update
 from rlhf.tracking import METRICS_FILE, Tracker, truncate_after
 
@@ -49,9 +50,12 @@ def check_handoff(recipe: PPORecipe):
     full (not an unmerged adapter), and the reward model (when there is one) shares the policy's
     tokenizer and reads its score where our padding puts it. Returns (tokenizer, reward manifest;
     {} without a reward model)."""
-    sft = handoff.parent_stage(recipe.sft_dir, handoff.POLICY_STAGES, needed_by="the PPO stage")
+    # An RL output may be the reference too: `rlhf rounds` with carry.reference=previous.
+    sft = handoff.parent_stage(recipe.sft_dir, (*handoff.POLICY_STAGES, "ppo"), needed_by="the PPO stage")
     handoff.merged_adapter(recipe.sft_dir, sft, needed_by="the PPO stage")
     tok = load_tokenizer(recipe.sft_dir)
+    if recipe.continue_from is not None:
+        continued_state(recipe)  # fails now, before any model loads, if there is nothing to continue
     if recipe.reward_dir is None:
         return tok, {}
     reward_manifest = handoff.reward_model(
@@ -137,18 +141,68 @@ def prepare_data(recipe: PPORecipe, tokenizer, reward_manifest: dict) -> Data:
     return Data(prompts, ptx, stats)
 
 
+def continued_state(recipe: PPORecipe) -> Path:
+    """The final training state of the run named by continue_from; a HandoffError names what is wrong."""
+    c = recipe.continue_from
+    assert c is not None
+    manifest = handoff.parent_stage(c.path, "ppo", needed_by="continue_from")
+    states = complete_states(Path(c.path) / "checkpoints")
+    if not states or states[-1][0] != manifest.get("metrics", {}).get("steps", states[-1][0]):
+        raise HandoffError(
+            f"continue_from.path {c.path}: no final training state in {Path(c.path) / 'checkpoints'} "
+            "(the run keeps it unless its checkpoints were deleted)"
+        )
+    then = manifest.get("recipe", {})
+    if c.actor and recipe.peft.enabled and then.get("sft_dir") != recipe.sft_dir:
+        # Under LoRA the state holds base + adapter; the base must be the one this run builds on.
+        raise HandoffError(
+            f"continue_from.path {c.path} trained an adapter on {then.get('sft_dir')}, but this run's sft_dir is "
+            f"{recipe.sft_dir}; continue the actor only on the same base (or set continue_from.actor=false)"
+        )
+    return states[-1][1]
+
+
+def _carry(recipe: PPORecipe, m: engines.Models, state: RunState) -> None:
+    """A fresh run that continues another (continue_from): load only what the recipe carries."""
+    c = recipe.continue_from
+    assert c is not None
+    path = continued_state(recipe)
+    carried = [(name, engine) for name, engine, on in (("actor", m.actor, c.actor), ("critic", m.critic, c.critic)) if on]
+    for name, engine in carried:
+        engine.load_checkpoint(
+            str(path / name),
+            tag="state",
+            load_module_only=not c.optimizer,
+            load_optimizer_states=c.optimizer,
+            load_lr_scheduler_states=False,  # this run's schedule starts at its own step 0
+        )
+    if c.kl_controller:
+        state.kl_ctl.load_state_dict(json.loads((path / STATE_FILE).read_text())["kl_controller"])
+    log.info(
+        "continuing from %s: %s%s%s",
+        path,
+        ", ".join(n for n, _ in carried) or "nothing of the models",
+        " with optimizer states" if c.optimizer else "",
+        ", KL controller" if c.kl_controller else "",
+    )
+
+
 def resume(recipe: PPORecipe, m: engines.Models, checkpoints: Path, code: CodeRewards | None = None) -> RunState:
-    """The newest complete state when `resume: auto` finds one, else a fresh start."""
+    """The newest complete state when `resume: auto` finds one; else what continue_from carries
+    (see ContinueFrom); else a fresh start."""
     state = RunState(losses.KLController(recipe.ppo.kl_coef, recipe.ppo.kl_target, recipe.ppo.kl_horizon), code=code)
     states = complete_states(checkpoints)
-    if recipe.resume == "auto" and states:
-        saved = load_state(states[-1][1], m.actor, m.critic)
-        state.start_step, state.bad_steps = saved["step"], saved["bad_steps"]
-        state.kl_ctl.load_state_dict(saved["kl_controller"])
-        state.running.load_state_dict(saved["reward_normaliser"])
-        if code is not None:
-            code.load_state_dict(saved.get("reward_function_normalisers", []))
-        log.info("resumed PPO from %s (step %d)", states[-1][1], state.start_step)
+    if not (recipe.resume == "auto" and states):
+        if recipe.continue_from is not None:
+            _carry(recipe, m, state)
+        return state
+    saved = load_state(states[-1][1], m.actor, m.critic)
+    state.start_step, state.bad_steps = saved["step"], saved["bad_steps"]
+    state.kl_ctl.load_state_dict(saved["kl_controller"])
+    state.running.load_state_dict(saved["reward_normaliser"])
+    if code is not None:
+        code.load_state_dict(saved.get("reward_function_normalisers", []))
+    log.info("resumed PPO from %s (step %d)", states[-1][1], state.start_step)
     return state
 
 
@@ -270,7 +324,11 @@ def export(
             stage="ppo",
             recipe=to_dict(recipe),
             started_at=dirs.started_at,
-            parents=[parent_ref(d) for d in (recipe.sft_dir, recipe.reward_dir) if d is not None],
+            parents=[
+                parent_ref(d)
+                for d in (recipe.sft_dir, recipe.reward_dir, recipe.continue_from and recipe.continue_from.path)
+                if d is not None
+            ],
             datasets={"prompts": data.prompts.report()},
             metrics={
                 **final,

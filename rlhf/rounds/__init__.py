@@ -1,0 +1,1 @@
+"""Iterative RLHF (`rlhf rounds`): rounds of sampling the policy, labelling, reward update and RL."""

@@ -55,7 +55,7 @@ class ScriptedAnnotator:
     it never writes to the database. It prefers the answer the task's ground-truth grader scores
     higher, and is wrong `noise` of the time."""
 
-    task: Literal["demo", "instruct", "arithmetic"]
+    task: Literal["demo", "demo_no_repeats", "instruct", "arithmetic"]
     """Whose ground truth it judges by (`rlhf.tasks.GRADERS`)."""
     annotators: int = 1
     """How many scripted people label side by side (names scripted-1, scripted-2, ...)."""
@@ -151,7 +151,9 @@ class RoundsRecipe:
         if self.rounds < 1 or self.labels_per_round < 2 or self.pool_factor < 1:
             raise ConfigError("rounds must be >= 1, labels_per_round >= 2 and pool_factor >= 1")
         if self.samples_per_prompt < 2 or self.samples_per_prompt % 2:
-            raise ConfigError(f"samples_per_prompt must be even and >= 2 (answers are paired), got {self.samples_per_prompt}")
+            raise ConfigError(
+                f"samples_per_prompt must be even and >= 2 (answers are paired), got {self.samples_per_prompt}"
+            )
         if not 1 <= self.min_labels <= self.overlap:
             raise ConfigError(f"min_labels must be within 1..overlap ({self.overlap}), got {self.min_labels}")
         if not 0 < self.heldout_fraction < 1:

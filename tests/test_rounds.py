@@ -43,7 +43,9 @@ def test_a_batch_is_written_once_and_a_closed_batch_is_not_served(tmp_path):
     who = 1
     first = assign.next_pair(engine, who)
     assert first is not None and first["pair_id"] in batches.pair_ids(engine, bid)
-    assign.add_label(engine, pair_id=first["pair_id"], annotator_id=who, choice="a", strength=1, comment="", left_id=first["a_id"])
+    assign.add_label(
+        engine, pair_id=first["pair_id"], annotator_id=who, choice="a", strength=1, comment="", left_id=first["a_id"]
+    )
     assert batches.progress(engine, bid, 1) == (1, 3, 1)
     batches.close_batch(engine, bid)
     assert assign.next_pair(engine, who) is None  # the rest of a closed batch is not served
@@ -77,9 +79,15 @@ def test_scripted_annotators_label_through_the_http_app_never_twice_never_over_o
         assert session.url and session.url.startswith("http://127.0.0.1:")
     with engine.connect() as c:
         per_pair = dict(c.execute(select(store.labels.c.pair_id, func.count()).group_by(store.labels.c.pair_id)).all())
-        per_pair_annotator = c.execute(
-            select(func.count()).select_from(store.labels).group_by(store.labels.c.pair_id, store.labels.c.annotator_id)
-        ).scalars().all()
+        per_pair_annotator = (
+            c.execute(
+                select(func.count())
+                .select_from(store.labels)
+                .group_by(store.labels.c.pair_id, store.labels.c.annotator_id)
+            )
+            .scalars()
+            .all()
+        )
         served = c.execute(select(func.count()).select_from(store.assignments)).scalar()
         names = set(c.execute(select(store.annotators.c.name)).scalars())
     assert set(per_pair.values()) == {2}  # exactly the overlap, never more
@@ -209,7 +217,12 @@ def test_continue_from_needs_a_finished_rl_run(tmp_path, sft_dir, reward_dir):
         load_recipe(
             PPORecipe,
             REPO / "recipes/demo/ppo.yaml",
-            [f"sft_dir={sft_dir}", "ppo.advantage_estimator=grpo", "ppo.rollouts_per_prompt=4", "continue_from={path: x, critic: true}"],
+            [
+                f"sft_dir={sft_dir}",
+                "ppo.advantage_estimator=grpo",
+                "ppo.rollouts_per_prompt=4",
+                "continue_from={path: x, critic: true}",
+            ],
         )
 
 
@@ -240,7 +253,12 @@ def write_rounds(assets: Path, sft: Path, rm: Path, out: Path, path: Path, delay
                 "annotator": {"task": "demo", "annotators": 2, "delay_seconds": delay},
                 "poll_seconds": 0.2,
                 "reward_overrides": common
-                + [f"data.sources.0.path={a}/data/preferences.jsonl", "train.max_steps=8", "train.eval_steps=4", "train.save_steps=4"],
+                + [
+                    f"data.sources.0.path={a}/data/preferences.jsonl",
+                    "train.max_steps=8",
+                    "train.eval_steps=4",
+                    "train.save_steps=4",
+                ],
                 "rl_overrides": common
                 + [
                     f"prompts.sources.0.path={a}/data/prompts.jsonl",
@@ -251,7 +269,12 @@ def write_rounds(assets: Path, sft: Path, rm: Path, out: Path, path: Path, delay
                     "generation.max_new_tokens=16",
                 ],
                 "eval_overrides": common
-                + ["base_dir=null", f"prompts.sources.0.path={a}/data/heldout_prompts.jsonl", "samples_per_prompt=1", "best_of_n=0"],
+                + [
+                    "base_dir=null",
+                    f"prompts.sources.0.path={a}/data/heldout_prompts.jsonl",
+                    "samples_per_prompt=1",
+                    "best_of_n=0",
+                ],
             }
         )
     )
@@ -283,7 +306,9 @@ def _labels(db: Path) -> set[tuple[int, int]]:
         return set()
     engine = store.connect(str(db))
     with engine.connect() as c:
-        got = {(r.pair_id, r.annotator_id) for r in c.execute(select(store.labels.c.pair_id, store.labels.c.annotator_id))}
+        got = {
+            (r.pair_id, r.annotator_id) for r in c.execute(select(store.labels.c.pair_id, store.labels.c.annotator_id))
+        }
     engine.dispose()
     return got
 
@@ -322,7 +347,9 @@ def test_two_rounds_resume_after_sigkill_with_nothing_lost_or_repeated(killed_an
         n_pairs = c.execute(select(func.count()).select_from(store.pairs)).scalar()
     labels_now = {(p, a) for p, a in _labels(out / "labels.sqlite")}
     assert before_kill <= labels_now  # every acknowledged label survived the kill
-    assert n_batches == 2 and n_pairs == sum(json.loads((out / f"round-{k}/round.json").read_text())["batch"]["pairs"] for k in (1, 2))
+    assert n_batches == 2 and n_pairs == sum(
+        json.loads((out / f"round-{k}/round.json").read_text())["batch"]["pairs"] for k in (1, 2)
+    )
     assert set(per_pair.values()) == {2} and len(per_pair) == n_pairs  # every pair: exactly the overlap
     for k in (1, 2):
         exported = [json.loads(x) for x in (out / f"round-{k}/labels.jsonl").read_text().splitlines()]

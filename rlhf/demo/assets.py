@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rlhf.demo import task
 
-ASSETS_VERSION = 1
+ASSETS_VERSION = 2
 MARKER = "ASSETS.json"
 
 # The template marks assistant turns with {% generation %} so TRL can mask everything else out
@@ -117,7 +117,9 @@ def build_demo_assets(out_dir: str | Path, seed: int = 0) -> Path:
         tokenizer.save_pretrained(tmp / "base")
         train_prompts, heldout_prompts = task.split_prompts()
         _write_jsonl(tmp / "data" / "sft.jsonl", task.make_sft_rows(seed))
-        _write_jsonl(tmp / "data" / "preferences.jsonl", task.make_preference_rows(seed))
+        prefs = task.make_preference_rows(seed)
+        _write_jsonl(tmp / "data" / "preferences.jsonl", prefs)
+        _write_jsonl(tmp / "data" / "preferences_distinct.jsonl", task.distinct_preference_rows(prefs))
         _write_jsonl(tmp / "data" / "prompts.jsonl", [{"prompt": p} for p in train_prompts])
         _write_jsonl(tmp / "data" / "heldout_prompts.jsonl", [{"prompt": p} for p in heldout_prompts])
         n_params = sum(p.numel() for p in model.parameters())

@@ -130,6 +130,26 @@ def score(prompt: str, response: str) -> Score:
     return Score(100.0 * sentiment * relevance * form, sentiment, relevance, form)
 
 
+def repeats_a_word(response: str) -> bool:
+    """Whether a sentiment adjective appears twice or more ("the pizza was pleasant and pleasant")."""
+    adjectives = [w for w in _words(response) if w in _POS or w in _NEG]
+    return len(adjectives) != len(set(adjectives))
+
+
+def score_no_repeats(prompt: str, response: str) -> float:
+    """The ground truth of the iterative-rounds demo (docs/rounds.md), 0-100: `score()`, halved for
+    a review that repeats an adjective. The blind spot planted there: the initial preference pairs
+    (`distinct_preference_rows`) never show a repeated adjective, so the first reward model cannot
+    know that people dislike it, while a policy that collapses onto its favourite word repeats it."""
+    total = score(prompt, response).total
+    return total / 2 if repeats_a_word(response) else total
+
+
+def distinct_preference_rows(rows: list[dict]) -> list[dict]:
+    """The preference rows in which neither answer repeats an adjective (the rounds demo's initial data)."""
+    return [r for r in rows if not repeats_a_word(r["chosen"]) and not repeats_a_word(r["rejected"])]
+
+
 def annotator_prefers(rng: random.Random, prompt: str, a: str, b: str, noise: float = 0.1) -> int | None:
     """The stand-in for a human annotator: 0 if `a` is preferred, 1 for `b`, None for a tie.
 

@@ -115,6 +115,6 @@ def close_batch(engine: Engine, bid: int) -> None:
 
 
 def export_batch(engine: Engine, bid: int, out: Path, min_labels: int) -> dict[str, int]:
-    """The batch's labelled pairs -> the reward stage's JSONL (project.export, majority vote per pair);
-    ties are dropped (a round's update trains on clear preferences)."""
-    return project.export(engine, out, ties="drop", min_labels=min_labels, only=pair_ids(engine, bid))
+    """The batch's labelled pairs -> the reward stage's JSONL (project.export, majority vote per pair).
+    Ties are kept as `tie: true` rows: the reward recipe's `ties` setting decides what they teach."""
+    return project.export(engine, out, ties="keep", min_labels=min_labels, only=pair_ids(engine, bid))

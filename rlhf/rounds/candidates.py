@@ -28,18 +28,21 @@ class PromptSlice:
 
 def prompts_for_round(pool: list[Messages], k: int, per_round: int, seed: int) -> PromptSlice:
     """Round k's prompts (k >= 1): the next `per_round` of a seeded order of the pool, so rounds
-    see fresh prompts until the pool is used up, then start over (recorded as `wrapped`)."""
+    see fresh prompts until the pool is used up, then start over (recorded as `wrapped`; a pool
+    smaller than one round's need is gone through more than once, each time with new samples)."""
     order = sorted(range(len(pool)), key=lambda i: hashlib.sha256(f"{seed}:{i}".encode()).digest())
-    n = min(per_round, len(pool))
-    first = (k - 1) * n
-    return PromptSlice([pool[order[(first + i) % len(pool)]] for i in range(n)], first, first + n > len(pool))
+    first = (k - 1) * per_round
+    picked = [pool[order[(first + i) % len(pool)]] for i in range(per_round)]
+    return PromptSlice(picked, first, first + per_round > len(pool))
 
 
 def prompts_needed(labels: int, pool_factor: int, samples_per_prompt: int) -> int:
     return math.ceil(labels * pool_factor / (samples_per_prompt // 2))
 
 
-def score_pairs(reward_dir: str, prompts: list[Messages], a: list[str], b: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def score_pairs(
+    reward_dir: str, prompts: list[Messages], a: list[str], b: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Reward-model scores of both answers of N pairs, (N,) x 2, rendered as reward training renders them."""
     from rlhf.models import default_device, load_model, load_tokenizer
     from rlhf.sampling import render_conversation, score_sequences
@@ -48,7 +51,9 @@ def score_pairs(reward_dir: str, prompts: list[Messages], a: list[str], b: list[
     device = default_device()
     model = load_model(reward_dir, "scorer", device=device).eval()
     seqs = [
-        render_conversation(tok, p + [{"role": "assistant", "content": t}]) for p, x, y in zip(prompts, a, b) for t in (x, y)
+        render_conversation(tok, p + [{"role": "assistant", "content": t}])
+        for p, x, y in zip(prompts, a, b)
+        for t in (x, y)
     ]
     s = score_sequences(model, seqs, tok.pad_token_id, device) if seqs else torch.zeros(0)
     return s[0::2], s[1::2]
@@ -78,16 +83,24 @@ def candidate_pairs(
     ranked = sorted(range(len(rows)), key=lambda i: (certainty[i], i))[:keep]
     pairs = [PairToLabel(rows[i][0], rows[i][1], rows[i][2], certainty[i]) for i in sorted(ranked)]
     n_pairs = sum(len(t) // 2 for t in answers)
-    return pairs, {"prompts": len(prompts), "pairs_sampled": n_pairs, "identical": n_pairs - len(rows), "kept": len(pairs)}
+    return pairs, {
+        "prompts": len(prompts),
+        "pairs_sampled": n_pairs,
+        "identical": n_pairs - len(rows),
+        "kept": len(pairs),
+    }
 
 
 def accuracy(reward_dir: str, rows: list[dict]) -> dict[str, float]:
-    """Pairwise accuracy of a reward model on exported preference rows {prompt, chosen, rejected}."""
+    """Pairwise accuracy of a reward model on exported preference rows {prompt, chosen, rejected};
+    ties have no right answer and are left out (counted)."""
+    ties = sum(bool(r.get("tie")) for r in rows)
+    rows = [r for r in rows if not r.get("tie")]
     if not rows:
-        return {"accuracy": float("nan"), "pairs": 0}
+        return {"accuracy": float("nan"), "pairs": 0, "ties": ties}
     prompts = [r["prompt"] for r in rows]
     sc, sr = score_pairs(reward_dir, prompts, [r["chosen"] for r in rows], [r["rejected"] for r in rows])
-    return {"accuracy": pairwise_accuracy(sc, sr), "pairs": len(rows)}
+    return {"accuracy": pairwise_accuracy(sc, sr), "pairs": len(rows), "ties": ties}
 
 
 def split_heldout(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

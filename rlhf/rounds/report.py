@@ -83,7 +83,9 @@ def _plot(run: Path, rows: list[dict[str, Any]]) -> str | None:
     ax[0].set(title="ground truth (held-out prompts)", xlabel="round")
     later = [r for r in rows if r["round"] > 0]
     ax[1].plot([r["round"] for r in later], [r["accuracy_before"] for r in later], "o-", label="before update (all)")
-    ax[1].plot([r["round"] for r in later], [r["accuracy_after_heldout"] for r in later], "s-", label="after (held out)")
+    ax[1].plot(
+        [r["round"] for r in later], [r["accuracy_after_heldout"] for r in later], "s-", label="after (held out)"
+    )
     ax[1].axhline(0.5, color="grey", lw=0.8, ls=":")
     ax[1].set(title="reward model on the round's on-policy pairs", xlabel="round", ylim=(0, 1))
     ax[1].legend(fontsize=8)

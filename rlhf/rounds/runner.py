@@ -118,7 +118,13 @@ def run_round0(r: RoundsRecipe) -> Path:
     if not (d / ROUND_MANIFEST).is_file():
         write_json_atomic(
             d / ROUND_MANIFEST,
-            {"round": 0, "finished_at": now(), "policy": _ref(r.sft_path), "reward_model": _ref(rm), "eval": _ref(d / "eval")},
+            {
+                "round": 0,
+                "finished_at": now(),
+                "policy": _ref(r.sft_path),
+                "reward_model": _ref(rm),
+                "eval": _ref(d / "eval"),
+            },
         )
     return rm
 
@@ -237,7 +243,13 @@ def update_reward(r: RoundsRecipe, k: int, rm: Path) -> Path:
     d = round_dir(r, k)
     start = r.sft_path if r.carry.reward_model == "retrain_all" else str(rm)
     sources = reward_sources(r, k)
-    over = [*r.reward_overrides, f"output_dir={d}", _group(r), f"model.name_or_path={start}", _flow("data.sources", sources)]
+    over = [
+        *r.reward_overrides,
+        f"output_dir={d}",
+        _group(r),
+        f"model.name_or_path={start}",
+        _flow("data.sources", sources),
+    ]
     return run_stage(r, "reward", r.reward, over, f"round-{k}/reward")
 
 

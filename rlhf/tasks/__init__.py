@@ -16,6 +16,12 @@ def _demo(prompt: str, response: str, hit_limit: bool) -> float:
     return task.score(prompt, response).total
 
 
+def _demo_no_repeats(prompt: str, response: str, hit_limit: bool) -> float:
+    from rlhf.demo import task
+
+    return task.score_no_repeats(prompt, response)
+
+
 def _instruct(prompt: str, response: str, hit_limit: bool) -> float:
     from rlhf.tasks import instruct
 
@@ -30,6 +36,7 @@ def _arithmetic(prompt: str, response: str, hit_limit: bool) -> float:
 
 GRADERS: dict[str, Callable[[str, str, bool], float]] = {
     "demo": _demo,
+    "demo_no_repeats": _demo_no_repeats,
     "instruct": _instruct,
     "arithmetic": _arithmetic,
 }

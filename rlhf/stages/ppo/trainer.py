@@ -167,7 +167,9 @@ def _carry(recipe: PPORecipe, m: engines.Models, state: RunState) -> None:
     c = recipe.continue_from
     assert c is not None
     path = continued_state(recipe)
-    carried = [(name, engine) for name, engine, on in (("actor", m.actor, c.actor), ("critic", m.critic, c.critic)) if on]
+    carried = [
+        (name, engine) for name, engine, on in (("actor", m.actor, c.actor), ("critic", m.critic, c.critic)) if on
+    ]
     for name, engine in carried:
         engine.load_checkpoint(
             str(path / name),

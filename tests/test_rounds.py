@@ -18,6 +18,7 @@ import yaml
 from sqlalchemy import func, select
 
 from conftest import REPO
+from rlhf.checkpoint import MANIFEST
 from rlhf.config import ConfigError, load_recipe
 from rlhf.config_rounds import LabelServer, RoundsRecipe, ScriptedAnnotator
 from rlhf.label import assign, batches, store
@@ -328,7 +329,7 @@ def killed_and_resumed(demo_assets, sft_dir, reward_dir, tmp_path_factory):
     proc = _start(cfg, log)
     ppo = out / "round-1" / "ppo"
     _kill_when(proc, lambda: (ppo / "checkpoints" / "step-2" / "trainer_state.json").is_file(), "round 1's RL state")
-    assert not (ppo / "manifest.json").exists(), "RL finished before the kill; the test did not interrupt training"
+    assert not (ppo / MANIFEST).exists(), "RL finished before the kill; the test did not interrupt training"
     # 3. Resume to the end.
     proc = _start(cfg, log)
     assert proc.wait(timeout=1200) == 0, log.read_text()[-4000:]
@@ -371,8 +372,8 @@ def test_round_manifests_link_the_lineage(killed_and_resumed):
     assert trained_on[-2:] == [str(out / "round-1/train.jsonl"), str(out / "round-2/train.jsonl")]
     assert r2["labels"]["train"]["sha256"]
     # The stages' own manifests agree: round 2's reward model continued round 1's, its RL continued round 1's RL.
-    rm2 = json.loads((out / "round-2/reward/manifest.json").read_text())
-    rl2 = json.loads((out / "round-2/ppo/manifest.json").read_text())
+    rm2 = json.loads((out / "round-2/reward" / MANIFEST).read_text())
+    rl2 = json.loads((out / "round-2/ppo" / MANIFEST).read_text())
     assert [p["path"] for p in rm2["parents"]] == [str(out / "round-1/reward")]
     assert str(out / "round-1/ppo") in [p["path"] for p in rl2["parents"]]
     assert rl2["recipe"]["continue_from"]["path"] == str(out / "round-1/ppo")

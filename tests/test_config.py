@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from rlhf.config import ConfigError, SFTRecipe, load_recipe, to_dict
-from rlhf.config_run import RECIPES
+from rlhf.cli import RECIPES  # every recipe kind, the rounds included
 from rlhf.config_loader import apply_override
 
 REPO = Path(__file__).resolve().parents[1]

@@ -381,3 +381,21 @@ def test_round_manifests_link_the_lineage(killed_and_resumed):
     assert [row["round"] for row in report] == [0, 1, 2]
     assert all(0 <= row["accuracy_before"] <= 1 and "ground_truth" in row and "kl_to_sft" in row for row in report[1:])
     assert (out / "rounds.png").is_file() and "| round |" in (out / "report.md").read_text()
+
+
+def test_the_planted_blind_spot_is_absent_from_the_initial_data_and_penalised(demo_assets):
+    from rlhf.demo import task
+    from rlhf.tasks import BLIND_SPOTS
+
+    repeated = "the pizza was pleasant and pleasant . i loved it ."
+    assert task.repeats_a_word(repeated) and not task.repeats_a_word(GOOD)
+    assert task.score_no_repeats(PROMPT[0]["content"], repeated) == 50.0
+    assert task.score_no_repeats(PROMPT[0]["content"], GOOD) == task.score(PROMPT[0]["content"], GOOD).total == 100.0
+    rows = [json.loads(x) for x in (demo_assets / "data" / "preferences.jsonl").read_text().splitlines()]
+    distinct = [json.loads(x) for x in (demo_assets / "data" / "preferences_distinct.jsonl").read_text().splitlines()]
+    assert any(task.repeats_a_word(r["chosen"]) or task.repeats_a_word(r["rejected"]) for r in rows)
+    assert distinct and not any(
+        task.repeats_a_word(r["chosen"]) or task.repeats_a_word(r["rejected"]) for r in distinct
+    )
+    assert len(distinct) > 0.7 * len(rows)  # most pairs stay: only the repeats are gone
+    assert BLIND_SPOTS["demo_no_repeats"][1](repeated)

@@ -22,6 +22,7 @@ COLUMNS = {
     "kl_to_sft": "KL to SFT",
     "forgetting_ppl_rise": "forgetting",
     "hit_length_limit": "hit limit",
+    "blind_spot": "blind spot",
     "length_mean": "length",
 }
 
@@ -52,7 +53,24 @@ def round_row(run: Path, k: int) -> dict[str, Any] | None:
     for key in ("ground_truth", "reward_mean", "kl_to_sft", "forgetting_ppl_rise", "hit_length_limit", "length_mean"):
         if key in policy:
             row[key] = policy[key]
+    spot = _blind_spot(d, evaluation, "ppo" if k else "sft")
+    if spot is not None:
+        row["blind_spot"] = spot
     return row
+
+
+def _blind_spot(d: Path, evaluation: dict[str, Any], name: str) -> float | None:
+    """Share of the policy's evaluation answers showing the grader's known blind-spot behaviour
+    (rlhf.tasks.BLIND_SPOTS), or None when the grader has none."""
+    from rlhf.tasks import BLIND_SPOTS
+
+    manifest = _json(d / "eval" / "rlhf_manifest.json") or {}
+    grader = manifest.get("recipe", {}).get("ground_truth")
+    if grader not in BLIND_SPOTS:
+        return None
+    shows = BLIND_SPOTS[grader][1]
+    answers = [s["response"] for s in evaluation.get("samples", []) if s["policy"] == name]
+    return sum(map(shows, answers)) / len(answers) if answers else None
 
 
 def _fmt(v: Any) -> str:
@@ -113,7 +131,9 @@ def write(run: Path, last: int) -> Path:
         "k-1 is measured on the round's new on-policy pairs before it trains on them (*before*: all of "
         "them; the held-out part alone), then again after its update on the held-out part it never "
         "trained on (*after*). Ground truth, reward, KL, forgetting, hit limit and length are the round's "
-        "policy on the evaluation recipe's held-out prompts.",
+        "policy on the evaluation recipe's held-out prompts. *Blind spot*: the share of its answers showing "
+        "the behaviour the ground truth penalises and the initial preference data never shows (when the "
+        "grader names one).",
         "",
         *table(rows),
         "",

@@ -40,3 +40,14 @@ GRADERS: dict[str, Callable[[str, str, bool], float]] = {
     "instruct": _instruct,
     "arithmetic": _arithmetic,
 }
+
+
+def _repeats(response: str) -> bool:
+    from rlhf.demo import task
+
+    return task.repeats_a_word(response)
+
+
+BLIND_SPOTS: dict[str, tuple[str, Callable[[str], bool]]] = {"demo_no_repeats": ("repeats an adjective", _repeats)}
+"""Per grader, a behaviour it penalises that a report counts (the share of answers showing it):
+the planted blind spot of the rounds demonstration (docs/rounds.md)."""

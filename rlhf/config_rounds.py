@@ -68,8 +68,10 @@ class ScriptedAnnotator:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.annotators < 1 or not 0 <= self.noise <= 0.5:
-            raise ConfigError("annotator.annotators must be >= 1 and annotator.noise within [0, 0.5]")
+        if self.annotators < 1:
+            raise ConfigError(f"annotator.annotators must be >= 1, got {self.annotators}")
+        if not 0 <= self.noise <= 0.5:
+            raise ConfigError(f"annotator.noise must be within [0, 0.5], got {self.noise}")
 
 
 @dataclass
@@ -111,7 +113,7 @@ class RoundsRecipe:
     """Pairs each round puts in front of the annotators (its labelling budget)."""
     pool_factor: int = 4
     """Candidate pairs sampled per pair kept: the `labels_per_round` the reward model is least
-    sure about are kept (active selection); 1 keeps them all, in random order."""
+    sure about are kept (active selection); 1 keeps them all (still served least certain first)."""
     samples_per_prompt: int = 2
     """Answers sampled per prompt; they are paired two by two."""
     generation: GenerationSettings = field(default_factory=GenerationSettings)
@@ -148,8 +150,14 @@ class RoundsRecipe:
     def __post_init__(self) -> None:
         if (self.sft_dir is None) == (self.sft is None):
             raise ConfigError("give sft_dir (an SFT output) or sft (an SFT recipe round 0 runs), not both")
-        if self.rounds < 1 or self.labels_per_round < 2 or self.pool_factor < 1:
-            raise ConfigError("rounds must be >= 1, labels_per_round >= 2 and pool_factor >= 1")
+        for key, least in (("rounds", 1), ("labels_per_round", 2), ("pool_factor", 1)):
+            if getattr(self, key) < least:
+                raise ConfigError(f"{key} must be >= {least}, got {getattr(self, key)}")
+        if self.annotator is not None and not self.server.serve:
+            raise ConfigError(
+                "annotator: the scripted annotators label through the app this run serves; set server.serve: true "
+                "(or drop annotator: and let people label on your own server)"
+            )
         if self.samples_per_prompt < 2 or self.samples_per_prompt % 2:
             raise ConfigError(
                 f"samples_per_prompt must be even and >= 2 (answers are paired), got {self.samples_per_prompt}"

@@ -48,8 +48,15 @@ def test_a_batch_is_written_once_and_a_closed_batch_is_not_served(tmp_path):
         engine, pair_id=first["pair_id"], annotator_id=who, choice="a", strength=1, comment="", left_id=first["a_id"]
     )
     assert batches.progress(engine, bid, 1) == (1, 3, 1)
+    store.add_annotator(engine, "late")
+    held = assign.next_pair(engine, 2)  # served before the batch closes, labelled after
     batches.close_batch(engine, bid)
     assert assign.next_pair(engine, who) is None  # the rest of a closed batch is not served
+    assert assign.next_pair(engine, 2) is None  # nor is a lease held across the close
+    with pytest.raises(store.PairFull, match="closed"):  # a late label would never be exported: 409
+        assign.add_label(
+            engine, pair_id=held["pair_id"], annotator_id=2, choice="a", strength=1, comment="", left_id=held["a_id"]
+        )
     assert assign.progress(engine, who)["open"] == 0
     bid2 = batches.open_batch(engine, "round-2", "policy-b", _items(2, start=10), {"round": 2})
     nxt = assign.next_pair(engine, who)
@@ -127,7 +134,7 @@ def test_prompts_are_fresh_until_the_pool_is_used_then_wrap():
 
 
 def test_heldout_split_is_stable_disjoint_and_never_empty():
-    rows = [{"provenance": {"pair_id": i}} for i in range(200)]
+    rows = [{"prompt": [{"role": "user", "content": f"q{i}"}], "provenance": {"pair_id": i}} for i in range(200)]
     train, held = candidates.split_heldout(rows, 0.25, seed=0)
     assert len(train) + len(held) == 200 and not {id(r) for r in train} & {id(r) for r in held}
     assert 30 < len(held) < 70
@@ -195,11 +202,24 @@ def test_reward_sources_are_the_union_of_the_files(tmp_path, demo_assets):
         ({"carry": {"reference": "previous", "critic": "continue"}}, "critic=continue"),
         ({"carry": {"reference": "sideways"}}, "reference"),
         ({"annotator": {"task": "demo", "noise": 0.9}}, "noise"),
+        ({"annotator": {"task": "demo"}, "server": {"serve": False}}, "server.serve"),
+        ({"labels_per_round": 1}, "labels_per_round must be >= 2, got 1"),
     ],
 )
 def test_bad_rounds_recipes_say_what_to_fix(tmp_path, over, message):
     with pytest.raises(ConfigError, match=message):
         _recipe(tmp_path, **over)
+
+
+def test_a_stage_recipe_that_fails_with_the_rounds_wiring_fails_before_anything_runs(tmp_path):
+    r = _recipe(
+        tmp_path,
+        rl_overrides=["ppo.advantage_estimator=grpo", "ppo.rollouts_per_prompt=4"],
+        carry={"critic": "continue"},
+    )
+    with pytest.raises(ConfigError, match=r"its rl recipe .*no critic to carry"):
+        runner.run_rounds(r)
+    assert not (tmp_path / "run").exists()
 
 
 def test_continue_from_needs_a_finished_rl_run(tmp_path, sft_dir, reward_dir):

@@ -53,23 +53,28 @@ def _filled(pair_col, t: dt.datetime, other_than: int | None = None):
     return n_labels + held.scalar_subquery()
 
 
-def _held(c: Connection, annotator_id: int, t: dt.datetime) -> int | None:
-    q = (
-        select(assignments.c.pair_id)
-        .where(assignments.c.annotator_id == annotator_id, assignments.c.expires_at > t)
-        .order_by(assignments.c.served_at)
-        .limit(1)
-    )
-    return c.execute(q).scalar()
-
-
 def _closed():
-    """Pairs of closed batches: their round has taken its labels, so they are not served again."""
+    """Pairs of closed batches (`rlhf rounds`): their round has exported its labels, so they are
+    neither served nor labelled any more."""
     return (
         select(batch_pairs.c.pair_id)
         .join(batches, batches.c.id == batch_pairs.c.batch_id)
         .where(batches.c.closed_at.is_not(None))
     )
+
+
+def _held(c: Connection, annotator_id: int, t: dt.datetime) -> int | None:
+    q = (
+        select(assignments.c.pair_id)
+        .where(
+            assignments.c.annotator_id == annotator_id,
+            assignments.c.expires_at > t,
+            assignments.c.pair_id.not_in(_closed()),
+        )
+        .order_by(assignments.c.served_at)
+        .limit(1)
+    )
+    return c.execute(q).scalar()
 
 
 def _pick(c: Connection, annotator_id: int, t: dt.datetime) -> int | None:
@@ -138,6 +143,11 @@ def _check_may_label(c: Connection, pair_id: int, annotator_id: int, t: dt.datet
     mine = (labels.c.pair_id == pair_id) & (labels.c.annotator_id == annotator_id)
     if c.execute(select(labels.c.id).where(mine)).first() is not None:
         raise AlreadyLabelled(f"pair {pair_id} is labelled by this annotator already")
+    if c.execute(
+        select(batch_pairs.c.pair_id).where(batch_pairs.c.pair_id.in_(_closed()), batch_pairs.c.pair_id == pair_id)
+    ).first():
+        # its round exported the batch already: a label now would be stored but never trained on
+        raise PairFull(f"pair {pair_id} belongs to a closed labelling batch; ask /api/next for a current pair")
     served = (assignments.c.pair_id == pair_id) & (assignments.c.annotator_id == annotator_id)
     if c.execute(select(assignments.c.pair_id).where(served)).first() is None:
         raise NotServed(f"pair {pair_id} was not served to you; label the pair /api/next gives you")

@@ -64,13 +64,17 @@ def batch_id(engine: Engine, name: str) -> int | None:
         return c.execute(select(store.batches.c.id).where(store.batches.c.name == name)).scalar()
 
 
+def _batch_id(c, name: str) -> int | None:
+    return c.execute(select(store.batches.c.id).where(store.batches.c.name == name)).scalar()
+
+
 def open_batch(engine: Engine, name: str, policy: str, items: list[PairToLabel], settings: dict[str, Any]) -> int:
     """Write the batch, its prompts, candidates and pairs in one transaction; returns its id. A batch
     of that name that exists already is returned as it is."""
-    found = batch_id(engine, name)
-    if found is not None:
-        return found
     with store.locked(engine) as c:
+        found = _batch_id(c, name)  # checked under the write lock: two writers cannot both insert it
+        if found is not None:
+            return int(found)
         bid = c.execute(
             store.batches.insert().values(name=name, policy=policy, created_at=store.now())
         ).inserted_primary_key[0]
@@ -105,12 +109,21 @@ def progress(engine: Engine, bid: int, min_labels: int) -> tuple[int, int, int]:
 
 
 def close_batch(engine: Engine, bid: int) -> None:
-    """Stop serving the batch's pairs (idempotent: the first close time stays)."""
+    """Stop serving and accepting labels for the batch's pairs, and end their leases, in one
+    transaction (idempotent: the first close time stays). A label arriving after this is refused
+    (409), so every label stored for the batch is in its export."""
     with store.locked(engine) as c:
+        t = store.now()
         c.execute(
             store.batches.update()
             .where(store.batches.c.id == bid, store.batches.c.closed_at.is_(None))
-            .values(closed_at=store.now())
+            .values(closed_at=t)
+        )
+        members = select(store.batch_pairs.c.pair_id).where(store.batch_pairs.c.batch_id == bid)
+        c.execute(
+            store.assignments.update()
+            .where(store.assignments.c.pair_id.in_(members), store.assignments.c.expires_at > t)
+            .values(expires_at=t)
         )
 
 

@@ -54,8 +54,10 @@ def scripted_tokens(run_dir: Path, engine, spec: ScriptedAnnotator) -> dict[str,
     if any(n not in tokens for n in wanted):
         tokens = {n: tokens.get(n) or secrets.token_urlsafe(32) for n in wanted}
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(tokens))
-        os.chmod(tmp, 0o600)
+        tmp.unlink(missing_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)  # never readable by others, not even briefly
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(tokens))
         tmp.replace(path)
     for name, token in tokens.items():
         if store.annotator_for(engine, token) is None:
@@ -74,7 +76,11 @@ def _call(base: str, token: str, method: str, path: str, body: dict | None = Non
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, json.loads(r.read() or b"null")
     except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read() or b"null")
+        body = e.read()
+        try:
+            return e.code, json.loads(body or b"null")
+        except ValueError:  # not JSON (a proxy's error page): keep the status and the text
+            return e.code, body[:500].decode("utf-8", "replace")
 
 
 def label_loop(base: str, name: str, token: str, spec: ScriptedAnnotator, stop: threading.Event) -> None:
@@ -163,6 +169,8 @@ class LabellingSession:
     def check(self) -> None:
         if self.errors:
             raise self.errors[0]
+        if self._uvicorn is not None and not self.threads[0].is_alive():
+            raise store.LabelError("the labelling app stopped while the round waited for labels; rerun to resume")
 
     def __exit__(self, *exc) -> None:
         self.stop.set()

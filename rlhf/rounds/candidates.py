@@ -7,6 +7,7 @@ round (before its update on them: drift; after, on the round's held-out part).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from dataclasses import dataclass
 
@@ -104,11 +105,12 @@ def accuracy(reward_dir: str, rows: list[dict]) -> dict[str, float]:
 
 
 def split_heldout(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, held out): each pair's side chosen by a hash of its id, so the split is the same
-    after a restart and does not depend on the row order."""
+    """(train, held out): each pair's side chosen by a hash of its prompt, so the split is the same
+    after a restart, does not depend on the row order, and a prompt asked twice in a round (a small
+    pool) never has one pair in training and another held out."""
 
     def share(r: dict) -> float:
-        h = hashlib.sha256(f"{seed}:{r['provenance']['pair_id']}".encode()).digest()
+        h = hashlib.sha256(f"{seed}:{json.dumps(r['prompt'], sort_keys=True)}".encode()).digest()
         return int.from_bytes(h[:8], "big") / 2**64
 
     held = [r for r in rows if share(r) < fraction]

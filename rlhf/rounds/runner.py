@@ -16,12 +16,14 @@ policy. Round k (1..rounds):
 
 Every step leaves a durable mark (a database row, a file written atomically, a stage manifest)
 and is skipped when its mark exists, so rerunning the command after a crash (kill -9 included)
-goes on where it stopped: the stages resume from their checkpoints, the labels are in the
-database, and nothing is sampled, labelled or trained twice.
+goes on where it stopped: the stages resume from their last saved state, the labels are in the
+database, and nothing is sampled or labelled twice.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -34,7 +36,7 @@ from rlhf.config import load_recipe, to_dict
 from rlhf.config_rounds import RoundsRecipe
 from rlhf.config_run import RECIPES
 from rlhf.data.io import read_rows
-from rlhf.errors import HandoffError, StageFailed
+from rlhf.errors import ConfigError, HandoffError, RlhfError, StageFailed
 from rlhf.label import batches
 from rlhf.label.project import _load_prompts
 from rlhf.pipeline import PlannedStage, _diff, _flow, is_complete, launch_command, run_logged
@@ -197,7 +199,8 @@ def export_round(r: RoundsRecipe, k: int, engine, bid: int) -> tuple[list[dict],
     if not held_path.is_file():
         batches.close_batch(engine, bid)
         counts = batches.export_batch(engine, bid, d / "labels.jsonl", r.min_labels)
-        write_json_atomic(d / "export.json", counts)
+        _, pairs, n_labels = batches.progress(engine, bid, r.min_labels)  # closed: final, every one exported
+        write_json_atomic(d / "export.json", {**counts, "batch_pairs": pairs, "batch_labels": n_labels})
         train, held = candidates.split_heldout(_rows(d / "labels.jsonl"), r.heldout_fraction, r.seed)
         _write_rows(train_path, train)
         _write_rows(held_path, held)  # last: its presence marks the step done
@@ -233,8 +236,14 @@ def reward_sources(r: RoundsRecipe, k: int) -> list[dict[str, Any]]:
     out = []
     if r.carry.reward_model != "continue_new":
         for s in _initial_sources(r):
-            out.append({**s, "weight": s.get("weight", 1.0) * max(1, sum(1 for _ in read_rows(s["path"])))})
+            n = len(read_rows(s["path"], s.get("split", "train"), s.get("config")))
+            out.append({**s, "weight": s.get("weight", 1.0) * max(1, n)})
     out += [{"path": str(p), "weight": float(max(1, len(_rows(p))))} for p in rounds if _rows(p)]
+    if not out:
+        raise StageFailed(
+            f"round {k}: no preference to train the reward model on (carry.reward_model={r.carry.reward_model}, "
+            f"and {rounds[-1]} is empty: every pair was identical or a tie); label more pairs, or use continue_all"
+        )
     return out
 
 
@@ -299,7 +308,8 @@ def run_round(r: RoundsRecipe, k: int, engine, pool, policy: Path | None, rm: Pa
     new_policy = run_stage(r, "ppo", r.rl, rl_overrides(r, k, new_rm, policy), f"round-{k}/rl")
     run_stage(r, "eval", r.eval, _eval_overrides(r, d, new_rm, new_policy), f"round-{k}/eval")
     after = candidates.accuracy(str(new_rm), held)
-    _, total, n_labels = batches.progress(engine, bid, r.min_labels)
+    exported = json.loads((d / "export.json").read_text())
+    total, n_labels = exported["batch_pairs"], exported["batch_labels"]
     write_json_atomic(
         d / ROUND_MANIFEST,
         {
@@ -324,10 +334,47 @@ def run_round(r: RoundsRecipe, k: int, engine, pool, policy: Path | None, rm: Pa
     return new_policy, new_rm
 
 
+def check_stage_recipes(r: RoundsRecipe) -> None:
+    """Load every stage recipe with a later round's wiring before anything runs, so a key that
+    fails (say carry.critic=continue with a critic-free estimator) fails now, not after a round
+    of people's labelling. Errors name the recipe."""
+    d, rm, prev = round_dir(r, 2), round_dir(r, 2) / "reward", round_dir(r, 1) / "ppo"
+    checks = [
+        ("reward", r.reward, [*r.reward_overrides, f"output_dir={d}", f"model.name_or_path={r.sft_path}"]),
+        ("ppo", r.rl, rl_overrides(r, 2, rm, prev)),
+        ("eval", r.eval, _eval_overrides(r, d, rm, prev)),
+    ] + ([("sft", r.sft, [f"output_dir={round_dir(r, 0)}"])] if r.sft else [])
+    for name, path, over in checks:
+        try:
+            load_recipe(RECIPES[name], path, over)
+        except RlhfError as e:
+            raise ConfigError(f"rounds recipe: its {'rl' if name == 'ppo' else name} recipe ({path}): {e}") from e
+
+
+@contextlib.contextmanager
+def run_lock(run: Path):
+    """One `rlhf rounds` per run directory at a time: a second one (a rerun while the first still
+    trains) is refused instead of racing it for the same checkpoints and batch."""
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise HandoffError(
+                f"another `rlhf rounds` is running on {run} (it holds {run / '.lock'}); wait for it or stop it first"
+            ) from None
+        yield
+
+
 def run_rounds(r: RoundsRecipe) -> Path:
     """All rounds (skipping finished ones); returns the run directory, with report.md in it."""
     run = Path(r.output_dir)
-    run.mkdir(parents=True, exist_ok=True)
+    check_stage_recipes(r)
+    with run_lock(run):
+        return _run_rounds(r, run)
+
+
+def _run_rounds(r: RoundsRecipe, run: Path) -> Path:
     check_recipe(r)
     engine = batches.open_project(str(run / "labels.sqlite"), r.overlap)
     rm = run_round0(r)  # first: it may build the data the prompts come from (the demo's assets)

@@ -152,6 +152,12 @@ def continued_state(recipe: PPORecipe) -> Path:
             f"continue_from.path {c.path}: no final training state in {Path(c.path) / 'checkpoints'} "
             "(the run keeps it unless its checkpoints were deleted)"
         )
+    for name, wanted in (("actor", c.actor), ("critic", c.critic)):
+        if wanted and not (states[-1][1] / name).is_dir():
+            raise HandoffError(
+                f"continue_from.path {c.path}: its final state {states[-1][1]} has no {name} to continue "
+                f"(set continue_from.{name}=false)"
+            )
     then = manifest.get("recipe", {})
     if c.actor and recipe.peft.enabled and then.get("sft_dir") != recipe.sft_dir:
         # Under LoRA the state holds base + adapter; the base must be the one this run builds on.
@@ -171,13 +177,18 @@ def _carry(recipe: PPORecipe, m: engines.Models, state: RunState) -> None:
         (name, engine) for name, engine, on in (("actor", m.actor, c.actor), ("critic", m.critic, c.critic)) if on
     ]
     for name, engine in carried:
-        engine.load_checkpoint(
+        loaded, _ = engine.load_checkpoint(
             str(path / name),
             tag="state",
             load_module_only=not c.optimizer,
             load_optimizer_states=c.optimizer,
             load_lr_scheduler_states=False,  # this run's schedule starts at its own step 0
         )
+        if loaded is None:  # DeepSpeed only warns when it finds nothing: a fresh model must not pass as carried
+            raise HandoffError(f"continue_from: DeepSpeed found no checkpoint to load in {path / name}")
+        if c.optimizer:  # the loaded optimizer brings the old run's last learning rate; this run's schedule rules
+            for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
+                group["lr"] = lr
     if c.kl_controller:
         state.kl_ctl.load_state_dict(json.loads((path / STATE_FILE).read_text())["kl_controller"])
     log.info(

@@ -131,7 +131,8 @@ def write(run: Path, last: int) -> Path:
         "k-1 is measured on the round's new on-policy pairs before it trains on them (*before*: all of "
         "them; the held-out part alone), then again after its update on the held-out part it never "
         "trained on (*after*). Ground truth, reward, KL, forgetting, hit limit and length are the round's "
-        "policy on the evaluation recipe's held-out prompts. *Blind spot*: the share of its answers showing "
+        "policy on the evaluation recipe's held-out prompts; *reward* is scored by that round's own reward "
+        "model, so it does not compare across rounds (ground truth does). *Blind spot*: the share of its answers showing "
         "the behaviour the ground truth penalises and the initial preference data never shows (when the "
         "grader names one).",
         "",

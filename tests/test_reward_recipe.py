@@ -121,9 +121,17 @@ def test_refuses_a_directory_that_is_not_an_sft_output(demo_assets, tmp_path):
 
 
 def test_refuses_an_output_of_another_stage(demo_assets, reward_run, tmp_path):
+    """An SFT output starts a reward model, and a reward model continues (rlhf rounds); an RL
+    policy does neither."""
+    import shutil
+
     out, _ = reward_run
-    with pytest.raises(HandoffError, match="expects a 'sft' output, but .* is a 'reward' output"):
-        run_reward(recipe(demo_assets, out, tmp_path))
+    policy = tmp_path / "ppo"
+    shutil.copytree(out, policy, ignore=shutil.ignore_patterns("checkpoints"))
+    manifest = json.loads((policy / MANIFEST).read_text())
+    (policy / MANIFEST).write_text(json.dumps({**manifest, "stage": "ppo"}))
+    with pytest.raises(HandoffError, match="expects a 'sft' or 'reward' output, but .* is a 'ppo' output"):
+        run_reward(recipe(demo_assets, policy, tmp_path / "run"))
 
 
 @pytest.mark.slow

@@ -325,13 +325,17 @@ def _kill_when(proc: subprocess.Popen, ready, what: str, timeout: float = 600) -
 def _labels(db: Path) -> set[tuple[int, int]]:
     if not db.is_file():
         return set()
+    from sqlalchemy.exc import OperationalError
+
     engine = store.connect(str(db))
-    with engine.connect() as c:
-        got = {
-            (r.pair_id, r.annotator_id) for r in c.execute(select(store.labels.c.pair_id, store.labels.c.annotator_id))
-        }
-    engine.dispose()
-    return got
+    try:
+        with engine.connect() as c:
+            rows = c.execute(select(store.labels.c.pair_id, store.labels.c.annotator_id))
+            return {(r.pair_id, r.annotator_id) for r in rows}
+    except OperationalError:  # the run is creating the database right now: no labels yet
+        return set()
+    finally:
+        engine.dispose()
 
 
 @pytest.fixture(scope="module")

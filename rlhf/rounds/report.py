@@ -132,9 +132,9 @@ def write(run: Path, last: int) -> Path:
         "them; the held-out part alone), then again after its update on the held-out part it never "
         "trained on (*after*). Ground truth, reward, KL, forgetting, hit limit and length are the round's "
         "policy on the evaluation recipe's held-out prompts; *reward* is scored by that round's own reward "
-        "model, so it does not compare across rounds (ground truth does). *Blind spot*: the share of its answers showing "
-        "the behaviour the ground truth penalises and the initial preference data never shows (when the "
-        "grader names one).",
+        "model, so it does not compare across rounds (ground truth does). *Blind spot*: the share of its "
+        "answers showing the behaviour the ground truth penalises and the initial preference data never "
+        "shows (when the grader names one).",
         "",
         *table(rows),
         "",

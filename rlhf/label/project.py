@@ -18,7 +18,7 @@ from rlhf.data.prepare import prepare_splits
 from rlhf.label import agreement, store
 
 
-def _load_prompts(path: str) -> list[Messages]:
+def load_prompts(path: str) -> list[Messages]:
     cfg = DataConfig(sources=[DataSource(path=path)], validation_fraction=0.0, max_length=10**9)
     return prepare_splits(cfg, normalize_prompt).train
 
@@ -84,7 +84,7 @@ def init_project(
     else:
         if not (prompts_path and policy):
             raise ValueError("give --prompts and --policy (and optionally --policy-b), or --candidates")
-        prompts = _load_prompts(prompts_path)
+        prompts = load_prompts(prompts_path)
         settings = {
             "temperature": gen.temperature,
             "top_p": gen.top_p,

@@ -92,16 +92,30 @@ def candidate_pairs(
     }
 
 
+def accuracies(reward_dir: str, groups: dict[str, list[dict]]) -> dict[str, dict[str, float]]:
+    """Pairwise accuracy of a reward model on each group of exported preference rows {prompt,
+    chosen, rejected}, with the model loaded and every row scored once. Ties have no right answer
+    and are left out (counted)."""
+    scored = [r for rows in groups.values() for r in rows if not r.get("tie")]
+    sc, sr = (
+        score_pairs(
+            reward_dir, [r["prompt"] for r in scored], [r["chosen"] for r in scored], [r["rejected"] for r in scored]
+        )
+        if scored
+        else (torch.zeros(0), torch.zeros(0))
+    )
+    out, at = {}, 0
+    for name, rows in groups.items():
+        n = sum(not r.get("tie") for r in rows)
+        acc = pairwise_accuracy(sc[at : at + n], sr[at : at + n]) if n else float("nan")
+        out[name] = {"accuracy": acc, "pairs": n, "ties": len(rows) - n}
+        at += n
+    return out
+
+
 def accuracy(reward_dir: str, rows: list[dict]) -> dict[str, float]:
-    """Pairwise accuracy of a reward model on exported preference rows {prompt, chosen, rejected};
-    ties have no right answer and are left out (counted)."""
-    ties = sum(bool(r.get("tie")) for r in rows)
-    rows = [r for r in rows if not r.get("tie")]
-    if not rows:
-        return {"accuracy": float("nan"), "pairs": 0, "ties": ties}
-    prompts = [r["prompt"] for r in rows]
-    sc, sr = score_pairs(reward_dir, prompts, [r["chosen"] for r in rows], [r["rejected"] for r in rows])
-    return {"accuracy": pairwise_accuracy(sc, sr), "pairs": len(rows), "ties": ties}
+    """`accuracies` of one group."""
+    return accuracies(reward_dir, {"rows": rows})["rows"]
 
 
 def split_heldout(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:

@@ -64,7 +64,9 @@ def _blind_spot(d: Path, evaluation: dict[str, Any], name: str) -> float | None:
     (rlhf.tasks.BLIND_SPOTS), or None when the grader has none."""
     from rlhf.tasks import BLIND_SPOTS
 
-    manifest = _json(d / "eval" / "rlhf_manifest.json") or {}
+    from rlhf.checkpoint import MANIFEST
+
+    manifest = _json(d / "eval" / MANIFEST) or {}
     grader = manifest.get("recipe", {}).get("ground_truth")
     if grader not in BLIND_SPOTS:
         return None

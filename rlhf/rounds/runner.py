@@ -38,7 +38,7 @@ from rlhf.config_run import RECIPES
 from rlhf.data.io import read_rows
 from rlhf.errors import ConfigError, HandoffError, RlhfError, StageFailed
 from rlhf.label import batches
-from rlhf.label.project import _load_prompts
+from rlhf.label.project import load_prompts
 from rlhf.pipeline import PlannedStage, _diff, _flow, is_complete, launch_command, run_logged
 from rlhf.rounds import candidates, report
 from rlhf.rounds.annotator import LabellingSession
@@ -52,6 +52,11 @@ MAY_CHANGE = ("rounds", "annotator", "server", "poll_seconds", "launcher")
 
 def round_dir(r: RoundsRecipe, k: int) -> Path:
     return Path(r.output_dir) / f"round-{k}"
+
+
+def label_db(r: RoundsRecipe) -> str:
+    """The run's one label database (every round's batch)."""
+    return str(Path(r.output_dir) / "labels.sqlite")
 
 
 def _say(msg: str) -> None:
@@ -178,7 +183,7 @@ def wait_for_labels(r: RoundsRecipe, k: int, engine, bid: int) -> None:
     done, total, _ = batches.progress(engine, bid, r.min_labels)
     if done >= total:
         return
-    db = str(Path(r.output_dir) / "labels.sqlite")
+    db = label_db(r)
     with LabellingSession(db, Path(r.output_dir), r.server, r.annotator, engine) as session:
         where = session.url or f"your own `rlhf label serve --db {db}`"
         _say(f"round-{k}: waiting for labels on {total} pairs at {where}")
@@ -212,11 +217,8 @@ def measure_before(r: RoundsRecipe, k: int, rm: Path, train: list[dict], held: l
     path = round_dir(r, k) / "drift.json"
     if path.is_file():
         return json.loads(path.read_text())
-    out = {
-        "reward_model": _ref(rm),
-        "before_all": candidates.accuracy(str(rm), train + held),
-        "before_heldout": candidates.accuracy(str(rm), held),
-    }
+    acc = candidates.accuracies(str(rm), {"all": train + held, "heldout": held})  # the model loaded once
+    out = {"reward_model": _ref(rm), "before_all": acc["all"], "before_heldout": acc["heldout"]}
     write_json_atomic(path, out)
     return out
 
@@ -247,11 +249,10 @@ def reward_sources(r: RoundsRecipe, k: int) -> list[dict[str, Any]]:
     return out
 
 
-def update_reward(r: RoundsRecipe, k: int, rm: Path) -> Path:
-    """Step 6."""
+def update_reward(r: RoundsRecipe, k: int, rm: Path, sources: list[dict[str, Any]]) -> Path:
+    """Step 6, on `sources` (reward_sources)."""
     d = round_dir(r, k)
     start = r.sft_path if r.carry.reward_model == "retrain_all" else str(rm)
-    sources = reward_sources(r, k)
     over = [
         *r.reward_overrides,
         f"output_dir={d}",
@@ -304,7 +305,8 @@ def run_round(r: RoundsRecipe, k: int, engine, pool, policy: Path | None, rm: Pa
         f"round-{k}: {len(train) + len(held)} labelled pairs; the current reward model agrees with "
         f"{before['before_all']['accuracy']:.3f} of them"
     )
-    new_rm = update_reward(r, k, rm)
+    sources = reward_sources(r, k)
+    new_rm = update_reward(r, k, rm, sources)
     new_policy = run_stage(r, "ppo", r.rl, rl_overrides(r, k, new_rm, policy), f"round-{k}/rl")
     run_stage(r, "eval", r.eval, _eval_overrides(r, d, new_rm, new_policy), f"round-{k}/eval")
     after = candidates.accuracy(str(new_rm), held)
@@ -323,7 +325,7 @@ def run_round(r: RoundsRecipe, k: int, engine, pool, policy: Path | None, rm: Pa
                 "heldout": {"path": str(d / "heldout.jsonl"), "rows": len(held), "sha256": _sha(d / "heldout.jsonl")},
             },
             "reward_model_before": _ref(rm),
-            "reward_model": {**_ref(new_rm), "trained_on": reward_sources(r, k)},
+            "reward_model": {**_ref(new_rm), "trained_on": sources},
             "policy_before": _ref(source),
             "policy": _ref(new_policy),
             "carry": to_dict(r.carry),
@@ -376,9 +378,9 @@ def run_rounds(r: RoundsRecipe) -> Path:
 
 def _run_rounds(r: RoundsRecipe, run: Path) -> Path:
     check_recipe(r)
-    engine = batches.open_project(str(run / "labels.sqlite"), r.overlap)
+    engine = batches.open_project(label_db(r), r.overlap)
     rm = run_round0(r)  # first: it may build the data the prompts come from (the demo's assets)
-    pool = _load_prompts(r.prompts.path)
+    pool = load_prompts(r.prompts.path)
     policy: Path | None = None
     for k in range(1, r.rounds + 1):
         policy, rm = run_round(r, k, engine, pool, policy, rm)

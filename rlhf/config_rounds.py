@@ -62,7 +62,11 @@ class ScriptedAnnotator:
     noise: float = 0.1
     """Share of judgements flipped, as people disagree with the truth."""
     tie_below: float = 0.0
-    """A score difference at or below this is a tie."""
+    """A score difference at or below this is a tie (unless `tie_break` separates the two)."""
+    tie_break: bool = True
+    """When the scores tie, prefer by the task's partial credit where it has one
+    (`rlhf.tasks.PARTIAL_CREDIT`; strength 1). Without it a coarse grader such as the instruction
+    task's turns most on-policy pairs into ties, which teach a reward model nothing."""
     delay_seconds: float = 0.0
     """Pause after each label (slows the stand-in down, e.g. to interrupt a round that waits)."""
     seed: int = 0

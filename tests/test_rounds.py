@@ -123,6 +123,26 @@ def test_judge_follows_the_grader_with_noise_and_strength():
     assert 0.25 < flips / 2000 < 0.35
 
 
+def test_judge_breaks_a_coarse_graders_ties_by_partial_credit():
+    """The instruction task's total is a product: both answers below are off topic and score 0, but
+    one follows the instruction. A person would prefer it; with tie_break off it stays a tie."""
+    from rlhf.tasks import instruct
+
+    prompt = instruct.Prompt("cat", ("exclaim",), "").text
+    follows, ignores = "The weather is nice!", "The weather is nice."
+    grade = GRADERS["instruct"]
+    assert grade(prompt, follows, False) == grade(prompt, ignores, False) == 0.0
+    rng = random.Random(0)
+    spec = ScriptedAnnotator(task="instruct", noise=0.0)
+    assert judge(rng, grade, prompt, ignores, follows, spec) == {"choice": "right", "strength": 1}
+    assert judge(rng, grade, prompt, follows, ignores, spec) == {"choice": "left", "strength": 1}
+    assert judge(rng, grade, prompt, follows, follows, spec) == {"choice": "tie"}  # nothing tells them apart
+    plain = ScriptedAnnotator(task="instruct", noise=0.0, tie_break=False)
+    assert judge(rng, grade, prompt, ignores, follows, plain) == {"choice": "tie"}
+    # a task without partial credit is unchanged: equal scores stay a tie
+    assert judge(rng, GRADERS["demo"], PROMPT[0]["content"], GOOD, GOOD, spec) == {"choice": "tie"}
+
+
 def test_prompts_are_fresh_until_the_pool_is_used_then_wrap():
     pool = [[{"role": "user", "content": f"p{i}"}] for i in range(10)]
     r1, r2, r3 = (candidates.prompts_for_round(pool, k, 4, seed=0) for k in (1, 2, 3))

@@ -25,7 +25,7 @@ from typing import Any
 
 from rlhf.config_rounds import LabelServer, ScriptedAnnotator
 from rlhf.label import store
-from rlhf.tasks import GRADERS
+from rlhf.tasks import GRADERS, PARTIAL_CREDIT
 
 log = logging.getLogger("rlhf")
 
@@ -34,11 +34,16 @@ TOKENS_FILE = "scripted_annotators.json"
 
 def judge(rng: random.Random, grade, prompt: str, left: str, right: str, spec: ScriptedAnnotator) -> dict[str, Any]:
     """One label as the API takes it: the side the grader scores higher (flipped `noise` of the
-    time), a tie within `tie_below`, and a strength from the size of the difference."""
+    time), and a strength from the size of the difference. Within `tie_below` it is a tie, unless
+    `spec.tie_break` and the task's partial credit tell the two apart (then strength 1)."""
     sl, sr = grade(prompt, left, False), grade(prompt, right, False)
     diff = abs(sl - sr)
     if diff <= spec.tie_below:
-        return {"choice": "tie"}
+        partial = PARTIAL_CREDIT.get(spec.task) if spec.tie_break else None
+        pl, pr = (partial(prompt, left), partial(prompt, right)) if partial else ((), ())
+        if pl == pr:
+            return {"choice": "tie"}
+        sl, sr, diff = float(pl > pr), float(pr > pl), 0.0
     better = "left" if sl > sr else "right"
     if rng.random() < spec.noise:
         better = "right" if better == "left" else "left"

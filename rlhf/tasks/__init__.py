@@ -28,6 +28,13 @@ def _instruct(prompt: str, response: str, hit_limit: bool) -> float:
     return instruct.score(prompt, response, hit_limit).total
 
 
+def _instruct_partial(prompt: str, response: str) -> tuple[float, ...]:
+    from rlhf.tasks import instruct
+
+    s = instruct.score(prompt, response, False)
+    return (s.followed, s.on_topic, s.form)
+
+
 def _arithmetic(prompt: str, response: str, hit_limit: bool) -> float:
     from rlhf.tasks import arithmetic
 
@@ -40,6 +47,14 @@ GRADERS: dict[str, Callable[[str, str, bool], float]] = {
     "instruct": _instruct,
     "arithmetic": _arithmetic,
 }
+
+
+PARTIAL_CREDIT: dict[str, Callable[[str, str], tuple[float, ...]]] = {"instruct": _instruct_partial}
+"""Per grader whose score is coarse, what a person still sees when two answers score the same: the
+instruction task's total is a product (an off-topic answer scores 0 however many instructions it
+follows), so two answers often tie at 0 or 100 while one follows more instructions. The scripted
+annotator breaks such ties by these parts in order, as the rule that labelled the task's initial
+preferences does (`instruct.annotator_prefers`: instructions followed, then on topic)."""
 
 
 def _repeats(response: str) -> bool:

@@ -250,6 +250,9 @@ def require_label_extra() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from rlhf import lifeline
+
+    lifeline.watch_from_env()  # a stage launched by `rlhf pipeline` or `rlhf rounds` dies with it
     args = build_parser().parse_args(argv)
     from rlhf.errors import RlhfError
 

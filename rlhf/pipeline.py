@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rlhf import lifeline
 from rlhf.checkpoint import MANIFEST
 from rlhf.config import load_recipe, to_dict
 from rlhf.config_run import RECIPES, LauncherConfig, PipelineRecipe
@@ -210,7 +211,8 @@ def run_logged(cmd: list[str], log_path: Path) -> int:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:
         log.write(f"\n$ {' '.join(cmd)}\n".encode())
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=os.environ.copy())
+        env = lifeline.launched_env(dict(os.environ))  # the stage exits if this process is killed
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
         assert proc.stdout is not None
         while chunk := os.read(proc.stdout.fileno(), 65536):
             sys.stdout.buffer.write(chunk), sys.stdout.flush()

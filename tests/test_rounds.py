@@ -20,6 +20,7 @@ from sqlalchemy import func, select
 from conftest import REPO
 from rlhf.checkpoint import MANIFEST
 from rlhf.config import ConfigError, load_recipe
+from rlhf.errors import HandoffError
 from rlhf.config_rounds import LabelServer, RoundsRecipe, ScriptedAnnotator
 from rlhf.label import assign, batches, store
 from rlhf.rounds import candidates, runner
@@ -240,6 +241,25 @@ def test_a_stage_recipe_that_fails_with_the_rounds_wiring_fails_before_anything_
     with pytest.raises(ConfigError, match=r"its rl recipe .*no critic to carry"):
         runner.run_rounds(r)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_edited_stage_recipe_is_refused_on_a_rerun(tmp_path):
+    """Editing a stage recipe file between runs of one run directory would make the later rounds
+    another experiment; the rerun is refused, naming the key. More rounds are fine."""
+    rl = tmp_path / "ppo.yaml"
+    rl.write_text((REPO / "recipes/demo/ppo.yaml").read_text())
+    r = _recipe(tmp_path, rl=str(rl))
+    (tmp_path / "run").mkdir()  # made by the run lock
+    runner.check_recipe(r, runner.check_stage_recipes(r))
+    recorded = json.loads((tmp_path / "run" / "stage_recipes.json").read_text())
+    assert set(recorded) == {"reward", "rl", "eval"} and recorded["rl"]["path"] == str(rl)
+    more = _recipe(tmp_path, rl=str(rl), rounds=5)
+    runner.check_recipe(more, runner.check_stage_recipes(more))  # same recipes: accepted
+    cfg = yaml.safe_load(rl.read_text())
+    cfg["ppo"]["kl_coef"] = 0.5
+    rl.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(HandoffError, match=r"different stage recipes \(rl\.ppo\.kl_coef"):
+        runner.check_recipe(r, runner.check_stage_recipes(r))
 
 
 def test_continue_from_needs_a_finished_rl_run(tmp_path, sft_dir, reward_dir):

@@ -39,7 +39,7 @@ from rlhf.data.io import read_rows
 from rlhf.errors import ConfigError, HandoffError, RlhfError, StageFailed
 from rlhf.label import batches
 from rlhf.label.project import load_prompts
-from rlhf.pipeline import PlannedStage, _diff, _flow, is_complete, launch_command, run_logged
+from rlhf.pipeline import PlannedStage, _diff, _flow, _outcome, is_complete, launch_command, run_logged
 from rlhf.rounds import candidates, report
 from rlhf.rounds.annotator import LabellingSession
 
@@ -73,20 +73,27 @@ def _ref(path: str | Path) -> dict[str, Any]:
     return {"path": str(path), "manifest_sha256": _sha(m) if m.is_file() else None}
 
 
-def check_recipe(r: RoundsRecipe) -> None:
+def check_recipe(r: RoundsRecipe, stage_recipes: dict[str, dict[str, Any]]) -> None:
     """A run directory belongs to one recipe: refuse one whose rounds were made differently (more
-    rounds, another annotator or server are fine)."""
-    path = Path(r.output_dir) / "rounds_recipe.json"
-    now_ = {k: v for k, v in to_dict(r).items() if k not in MAY_CHANGE}
-    if path.is_file():
-        diffs = _diff(json.loads(path.read_text()), now_)
+    rounds, another annotator or server are fine). That includes the stage recipe files: editing,
+    say, the RL recipe between rounds would make later rounds a different experiment, and a stage
+    that is resumed or skipped would not notice (its wiring, not the file, is what it checks)."""
+    run = Path(r.output_dir)
+    rounds_recipe = {k: v for k, v in to_dict(r).items() if k not in MAY_CHANGE}
+    for path, made, what in (
+        (run / "rounds_recipe.json", rounds_recipe, "recipe"),
+        # kept apart, so a run begun before these were recorded starts recording them now
+        (run / "stage_recipes.json", stage_recipes, "stage recipes"),
+    ):
+        if not path.is_file():
+            write_json_atomic(path, made)
+            continue
+        diffs = _diff(json.loads(path.read_text()), made)
         if diffs:
             raise HandoffError(
-                f"{r.output_dir} holds rounds made by a different recipe ({'; '.join(diffs[:5])}); "
-                "use another output_dir, or delete it to start over"
+                f"{r.output_dir} holds rounds made by different {what} ({'; '.join(diffs[:5])}); "
+                "restore them, use another output_dir, or delete it to start over"
             )
-    else:
-        write_json_atomic(path, now_)
 
 
 def run_stage(r: RoundsRecipe, name: str, recipe_path: str, overrides: list[str], label: str) -> Path:
@@ -336,21 +343,26 @@ def run_round(r: RoundsRecipe, k: int, engine, pool, policy: Path | None, rm: Pa
     return new_policy, new_rm
 
 
-def check_stage_recipes(r: RoundsRecipe) -> None:
+def check_stage_recipes(r: RoundsRecipe) -> dict[str, dict[str, Any]]:
     """Load every stage recipe with a later round's wiring before anything runs, so a key that
     fails (say carry.critic=continue with a critic-free estimator) fails now, not after a round
-    of people's labelling. Errors name the recipe."""
+    of people's labelling. Errors name the recipe. Returns each one resolved (without the
+    settings that do not change what it makes), for `check_recipe`."""
     d, rm, prev = round_dir(r, 2), round_dir(r, 2) / "reward", round_dir(r, 1) / "ppo"
     checks = [
         ("reward", r.reward, [*r.reward_overrides, f"output_dir={d}", f"model.name_or_path={r.sft_path}"]),
         ("ppo", r.rl, rl_overrides(r, 2, rm, prev)),
         ("eval", r.eval, _eval_overrides(r, d, rm, prev)),
     ] + ([("sft", r.sft, [f"output_dir={round_dir(r, 0)}"])] if r.sft else [])
+    resolved = {}
     for name, path, over in checks:
+        what = "rl" if name == "ppo" else name
         try:
-            load_recipe(RECIPES[name], path, over)
+            loaded = json.loads(json.dumps(to_dict(load_recipe(RECIPES[name], path, over))))
+            resolved[what] = {"path": path, **_outcome(loaded)}
         except RlhfError as e:
-            raise ConfigError(f"rounds recipe: its {'rl' if name == 'ppo' else name} recipe ({path}): {e}") from e
+            raise ConfigError(f"rounds recipe: its {what} recipe ({path}): {e}") from e
+    return resolved
 
 
 @contextlib.contextmanager
@@ -371,13 +383,13 @@ def run_lock(run: Path):
 def run_rounds(r: RoundsRecipe) -> Path:
     """All rounds (skipping finished ones); returns the run directory, with report.md in it."""
     run = Path(r.output_dir)
-    check_stage_recipes(r)
+    stage_recipes = check_stage_recipes(r)
     with run_lock(run):
-        return _run_rounds(r, run)
+        return _run_rounds(r, run, stage_recipes)
 
 
-def _run_rounds(r: RoundsRecipe, run: Path) -> Path:
-    check_recipe(r)
+def _run_rounds(r: RoundsRecipe, run: Path, stage_recipes: dict[str, dict[str, Any]]) -> Path:
+    check_recipe(r, stage_recipes)
     engine = batches.open_project(label_db(r), r.overlap)
     rm = run_round0(r)  # first: it may build the data the prompts come from (the demo's assets)
     pool = load_prompts(r.prompts.path)

@@ -23,6 +23,20 @@ def default_device():
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+def release_device_memory() -> None:
+    """Give the GPU memory of models this process no longer holds back to the device. A run
+    process (`rlhf rounds`) samples and scores in itself and then launches training stages as
+    other processes: without this, PyTorch's caching allocator would keep that memory reserved
+    here for the rest of the run, out of the stages' reach."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 def _require_dir(path: str, what: str) -> str:
     """The local directory to load from: `path` itself, or the cached snapshot of a hub id
     (`rlhf.hub`); a typo fails here with a clear message instead of a hub connection error."""

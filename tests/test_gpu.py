@@ -61,3 +61,14 @@ def test_peft_methods_train_in_bf16_on_a_gpu(demo_assets, tmp_path, method):
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
     assert losses and all(torch.isfinite(torch.tensor(v)) for v in losses)
+
+
+def test_the_run_process_gives_the_gpu_memory_of_its_sampling_back(reward_dir):
+    """`rlhf rounds` scores pairs in its own process, then launches training stages as other
+    processes: after scoring, nothing may stay reserved on the device."""
+    from rlhf.rounds.candidates import score_pairs
+
+    prompt = [{"role": "user", "content": "write a review of the pizza ."}]
+    a, b = score_pairs(str(reward_dir), [prompt] * 4, ["good ."] * 4, ["bad ."] * 4)
+    assert a.shape == b.shape == (4,) and a.device.type == "cpu"
+    assert torch.cuda.memory_reserved() == 0

@@ -27,13 +27,15 @@ def generate_candidates(
     prompts: list[Messages], policy: str, samples: int, gen: GenerationSettings, seed: int
 ) -> list[list[str]]:
     """`samples` responses per prompt from one policy (the evaluation sampler, so the same code path)."""
-    from rlhf.models import default_device, load_model, load_tokenizer
+    from rlhf.models import default_device, load_model, load_tokenizer, release_device_memory
     from rlhf.sampling import render_prompt, sample
 
     tok = load_tokenizer(policy)
     device = default_device()
     model = load_model(policy, "causal-lm", device=device).eval()
     s = sample(model, tok, [render_prompt(tok, p) for p in prompts], samples, gen, seed, 64, device)
+    del model
+    release_device_memory()
     out: list[list[str]] = [[] for _ in prompts]
     for i, r in zip(s.prompt_index, s.responses):
         out[i].append(tok.decode(r, skip_special_tokens=True).strip())

@@ -45,7 +45,7 @@ def score_pairs(
     reward_dir: str, prompts: list[Messages], a: list[str], b: list[str]
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reward-model scores of both answers of N pairs, (N,) x 2, rendered as reward training renders them."""
-    from rlhf.models import default_device, load_model, load_tokenizer
+    from rlhf.models import default_device, load_model, load_tokenizer, release_device_memory
     from rlhf.sampling import render_conversation, score_sequences
 
     tok = load_tokenizer(reward_dir)
@@ -56,7 +56,9 @@ def score_pairs(
         for p, x, y in zip(prompts, a, b)
         for t in (x, y)
     ]
-    s = score_sequences(model, seqs, tok.pad_token_id, device) if seqs else torch.zeros(0)
+    s = score_sequences(model, seqs, tok.pad_token_id, device) if seqs else torch.zeros(0)  # on the CPU
+    del model
+    release_device_memory()
     return s[0::2], s[1::2]
 
 

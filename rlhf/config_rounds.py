@@ -65,8 +65,9 @@ class ScriptedAnnotator:
     """A score difference at or below this is a tie (unless `tie_break` separates the two)."""
     tie_break: bool = True
     """When the scores tie, prefer by the task's partial credit where it has one
-    (`rlhf.tasks.PARTIAL_CREDIT`; strength 1). Without it a coarse grader such as the instruction
-    task's turns most on-policy pairs into ties, which teach a reward model nothing."""
+    (`rlhf.tasks.PARTIAL_CREDIT`; strength 1), as a person would who sees that one answer follows
+    more of the instructions although both are off topic. A tie then means the two are equal by
+    every part of the ground truth."""
     delay_seconds: float = 0.0
     """Pause after each label (slows the stand-in down, e.g. to interrupt a round that waits)."""
     seed: int = 0

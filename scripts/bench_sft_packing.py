@@ -1,11 +1,15 @@
-"""SFT throughput with packing on vs off on the demo data, measured side by side in one run.
+"""SFT throughput with packing on vs off, measured side by side in one run.
 
     .venv/bin/python scripts/bench_sft_packing.py [--epochs 1] [--repeats 2] [--out runs/bench/sft_packing.json]
+    .venv/bin/python scripts/bench_sft_packing.py --recipe recipes/smollm2-135m/sft.yaml --max-samples 256 \
+        --out runs/bench/sft_packing_smollm2.json
 
-Both arms train the same tiny model on the same examples (whole epochs, so both see exactly the
-same real tokens) with the same micro batch and max length; packing puts several short examples
-into each row (no cross-attention between them), so fewer padding tokens are computed and fewer
-steps are needed. tokens/s counts real (non-padding) tokens. Arms alternate to spread noise.
+By default both arms train the demo's tiny model on the demo data. With `--recipe`, they train that
+recipe's model on its data as the recipe says (LoRA, precision, micro batch), on its first
+`--max-samples` examples. Both arms see the same examples for whole epochs, so exactly the same
+real tokens, with the same micro batch and max length. Packing puts several short examples into
+each row (no cross-attention between them), so fewer padding tokens are computed and fewer steps
+are needed. tokens/s counts real (non-padding) tokens. Arms alternate to spread noise.
 """
 
 from __future__ import annotations
@@ -23,14 +27,12 @@ from rlhf.stages.sft import run_sft
 REPO = Path(__file__).resolve().parents[1]
 
 
-def one_run(assets: Path, out: Path, packing: bool, epochs: float, max_length: int) -> dict:
+def one_run(recipe_path: Path, data: list[str], out: Path, packing: bool, epochs: float, max_length: int) -> dict:
     recipe = load_recipe(
         SFTRecipe,
-        REPO / "recipes/demo/sft.yaml",
+        recipe_path,
         [
-            f"demo_assets={assets}",
-            f"model.name_or_path={assets / 'base'}",
-            f"data.sources.0.path={assets / 'data' / 'sft.jsonl'}",
+            *data,
             f"output_dir={out}",
             "tracking.wandb=false",
             f"packing={str(packing).lower()}",
@@ -57,17 +59,32 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--recipe", help="an SFT recipe to measure (default: the demo's, on freshly built demo assets)")
+    ap.add_argument("--max-samples", type=int, help="train on this many of the data's examples (both arms)")
     ap.add_argument("--out", default="runs/bench/sft_packing.json")
     args = ap.parse_args()
 
-    from rlhf.demo.assets import build_demo_assets
-
     with tempfile.TemporaryDirectory() as tmp:
-        assets = build_demo_assets(Path(tmp) / "assets")
+        if args.recipe:
+            recipe_path, data = Path(args.recipe), []
+        else:
+            from rlhf.demo.assets import build_demo_assets
+
+            assets = build_demo_assets(Path(tmp) / "assets")
+            recipe_path = REPO / "recipes/demo/sft.yaml"
+            data = [
+                f"demo_assets={assets}",
+                f"model.name_or_path={assets / 'base'}",
+                f"data.sources.0.path={assets / 'data' / 'sft.jsonl'}",
+            ]
+        if args.max_samples:
+            data.append(f"data.max_samples={args.max_samples}")
         runs: dict[str, list[dict]] = {"off": [], "on": []}
         for r in range(args.repeats):
             for arm in ("off", "on") if r % 2 == 0 else ("on", "off"):
-                runs[arm].append(one_run(assets, Path(tmp) / f"{arm}{r}", arm == "on", args.epochs, args.max_length))
+                out = Path(tmp) / f"{arm}{r}"
+                runs[arm].append(one_run(recipe_path, data, out, arm == "on", args.epochs, args.max_length))
+        micro = load_recipe(SFTRecipe, recipe_path, data).train.micro_batch_size
     summary = {}
     for arm, rs in runs.items():
         tps = [x["tokens"] / x["seconds"] for x in rs]
@@ -80,8 +97,8 @@ def main() -> None:
         }
     ratio = summary["on"]["tokens_per_s"] / summary["off"]["tokens_per_s"]
     print(
-        f"\nSFT on the demo data: {args.epochs} epoch(s), micro batch 32, max_length {args.max_length}, "
-        f"median of {args.repeats} alternating runs"
+        f"\nSFT ({args.recipe or 'the demo'}): {args.epochs} epoch(s), micro batch {micro}, "
+        f"max_length {args.max_length}, median of {args.repeats} alternating runs"
     )
     print(f"{'packing':<8} {'steps':>6} {'tokens':>9} {'seconds':>8} {'tokens/s':>10} {'train loss':>10}")
     for arm in ("off", "on"):

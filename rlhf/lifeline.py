@@ -20,25 +20,37 @@ import sys
 import threading
 
 ENV = "RLHF_LAUNCHED_BY"
-"""'<hostname>:<pid>' of the run process that launched this stage."""
+"""'<hostname>:<pid>:<start time>' of the run process that launched this stage."""
 
 EXIT_CODE = 75
 """The stage's exit code when its run is gone (EX_TEMPFAIL: rerun to resume)."""
 
 
+def _start_time(pid: int | str) -> str | None:
+    """The process's start time in clock ticks since boot (field 22 of /proc/PID/stat), which
+    with the pid names one process: a pid can be reused, the pair cannot."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
 def launched_env(env: dict[str, str]) -> dict[str, str]:
     """`env` with this process named as the launcher of the child about to start."""
-    return {**env, ENV: f"{socket.gethostname()}:{os.getpid()}"}
+    me = os.getpid()
+    return {**env, ENV: f"{socket.gethostname()}:{me}:{_start_time(me)}"}
 
 
 def watch_from_env() -> bool:
     """In a stage: exit when the run that launched it exits. Returns whether it is watching.
 
     The hostname guards multi-node runs: a launcher that forwards the environment to another node
-    carries a pid that means nothing there."""
+    carries a pid that means nothing there. The start time guards against a reused pid (the run
+    died while this stage was starting, and another process got its number)."""
     value = os.environ.get(ENV, "")
-    host, _, pid = value.rpartition(":")
-    if not value or host != socket.gethostname() or not pid.isdigit():
+    host, pid, started = (value.rsplit(":", 2) + ["", ""])[:3] if value.count(":") >= 2 else ("", "", "")
+    if host != socket.gethostname() or not pid.isdigit() or started in ("", "None"):
         return False
     try:
         fd = os.pidfd_open(int(pid))
@@ -46,12 +58,16 @@ def watch_from_env() -> bool:
         _stop()
     except (AttributeError, OSError):  # no pidfd on this system: run on unwatched
         return False
+    if _start_time(pid) != started:  # another process has the run's pid: the run is gone
+        _stop()
     threading.Thread(target=_wait, args=(fd,), daemon=True, name="rlhf-lifeline").start()
     return True
 
 
 def _wait(fd: int) -> None:
-    select.select([fd], [], [])  # a pidfd turns readable when its process exits
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)  # a pidfd turns readable when its process exits
+    poller.poll()
     _stop()
 
 

@@ -34,6 +34,9 @@ def release_device_memory() -> None:
 
     gc.collect()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
+        clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+        if clear is not None:  # cuBLAS keeps its workspaces in the cache, out of empty_cache()'s reach
+            clear()
         torch.cuda.empty_cache()
 
 

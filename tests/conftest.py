@@ -13,6 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# A suite started from inside a stage must not watch that stage's run from in-process `cli.main`
+# calls (rlhf/lifeline.py would end the whole session when the run ends).
+os.environ.pop("RLHF_LAUNCHED_BY", None)
 
 
 @pytest.fixture(scope="session")

@@ -68,7 +68,11 @@ def test_the_run_process_gives_the_gpu_memory_of_its_sampling_back(reward_dir):
     processes: after scoring, nothing may stay reserved on the device."""
     from rlhf.rounds.candidates import score_pairs
 
+    from rlhf.models import release_device_memory
+
+    release_device_memory()  # what earlier tests left cached
+    before = torch.cuda.memory_reserved()
     prompt = [{"role": "user", "content": "write a review of the pizza ."}]
-    a, b = score_pairs(str(reward_dir), [prompt] * 4, ["good ."] * 4, ["bad ."] * 4)
-    assert a.shape == b.shape == (4,) and a.device.type == "cpu"
-    assert torch.cuda.memory_reserved() == 0
+    a, b = score_pairs(str(reward_dir), [prompt] * 64, ["good ."] * 64, ["bad ."] * 64)
+    assert a.shape == b.shape == (64,) and a.device.type == "cpu"
+    assert torch.cuda.memory_reserved() <= before  # the model and its activations went back

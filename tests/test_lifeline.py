@@ -10,6 +10,8 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from rlhf import lifeline
 
 # The stage stand-in: watches like `rlhf.cli.main`, says its pid, then works for a minute.
@@ -60,16 +62,34 @@ def test_a_stage_exits_when_its_run_is_killed(tmp_path):
 def test_a_stage_not_launched_here_is_not_watched(monkeypatch):
     monkeypatch.delenv(lifeline.ENV, raising=False)
     assert lifeline.watch_from_env() is False  # run by hand
-    monkeypatch.setenv(lifeline.ENV, f"another-node-{os.getpid()}:{os.getpid()}")
+    mine = lifeline.launched_env({})[lifeline.ENV].split(":", 1)[1]
+    monkeypatch.setenv(lifeline.ENV, f"another-node:{mine}")
     assert lifeline.watch_from_env() is False  # the pid of another host's process means nothing here
     monkeypatch.setenv(lifeline.ENV, "garbage")
     assert lifeline.watch_from_env() is False
 
 
+def _stage_with(value: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, lifeline.ENV: value}
+    return subprocess.run([sys.executable, "-c", STAGE], env=env, capture_output=True, text=True, timeout=60)
+
+
 def test_a_stage_whose_run_is_already_gone_stops_at_once():
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    env = lifeline.launched_env(dict(os.environ))
-    env[lifeline.ENV] = env[lifeline.ENV].rsplit(":", 1)[0] + f":{dead.pid}"
-    out = subprocess.run([sys.executable, "-c", STAGE], env=env, capture_output=True, text=True, timeout=60)
+    host, _, started = lifeline.launched_env({})[lifeline.ENV].split(":")
+    out = _stage_with(f"{host}:{dead.pid}:{started}")
     assert out.returncode == lifeline.EXIT_CODE and "rerun it to resume" in out.stderr
+    # a live process that is not the run (its pid reused): the start time tells them apart
+    out = _stage_with(f"{host}:{os.getpid()}:{int(started) + 1}")
+    assert out.returncode == lifeline.EXIT_CODE
+
+
+def test_the_cli_watches_before_anything_else(monkeypatch):
+    from rlhf import cli
+
+    calls = []
+    monkeypatch.setattr(lifeline, "watch_from_env", lambda: calls.append(1) or False)
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert calls == [1]

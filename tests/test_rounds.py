@@ -140,6 +140,12 @@ def test_judge_breaks_a_coarse_graders_ties_by_partial_credit():
     assert judge(rng, grade, prompt, follows, follows, spec) == {"choice": "tie"}  # nothing tells them apart
     plain = ScriptedAnnotator(task="instruct", noise=0.0, tie_break=False)
     assert judge(rng, grade, prompt, ignores, follows, plain) == {"choice": "tie"}
+    # within a wider tie band, unequal scores are a tie, never reordered by partial credit
+    two = instruct.Prompt("cat", ("exclaim", "yes"), "").text
+    all_off_topic, half_on_topic = "Yes the weather is nice!", "Yes the cat is soft."
+    assert (grade(two, all_off_topic, False), grade(two, half_on_topic, False)) == (0.0, 50.0)
+    banded = ScriptedAnnotator(task="instruct", noise=0.0, tie_below=50)
+    assert judge(rng, grade, two, all_off_topic, half_on_topic, banded) == {"choice": "tie"}
     # a task without partial credit is unchanged: equal scores stay a tie
     assert judge(rng, GRADERS["demo"], PROMPT[0]["content"], GOOD, GOOD, spec) == {"choice": "tie"}
 

@@ -34,12 +34,13 @@ TOKENS_FILE = "scripted_annotators.json"
 
 def judge(rng: random.Random, grade, prompt: str, left: str, right: str, spec: ScriptedAnnotator) -> dict[str, Any]:
     """One label as the API takes it: the side the grader scores higher (flipped `noise` of the
-    time), and a strength from the size of the difference. Within `tie_below` it is a tie, unless
-    `spec.tie_break` and the task's partial credit tell the two apart (then strength 1)."""
+    time), and a strength from the size of the difference. Within `tie_below` it is a tie, except
+    that equal scores are told apart by the task's partial credit with `spec.tie_break` (then
+    strength 1); unequal scores are never reordered by it."""
     sl, sr = grade(prompt, left, False), grade(prompt, right, False)
     diff = abs(sl - sr)
     if diff <= spec.tie_below:
-        partial = PARTIAL_CREDIT.get(spec.task) if spec.tie_break else None
+        partial = PARTIAL_CREDIT.get(spec.task) if spec.tie_break and sl == sr else None
         pl, pr = (partial(prompt, left), partial(prompt, right)) if partial else ((), ())
         if pl == pr:
             return {"choice": "tie"}

@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from rlhf.checkpoint import MANIFEST, now, write_json_atomic
 from rlhf.config import load_recipe, to_dict
 from rlhf.config_rounds import RoundsRecipe
@@ -346,8 +348,9 @@ def run_round(r: RoundsRecipe, k: int, engine, pool, policy: Path | None, rm: Pa
 def check_stage_recipes(r: RoundsRecipe) -> dict[str, dict[str, Any]]:
     """Load every stage recipe with a later round's wiring before anything runs, so a key that
     fails (say carry.critic=continue with a critic-free estimator) fails now, not after a round
-    of people's labelling. Errors name the recipe. Returns each one resolved (without the
-    settings that do not change what it makes), for `check_recipe`."""
+    of people's labelling. Errors name the recipe. Returns what each file says (without the
+    settings that do not change what it makes), for `check_recipe`: the file, not the resolved
+    recipe, so that an rlhf upgrade that changes a default does not refuse a run's next round."""
     d, rm, prev = round_dir(r, 2), round_dir(r, 2) / "reward", round_dir(r, 1) / "ppo"
     checks = [
         ("reward", r.reward, [*r.reward_overrides, f"output_dir={d}", f"model.name_or_path={r.sft_path}"]),
@@ -358,8 +361,9 @@ def check_stage_recipes(r: RoundsRecipe) -> dict[str, dict[str, Any]]:
     for name, path, over in checks:
         what = "rl" if name == "ppo" else name
         try:
-            loaded = json.loads(json.dumps(to_dict(load_recipe(RECIPES[name], path, over))))
-            resolved[what] = {"path": path, **_outcome(loaded)}
+            load_recipe(RECIPES[name], path, over)
+            written = yaml.safe_load(Path(path).read_text()) or {}
+            resolved[what] = {"path": path, **_outcome(json.loads(json.dumps(written)))}
         except RlhfError as e:
             raise ConfigError(f"rounds recipe: its {what} recipe ({path}): {e}") from e
     return resolved

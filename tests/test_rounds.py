@@ -450,7 +450,11 @@ def test_round_manifests_link_the_lineage(killed_and_resumed):
     report = json.loads((out / "report.json").read_text())["rounds"]
     assert [row["round"] for row in report] == [0, 1, 2]
     assert all(0 <= row["accuracy_before"] <= 1 and "ground_truth" in row and "kl_to_sft" in row for row in report[1:])
-    assert (out / "rounds.png").is_file() and "| round |" in (out / "report.md").read_text()
+    for row, k in zip(report[1:], (1, 2)):  # the preferences are the round's non-tie labels; its time is recorded
+        labels = [json.loads(x) for x in (out / f"round-{k}/labels.jsonl").read_text().splitlines()]
+        assert row["preferences"] == sum(not x.get("tie") for x in labels) and row["seconds"] > 0
+    md = (out / "report.md").read_text()
+    assert (out / "rounds.png").is_file() and "| round |" in md and f"({report[1]['heldout_pairs']})" in md
 
 
 def test_the_planted_blind_spot_is_absent_from_the_initial_data_and_penalised(demo_assets):

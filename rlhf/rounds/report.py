@@ -13,10 +13,10 @@ from typing import Any
 
 COLUMNS = {
     "labels": "labels",
-    "pairs": "pairs",
+    "preferences": "preferences (not ties)",
     "accuracy_before": "RM acc. before (all new pairs)",
-    "accuracy_before_heldout": "RM acc. before (held out)",
-    "accuracy_after_heldout": "RM acc. after (held out)",
+    "accuracy_before_heldout": "RM acc. before (held out, pairs)",
+    "accuracy_after_heldout": "RM acc. after (held out, pairs)",
     "ground_truth": "ground truth",
     "reward_mean": "reward",
     "kl_to_sft": "KL to SFT",
@@ -24,6 +24,7 @@ COLUMNS = {
     "hit_length_limit": "hit limit",
     "blind_spot": "blind spot",
     "length_mean": "length",
+    "seconds": "wall s",
 }
 
 
@@ -44,11 +45,12 @@ def round_row(run: Path, k: int) -> dict[str, Any] | None:
         acc = manifest["accuracy"]
         row |= {
             "labels": manifest["batch"]["labels"],
-            "pairs": manifest["labels"]["train"]["rows"] + manifest["labels"]["heldout"]["rows"],
+            "preferences": acc["before_all"]["pairs"],
             "accuracy_before": acc["before_all"]["accuracy"],
             "accuracy_before_heldout": acc["before_heldout"]["accuracy"],
             "accuracy_after_heldout": acc["after_heldout"]["accuracy"],
             "heldout_pairs": acc["after_heldout"]["pairs"],
+            "seconds": manifest.get("seconds_this_invocation"),
         }
     for key in ("ground_truth", "reward_mean", "kl_to_sft", "forgetting_ppl_rise", "hit_length_limit", "length_mean"):
         if key in policy:
@@ -81,11 +83,17 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
+def _cell(r: dict[str, Any], c: str) -> str:
+    if c.endswith("_heldout") and r.get("heldout_pairs") is not None:  # a held-out accuracy with its pair count
+        return f"{_fmt(r.get(c))} ({r['heldout_pairs']})"
+    return _fmt(r.get(c))
+
+
 def table(rows: list[dict[str, Any]]) -> list[str]:
     cols = [c for c in COLUMNS if any(c in r for r in rows)]
     out = ["| round | " + " | ".join(COLUMNS[c] for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in rows:
-        out.append(f"| {r['round']} | " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+        out.append(f"| {r['round']} | " + " | ".join(_cell(r, c) for c in cols) + " |")
     return out
 
 
@@ -136,7 +144,9 @@ def write(run: Path, last: int) -> Path:
         "policy on the evaluation recipe's held-out prompts; *reward* is scored by that round's own reward "
         "model, so it does not compare across rounds (ground truth does). *Blind spot*: the share of its "
         "answers showing the behaviour the ground truth penalises and the initial preference data never "
-        "shows (when the grader names one).",
+        "shows (when the grader names one). *Preferences*: the labelled pairs that were not ties (the "
+        "accuracies count only these). *Wall s*: the round's time in the invocation that finished it "
+        "(sampling, labelling, reward update, RL and evaluation; less when it resumed).",
         "",
         *table(rows),
         "",

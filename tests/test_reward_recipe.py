@@ -90,6 +90,7 @@ def test_manifest_links_sft_parent_and_stores_stats(reward_run, sft_dir):
     lab = m["metrics"]["labelled"]
     assert lab["count"] == 80 and lab["precision"] > 0.6 and lab["recall"] > 0.6, lab
     assert m["datasets"]["ties"] == {"policy": "drop", "train": 0, "validation_dropped": 0, "test_dropped": 0}
+    assert m["metrics"]["peak_memory_mb"] > 100  # the stage's peak RSS here (torch alone is more)
 
 
 def test_export_reloads_as_scorer_and_reproduces_metrics(reward_run):

@@ -54,6 +54,7 @@ def ensure_process_group_env() -> None:
         os.environ.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+    remove_stale_build_locks()
     global _cleanup_registered
     if not _cleanup_registered:
         import atexit
@@ -63,6 +64,42 @@ def ensure_process_group_env() -> None:
 
 
 _cleanup_registered = False
+
+
+STALE_BUILD_LOCK_SECONDS = 600.0
+"""A JIT build of DeepSpeed's CPU op takes under a minute here; a lock this old has no live owner."""
+
+
+def remove_stale_build_locks(max_age: float = STALE_BUILD_LOCK_SECONDS) -> list[str]:
+    """Remove torch's JIT-build lock files (`<torch extensions>/[<variant>/]<op>/lock`) older than
+    `max_age` seconds; returns the paths removed.
+
+    DeepSpeed compiles its CPU communication op on first use (and again when its build flags
+    change), under a lock file of torch's (`torch.utils.file_baton`) that records no owner. A
+    stage killed while it builds leaves that file, and every later stage then sleeps on it forever
+    without a word: seen here after a round was stopped during its reward stage's start."""
+    import glob
+    import logging
+    import time
+
+    root = os.environ.get("TORCH_EXTENSIONS_DIR")
+    if root is None:
+        from torch.utils.cpp_extension import get_default_build_root
+
+        root = get_default_build_root()
+    removed = []
+    for path in glob.glob(os.path.join(root, "*", "lock")) + glob.glob(os.path.join(root, "*", "*", "lock")):
+        try:
+            if time.time() - os.path.getmtime(path) > max_age:
+                os.unlink(path)
+                removed.append(path)
+        except OSError:  # taken by a build that just finished, or not ours to remove
+            continue
+    for path in removed:
+        logging.getLogger("rlhf").warning(
+            "removed %s: a build lock left by a process killed while it compiled (it would block this stage)", path
+        )
+    return removed
 
 
 def remove_shm_buffers() -> None:

@@ -174,3 +174,52 @@ def estimate_recipe_dir(directory, peft: bool | None = None) -> dict:
         shape, cfg.num_key_value_heads, cfg.intermediate_size, bool(cfg.tie_word_embeddings), world, recipes
     )
     return {"world": world, "params": params, "stages": stages}
+
+
+def estimate_stage_output(directory) -> dict:
+    """The estimate for the recipe a finished stage output was made by (its manifest), beside the
+    peak its manifest measured: {"stage", "estimate_gb", "measured_gb", "measured_as", "parts"}.
+    On a GPU the measure is torch's peak allocation, the quantity estimated. On a CPU it is the
+    process's peak resident set, which also holds the Python runtime and libraries (about
+    0.5 GB), the CPU allocator's unreturned blocks and the export, so it is expected above."""
+    import json
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from rlhf.checkpoint import MANIFEST
+    from rlhf.config_loader import from_dict
+    from rlhf.config_rl import STAGES
+
+    d = Path(directory)
+    manifest = json.loads((d / MANIFEST).read_text())
+    stage = manifest["stage"]
+    measured = manifest.get("metrics", {}).get("peak_memory_mb")
+    if stage not in STAGES or measured is None:
+        raise ValueError(f"{d}: a {stage} output with no measured peak_memory_mb in its manifest")
+    recipe = from_dict(STAGES[stage], manifest["recipe"])
+    cfg = AutoConfig.from_pretrained(d)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+    shape = Shape(params, cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size, cfg.num_attention_heads)
+    est = stage_estimates(
+        shape,
+        cfg.num_key_value_heads,
+        cfg.intermediate_size,
+        bool(cfg.tie_word_embeddings),
+        int(manifest.get("world_size", 1)),
+        {stage: recipe},
+    )[stage]
+    kind = manifest["metrics"].get("peak_memory_of")  # absent in outputs made before it was recorded
+    return {
+        "stage": stage,
+        "output": str(d),
+        "params": params,
+        "estimate_gb": est["total"],
+        "parts": est,
+        "measured_gb": measured * 2**20 / GB,
+        "measured_as": {"gpu_allocated": "peak GPU allocation", "cpu_resident_set": "peak resident set (CPU)"}.get(
+            kind, "not recorded (GPU allocation on a GPU, else resident set)"
+        ),
+    }

@@ -1,11 +1,13 @@
 """Estimated memory per GPU for each stage of the GPU recipes (see rlhf/memory.py for the formulas).
 
     .venv/bin/python scripts/estimate_memory.py [recipes/llama3-8b ...] [--out runs/bench/memory.json]
+    .venv/bin/python scripts/estimate_memory.py --measured runs/smollm2/sft runs/smollm2/reward ...
 
 Each stage is estimated as shipped and with LoRA switched on (peft.enabled=true), from the
 model's architecture (recipes/<model>/architecture/config.json, built on the meta device for the
 exact parameter count), the recipe's batch / length / ZeRO / offload values and the pipeline's
-number of GPUs.
+number of GPUs. With `--measured`, each finished stage output is estimated from the recipe its
+manifest records and printed beside the peak memory that stage measured.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("dirs", nargs="*", help="recipe directories (default: every one with an architecture/)")
     ap.add_argument("--out", default=str(REPO / "runs/bench/memory.json"))
+    ap.add_argument("--measured", nargs="+", metavar="STAGE_OUTPUT", help="compare with these outputs' measured peaks")
     args = ap.parse_args()
+    if args.measured:
+        return compare_measured(args.measured, args.out)
     dirs = [Path(d) for d in args.dirs] or sorted(p.parent for p in (REPO / "recipes").glob("*/architecture"))
     results = {}
     for d in dirs:
@@ -46,6 +51,22 @@ def main() -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     print(f"\nwrote {args.out}")
+
+
+def compare_measured(outputs: list[str], out: str) -> None:
+    from rlhf.memory import estimate_stage_output
+
+    rows = [estimate_stage_output(d) for d in outputs]
+    print(f"{'output':<40} {'stage':<7} {'estimate GB':>11} {'measured GB':>11} {'measured / est.':>15}  measured as")
+    for r in rows:
+        ratio = r["measured_gb"] / r["estimate_gb"]
+        print(
+            f"{r['output']:<40} {r['stage']:<7} {r['estimate_gb']:>11.2f} {r['measured_gb']:>11.2f} "
+            f"{ratio:>15.2f}  {r['measured_as']}"
+        )
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps({"measured": rows}, indent=2))
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

@@ -90,3 +90,17 @@ def test_memory_estimate_fits_the_gpu_and_is_written_in_the_recipe(d):
         assert f"# Estimated memory per GPU: {s['total']:.0f} GB" in (d / f"{stage}.yaml").read_text()
     lora = memory.estimate_recipe_dir(d, peft=True)
     assert lora["stages"]["sft"]["model_states"] <= est["stages"]["sft"]["model_states"]
+
+
+def test_the_estimate_of_a_finished_output_uses_its_own_recipe_and_measured_peak(sft_dir):
+    """`estimate_memory.py --measured`: the recipe comes from the output's manifest, the shape from
+    its config, and the measured peak with what it measures (here, on the CPU, the resident set)."""
+    import json
+
+    from rlhf.checkpoint import MANIFEST
+
+    got = memory.estimate_stage_output(sft_dir)
+    manifest = json.loads((sft_dir / MANIFEST).read_text())
+    assert got["stage"] == "sft" and got["params"] > 0
+    assert got["measured_gb"] == pytest.approx(manifest["metrics"]["peak_memory_mb"] * 2**20 / 1e9)
+    assert got["measured_as"] == "peak resident set (CPU)" and got["estimate_gb"] > 0

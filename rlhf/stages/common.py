@@ -207,6 +207,12 @@ def load_stage_model(recipe, kind: ModelKind, **hf_kwargs: Any):
     )
 
 
+def peak_memory(device) -> dict[str, Any]:
+    """The manifest's memory metrics: the peak (`peak_memory_mb`) and what it measures."""
+    kind = "gpu_allocated" if getattr(device, "type", str(device)) == "cuda" else "cpu_resident_set"
+    return {"peak_memory_mb": round(peak_memory_mb(device), 1), "peak_memory_of": kind}
+
+
 def peak_memory_mb(device) -> float:
     """This process's peak memory: GPU memory allocated by torch on a GPU, else peak resident set
     size (each pipeline stage is its own process, so this is the stage's peak)."""

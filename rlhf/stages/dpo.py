@@ -225,7 +225,7 @@ def run_dpo(recipe: DPORecipe, extra_callbacks: list | None = None) -> Path:
         "train_loss": result.training_loss,
         "global_step": trainer.state.global_step,
         "train_seconds": round(seconds, 2),
-        "peak_memory_mb": common.peak_memory_mb(trainer.args.device),
+        **common.peak_memory(trainer.args.device),
         "best_checkpoint": trainer.state.best_model_checkpoint,
         **_split_metrics(trainer, test_ds),
     }

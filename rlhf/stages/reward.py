@@ -248,7 +248,7 @@ def run_reward(recipe: RewardRecipe, extra_callbacks: list | None = None) -> Pat
         "global_step": trainer.state.global_step,
         "train_seconds": round(seconds, 2),
         "best_checkpoint": trainer.state.best_model_checkpoint,
-        "peak_memory_mb": round(common.peak_memory_mb(trainer.args.device), 1),
+        **common.peak_memory(trainer.args.device),
         **evaluation,
     }
 

@@ -104,7 +104,7 @@ def _final_metrics(trainer, result, train_seconds: float, tokens_per_epoch: int)
         "tokens_per_second": round(tokens / train_seconds, 1) if train_seconds > 0 else None,
         "trainable_parameters": trainable,
         "total_parameters": total,
-        "peak_memory_mb": round(common.peak_memory_mb(trainer.args.device), 1),
+        **common.peak_memory(trainer.args.device),
     }
 
 

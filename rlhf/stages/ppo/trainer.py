@@ -347,7 +347,7 @@ def export(
                 **final,
                 "steps": recipe.train.max_steps,
                 "train_seconds": seconds,
-                "peak_memory_mb": common.peak_memory_mb(m.device),
+                **common.peak_memory(m.device),
             },
             world_size=distributed.world_size(),
             peft=peft_info,

@@ -53,9 +53,12 @@ def model_states(
     return {"gpu": gpu, "cpu": cpu}
 
 
-def activations(shape: Shape, micro_batch: int, seq: int, checkpointing: bool, logits: bool = True) -> float:
-    """Bytes of activations for one micro-batch's forward + backward (bf16 activations)."""
-    sbh = seq * micro_batch * shape.hidden
+def activations(
+    shape: Shape, micro_batch: int, seq: int, checkpointing: bool, logits: bool = True, precision: str = "bf16"
+) -> float:
+    """Bytes of activations for one micro-batch's forward + backward (16-bit activations; twice
+    that in fp32: the formula counts 2-byte values)."""
+    sbh = seq * micro_batch * shape.hidden * (2 if precision == "fp32" else 1)
     per_layer = 34 * sbh  # attention with a fused kernel: no s^2 term (flash / sdpa)
     act = (2 * sbh * shape.layers + per_layer) if checkpointing else per_layer * shape.layers
     if logits:  # fp32 logits and their gradient
@@ -63,9 +66,10 @@ def activations(shape: Shape, micro_batch: int, seq: int, checkpointing: bool, l
     return float(act)
 
 
-def kv_cache(shape: Shape, kv_heads: int, batch: int, seq: int) -> float:
-    """Bytes of the bf16 KV cache when generating `batch` sequences of `seq` tokens."""
-    return float(2 * 2 * shape.layers * batch * seq * kv_heads * (shape.hidden // shape.heads))
+def kv_cache(shape: Shape, kv_heads: int, batch: int, seq: int, precision: str = "bf16") -> float:
+    """Bytes of the KV cache (16-bit, or fp32) when generating `batch` sequences of `seq` tokens."""
+    width = 4 if precision == "fp32" else 2
+    return float(2 * width * shape.layers * batch * seq * kv_heads * (shape.hidden // shape.heads))
 
 
 def lora_params(shape: Shape, r: int, intermediate: int, kv_heads: int) -> int:
@@ -110,7 +114,12 @@ def stage_estimates(shape: Shape, kv_heads: int, intermediate: int, tied: bool, 
         n = shape.params - (head if name == "reward" else 0)
         st = states(r, n)
         act = activations(
-            shape, r.train.micro_batch_size, r.data.max_length, r.model.gradient_checkpointing, logits=name == "sft"
+            shape,
+            r.train.micro_batch_size,
+            r.data.max_length,
+            r.model.gradient_checkpointing,
+            logits=name == "sft",
+            precision=r.train.precision,
         )
         out[name] = {
             "model_states": st["gpu"] / GB,
@@ -121,15 +130,16 @@ def stage_estimates(shape: Shape, kv_heads: int, intermediate: int, tied: bool, 
     if "ppo" in recipes:
         r = recipes["ppo"]
         z3 = r.deepspeed.zero_stage == 3
-        frozen = 2 / (world if z3 else 1)  # bf16 frozen weights, partitioned at ZeRO-3
+        # frozen weights at the training precision (fp32 on a CPU), partitioned at ZeRO-3
+        frozen = (4 if r.train.precision == "fp32" else 2) / (world if z3 else 1)
         actor, critic = states(r, shape.params), states(r, shape.params - head)
         seq = r.prompts.max_length + r.generation.max_new_tokens
         ref = 0 if r.peft.enabled else frozen * shape.params  # LoRA: the adapter-disabled actor
         rm = frozen * (shape.params - head)
         # generation: the actor gathered whole once (ZeRO-3, unless gather_weights is off) + KV cache
         whole = 2 * shape.params if z3 and r.generation.gather_weights else 0
-        gen = whole + kv_cache(shape, kv_heads, r.ppo.rollout_batch_size, seq)
-        train_act = activations(shape, r.train.micro_batch_size, seq, True, logits=True)
+        gen = whole + kv_cache(shape, kv_heads, r.ppo.rollout_batch_size, seq, r.train.precision)
+        train_act = activations(shape, r.train.micro_batch_size, seq, True, logits=True, precision=r.train.precision)
         peak_phase = max(gen, train_act)  # generation and training never overlap
         fixed = actor["gpu"] + critic["gpu"] + ref + rm
         out["ppo"] = {

@@ -43,6 +43,10 @@ def test_activations_and_kv_by_hand():
     assert memory.activations(shape, 1, 4, True) == 2 * 40 * 2 + 34 * 40 + 8 * 4 * 100
     assert memory.activations(shape, 1, 4, False, logits=False) == 34 * 40 * 2
     assert memory.kv_cache(shape, kv_heads=1, batch=3, seq=4) == 2 * 2 * 2 * 3 * 4 * 1 * 5
+    # an fp32 recipe (the CPU ones) holds 4-byte activations and cache; the logits were fp32 already
+    assert memory.activations(shape, 1, 4, False, logits=False, precision="fp32") == 2 * 34 * 40 * 2
+    assert memory.activations(shape, 1, 4, True, precision="fp32") == 2 * (2 * 40 * 2 + 34 * 40) + 8 * 4 * 100
+    assert memory.kv_cache(shape, kv_heads=1, batch=3, seq=4, precision="fp32") == 2 * 4 * 2 * 3 * 4 * 1 * 5
 
 
 @pytest.mark.parametrize("d", GPU_DIRS, ids=lambda d: d.name)

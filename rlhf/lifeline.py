@@ -48,8 +48,10 @@ def watch_from_env() -> bool:
     The hostname guards multi-node runs: a launcher that forwards the environment to another node
     carries a pid that means nothing there. The start time guards against a reused pid (the run
     died while this stage was starting, and another process got its number)."""
-    value = os.environ.get(ENV, "")
-    host, pid, started = (value.rsplit(":", 2) + ["", ""])[:3] if value.count(":") >= 2 else ("", "", "")
+    parts = os.environ.get(ENV, "").rsplit(":", 2)
+    if len(parts) != 3:
+        return False
+    host, pid, started = parts
     if host != socket.gethostname() or not pid.isdigit() or started in ("", "None"):
         return False
     try:

@@ -18,6 +18,11 @@ from dataclasses import dataclass
 GB = 1e9
 
 
+def _width(precision: str) -> int:
+    """Bytes per weight, gradient or activation at a training precision."""
+    return 4 if precision == "fp32" else 2
+
+
 @dataclass(frozen=True)
 class Shape:
     """What the estimate needs to know about a decoder-only transformer."""
@@ -43,7 +48,7 @@ def model_states(
     `trainable` parameters get gradients and AdamW states (LoRA: the adapters only); the other
     `params - trainable` are frozen weights, sharded too at ZeRO-3.
     """
-    w = 4 if precision == "fp32" else 2  # bytes per weight / gradient
+    w = _width(precision)
     opt = 8 if precision == "fp32" else 12  # fp32 training keeps no separate master copy
     weights = w * params / (world if zero_stage == 3 else 1)
     grads = w * trainable / (world if zero_stage >= 2 else 1)
@@ -58,7 +63,7 @@ def activations(
 ) -> float:
     """Bytes of activations for one micro-batch's forward + backward (16-bit activations; twice
     that in fp32: the formula counts 2-byte values)."""
-    sbh = seq * micro_batch * shape.hidden * (2 if precision == "fp32" else 1)
+    sbh = seq * micro_batch * shape.hidden * _width(precision) // 2
     per_layer = 34 * sbh  # attention with a fused kernel: no s^2 term (flash / sdpa)
     act = (2 * sbh * shape.layers + per_layer) if checkpointing else per_layer * shape.layers
     if logits:  # fp32 logits and their gradient
@@ -68,8 +73,7 @@ def activations(
 
 def kv_cache(shape: Shape, kv_heads: int, batch: int, seq: int, precision: str = "bf16") -> float:
     """Bytes of the KV cache (16-bit, or fp32) when generating `batch` sequences of `seq` tokens."""
-    width = 4 if precision == "fp32" else 2
-    return float(2 * width * shape.layers * batch * seq * kv_heads * (shape.hidden // shape.heads))
+    return float(2 * _width(precision) * shape.layers * batch * seq * kv_heads * (shape.hidden // shape.heads))
 
 
 def lora_params(shape: Shape, r: int, intermediate: int, kv_heads: int) -> int:
@@ -131,7 +135,7 @@ def stage_estimates(shape: Shape, kv_heads: int, intermediate: int, tied: bool, 
         r = recipes["ppo"]
         z3 = r.deepspeed.zero_stage == 3
         # frozen weights at the training precision (fp32 on a CPU), partitioned at ZeRO-3
-        frozen = (4 if r.train.precision == "fp32" else 2) / (world if z3 else 1)
+        frozen = _width(r.train.precision) / (world if z3 else 1)
         actor, critic = states(r, shape.params), states(r, shape.params - head)
         seq = r.prompts.max_length + r.generation.max_new_tokens
         ref = 0 if r.peft.enabled else frozen * shape.params  # LoRA: the adapter-disabled actor
@@ -158,8 +162,7 @@ def estimate_recipe_dir(directory, peft: bool | None = None) -> dict:
     {"world": N, "params": P, "stages": {stage: {part: GB}}}. Imports torch / transformers."""
     from pathlib import Path
 
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from rlhf.config import load_recipe
     from rlhf.config_rl import STAGES
@@ -169,9 +172,6 @@ def estimate_recipe_dir(directory, peft: bool | None = None) -> dict:
     pipe = load_recipe(PipelineRecipe, d / "pipeline.yaml")
     world = pipe.launcher.num_gpus * pipe.launcher.num_nodes
     cfg = AutoConfig.from_pretrained(d / "architecture")
-    with torch.device("meta"):
-        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
-    shape = Shape(params, cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size, cfg.num_attention_heads)
     recipes = {s: load_recipe(STAGES[s], d / f"{s}.yaml") for s in STAGES if (d / f"{s}.yaml").is_file()}
     if peft is not None:  # the same recipes with LoRA switched on or off
         from dataclasses import replace
@@ -180,23 +180,33 @@ def estimate_recipe_dir(directory, peft: bool | None = None) -> dict:
             return replace(p, enabled=True) if peft else replace(p, enabled=False, method="lora", quantization="none")
 
         recipes = {s: replace(r, peft=switched(r.peft)) for s, r in recipes.items()}
-    stages = stage_estimates(
-        shape, cfg.num_key_value_heads, cfg.intermediate_size, bool(cfg.tie_word_embeddings), world, recipes
-    )
+    params, stages = _estimate_for_config(cfg, world, recipes)
     return {"world": world, "params": params, "stages": stages}
+
+
+def _estimate_for_config(cfg, world: int, recipes: dict) -> tuple[int, dict]:
+    """(parameter count, `stage_estimates`) for a transformers config, counted exactly on the
+    meta device (no weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
+    shape = Shape(params, cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size, cfg.num_attention_heads)
+    kv, inter, tied = cfg.num_key_value_heads, cfg.intermediate_size, bool(cfg.tie_word_embeddings)
+    return params, stage_estimates(shape, kv, inter, tied, world, recipes)
 
 
 def estimate_stage_output(directory) -> dict:
     """The estimate for the recipe a finished stage output was made by (its manifest), beside the
     peak its manifest measured: {"stage", "estimate_gb", "measured_gb", "measured_as", "parts"}.
     On a GPU the measure is torch's peak allocation, the quantity estimated. On a CPU it is the
-    process's peak resident set, which also holds the Python runtime and libraries (about
-    0.5 GB), the CPU allocator's unreturned blocks and the export, so it is expected above."""
+    process's peak resident set, which also holds the Python runtime and libraries (0.4 GB
+    here), the CPU allocator's unreturned blocks and the export, so it is expected above."""
     import json
     from pathlib import Path
 
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     from rlhf.checkpoint import MANIFEST
     from rlhf.config_loader import from_dict
@@ -209,18 +219,9 @@ def estimate_stage_output(directory) -> dict:
     if stage not in STAGES or measured is None:
         raise ValueError(f"{d}: a {stage} output with no measured peak_memory_mb in its manifest")
     recipe = from_dict(STAGES[stage], manifest["recipe"])
-    cfg = AutoConfig.from_pretrained(d)
-    with torch.device("meta"):
-        params = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters())
-    shape = Shape(params, cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size, cfg.num_attention_heads)
-    est = stage_estimates(
-        shape,
-        cfg.num_key_value_heads,
-        cfg.intermediate_size,
-        bool(cfg.tie_word_embeddings),
-        int(manifest.get("world_size", 1)),
-        {stage: recipe},
-    )[stage]
+    world = int(manifest.get("world_size", 1))
+    params, stages = _estimate_for_config(AutoConfig.from_pretrained(d), world, {stage: recipe})
+    est = stages[stage]
     kind = manifest["metrics"].get("peak_memory_of")  # absent in outputs made before it was recorded
     return {
         "stage": stage,

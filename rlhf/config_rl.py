@@ -110,6 +110,12 @@ class PPOSettings:
     """Guard: a mini-batch whose approx KL to the rollout policy exceeds this is not applied, and
     the rest of the step's updates are skipped (the policy has left the region its rollouts
     describe). Checked before the optimizer step; healthy updates stay below ~0.1 (null: off)."""
+    kl_rollback: Literal["auto", "always", "never"] = "auto"
+    """With the KL guard: take back the update that moved the policy past max_minibatch_kl, found
+    on the next forward pass (or, after a step's last update, on one extra forward pass of its
+    mini-batch), so the policy is always left where the guard last saw it in range. Costs one copy
+    of the actor's trainable weights and optimizer state. 'auto': on except under ZeRO-3, where
+    the weights are partitioned and it cannot be done (`rlhf.stages.ppo.undo`)."""
 
     def __post_init__(self) -> None:
         if self.rollout_batch_size < 1 or self.ppo_epochs < 1:
@@ -155,6 +161,14 @@ class PPOSettings:
     @property
     def needs_critic(self) -> bool:
         return self.estimator.needs_critic
+
+    def rolls_back(self, zero_stage: int) -> bool:
+        """Whether updates past max_minibatch_kl are taken back (kl_rollback resolved)."""
+        from rlhf.stages.ppo import undo
+
+        if self.max_minibatch_kl is None or self.kl_rollback == "never":
+            return False
+        return undo.supports(zero_stage)
 
 
 @dataclass
@@ -300,6 +314,13 @@ class PPORecipe:
         self.peft.require_mergeable(
             "RL", "the trained policy is exported as full weights for evaluation and the next stage"
         )
+        if self.ppo.kl_rollback == "always" and self.deepspeed.zero_stage == 3:
+            raise ConfigError(
+                "ppo.kl_rollback=always cannot undo an update under deepspeed.zero_stage 3 (the weights "
+                "are partitioned across ranks): use zero_stage 0-2, or ppo.kl_rollback: auto / never"
+            )
+        if self.ppo.kl_rollback == "always" and self.ppo.max_minibatch_kl is None:
+            raise ConfigError("ppo.kl_rollback=always takes back updates past ppo.max_minibatch_kl, but that is null")
         if self.continue_from and self.continue_from.critic and not self.ppo.needs_critic:
             raise ConfigError(
                 f"continue_from.critic: ppo.advantage_estimator={self.ppo.advantage_estimator} has no critic to carry"

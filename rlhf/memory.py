@@ -34,6 +34,12 @@ class Shape:
     heads: int
 
 
+def optimizer_states(trainable: int, zero_stage: int, world: int, precision: str = "bf16") -> float:
+    """Bytes per rank of AdamW's moments (and fp32 master weights, unless training in fp32)."""
+    opt = 8 if precision == "fp32" else 12  # fp32 training keeps no separate master copy
+    return opt * trainable / (world if zero_stage >= 1 else 1)
+
+
 def model_states(
     params: int,
     trainable: int,
@@ -49,10 +55,9 @@ def model_states(
     `params - trainable` are frozen weights, sharded too at ZeRO-3.
     """
     w = _width(precision)
-    opt = 8 if precision == "fp32" else 12  # fp32 training keeps no separate master copy
     weights = w * params / (world if zero_stage == 3 else 1)
     grads = w * trainable / (world if zero_stage >= 2 else 1)
-    states = opt * trainable / (world if zero_stage >= 1 else 1)
+    states = optimizer_states(trainable, zero_stage, world, precision)
     gpu = grads + (0 if offload_params else weights) + (0 if offload_optimizer else states)
     cpu = (weights if offload_params else 0) + (states if offload_optimizer else 0)
     return {"gpu": gpu, "cpu": cpu}
@@ -136,21 +141,32 @@ def stage_estimates(shape: Shape, kv_heads: int, intermediate: int, tied: bool, 
         z3 = r.deepspeed.zero_stage == 3
         # frozen weights at the training precision (fp32 on a CPU), partitioned at ZeRO-3
         frozen = _width(r.train.precision) / (world if z3 else 1)
-        actor, critic = states(r, shape.params), states(r, shape.params - head)
+        actor = states(r, shape.params)
+        # critic-free estimators build no critic, and rewards from functions alone no reward model
+        critic = states(r, shape.params - head) if r.ppo.needs_critic else {"gpu": 0.0, "cpu": 0.0}
         seq = r.prompts.max_length + r.generation.max_new_tokens
         ref = 0 if r.peft.enabled else frozen * shape.params  # LoRA: the adapter-disabled actor
-        rm = frozen * (shape.params - head)
+        rm = frozen * (shape.params - head) if r.reward_dir is not None else 0
+        # kl_rollback holds, while training, a copy of what one actor update changes: its trainable
+        # weights, and its optimizer's master copy and moments (`rlhf.stages.ppo.undo`)
+        undo_copy = 0.0
+        if r.ppo.rolls_back(r.deepspeed.zero_stage):
+            n_train = trainable(r, shape.params)
+            ds = r.deepspeed
+            moments = 0 if ds.offload_optimizer else optimizer_states(n_train, ds.zero_stage, world, r.train.precision)
+            undo_copy = _width(r.train.precision) * n_train + moments
         # generation: the actor gathered whole once (ZeRO-3, unless gather_weights is off) + KV cache
         whole = 2 * shape.params if z3 and r.generation.gather_weights else 0
         gen = whole + kv_cache(shape, kv_heads, r.ppo.rollout_batch_size, seq, r.train.precision)
         train_act = activations(shape, r.train.micro_batch_size, seq, True, logits=True, precision=r.train.precision)
-        peak_phase = max(gen, train_act)  # generation and training never overlap
+        peak_phase = max(gen, train_act + undo_copy)  # generation and training never overlap
         fixed = actor["gpu"] + critic["gpu"] + ref + rm
         out["ppo"] = {
             "model_states": (actor["gpu"] + critic["gpu"]) / GB,
             "frozen_models": (ref + rm) / GB,
             "generation": gen / GB,
             "activations": train_act / GB,
+            "kl_rollback": undo_copy / GB,
             "cpu_per_rank": (actor["cpu"] + critic["cpu"]) / GB,
             "total": (fixed + peak_phase) / GB,
         }

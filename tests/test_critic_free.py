@@ -16,7 +16,7 @@ from rlhf.config import load_recipe
 from rlhf.config_rl import PPORecipe
 from rlhf.errors import ConfigError
 from rlhf.rewards.functions import RewardFunctions
-from rlhf.stages.ppo import engines, rollout, scoring
+from rlhf.stages.ppo import engines, rollout, scoring, undo
 from rlhf.stages.ppo import trainer as ppo
 from rlhf.stages.ppo.trainer import PPOAborted, run_ppo
 from rlhf.stages.ppo.update import ppo_update
@@ -314,8 +314,96 @@ def test_the_minibatch_kl_guard_stops_the_step_before_its_optimizer_step(demo_as
     stats = ppo_update(m, r, ro, step=0)
     assert stats["kl_guard_stop"] == 1.0 and stats["skipped_minibatches"] == 1
     assert all(torch.equal(before[k], v) for k, v in m.actor.module.state_dict().items())
+    assert stats["kl_rollback"] == 0.0  # nothing was applied, so nothing to take back
     ok = ppo_update(m, r, rollout.make_rollout(m, r, prompts, (0.0, 1.0), 0.05, {}), step=1)
     assert ok["kl_guard_stop"] == 0.0 and ok["skipped_minibatches"] == 0  # a healthy batch passes
+    assert ok["kl_rollback"] == 0.0 and ok["final_approx_kl"] < r.ppo.max_minibatch_kl
+
+
+def _optimizer_state(engine) -> dict:
+    opt = undo.base_optimizer(engine)
+    return {i: {k: v.clone() for k, v in opt.state[p].items()} for i, p in enumerate(opt.param_groups[0]["params"])}
+
+
+def _weights(engine) -> dict:
+    return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+# 2 epochs: caught by the next mini-batch; 1: by the check after the last update. ZeRO-2 keeps fp32
+# master partitions apart from the module's weights: both must be put back.
+@pytest.mark.parametrize("epochs,zero", [(2, 0), (1, 0), (1, 2)])
+def test_an_update_that_throws_the_policy_past_the_kl_guard_is_taken_back(
+    demo_assets, sft_dir, reward_dir, tmp_path, epochs, zero
+):
+    # One mini-batch per epoch, as in the SmolLM2 run at lr 3e-4 that this guards against.
+    r = _recipe(
+        demo_assets,
+        sft_dir,
+        reward_dir,
+        tmp_path,
+        *CRITIC_FREE["grpo"],
+        "train.micro_batch_size=16",
+        f"ppo.ppo_epochs={epochs}",
+        f"deepspeed.zero_stage={zero}",
+    )
+    tok, _ = ppo.check_handoff(r)
+    m = engines.build_models(r, tok)
+    prompts = [p for p in PROMPTS for _ in range(4)]
+    healthy = ppo_update(m, r, rollout.make_rollout(m, r, prompts, (0.0, 1.0), 0.05, {}), step=0)
+    assert healthy["kl_rollback"] == 0.0 and healthy["final_approx_kl"] < r.ppo.max_minibatch_kl
+    weights, moments = _weights(m.actor), _optimizer_state(m.actor)
+    master = [p.detach().clone() for g in undo.base_optimizer(m.actor).param_groups for p in g["params"]]
+    assert moments[0]  # Adam has state now: the undo must put back the moments as well as the weights
+    for group in undo.base_optimizer(m.actor).param_groups:
+        group["lr"] = 3.0  # one update at this rate throws a tiny model far (the schedule resets it after)
+    ro = rollout.make_rollout(m, r, prompts, (0.0, 1.0), 0.05, {})
+    stats = ppo_update(m, r, ro, step=1)
+    assert stats["kl_rollback"] == 1.0
+    if epochs == 1:
+        assert not stats["final_approx_kl"] <= r.ppo.max_minibatch_kl and stats["kl_guard_stop"] == 0.0
+    else:
+        assert stats["kl_guard_stop"] == 1.0 and "final_approx_kl" not in stats
+    assert all(torch.equal(weights[k], v) for k, v in m.actor.module.state_dict().items())
+    after = _optimizer_state(m.actor)
+    assert all(torch.equal(moments[i][k], after[i][k]) for i in moments for k in moments[i])
+    now = [p for g in undo.base_optimizer(m.actor).param_groups for p in g["params"]]
+    assert all(torch.equal(a, b) for a, b in zip(master, now))
+    for group in undo.base_optimizer(m.actor).param_groups:
+        group["lr"] = 1e-3
+    ok = ppo_update(m, r, rollout.make_rollout(m, r, prompts, (0.0, 1.0), 0.05, {}), step=2)
+    assert ok["kl_rollback"] == 0.0  # and training goes on from the restored weights
+    assert not all(torch.equal(weights[k], v) for k, v in m.actor.module.state_dict().items())
+
+
+def test_without_kl_rollback_the_update_stays(demo_assets, sft_dir, reward_dir, tmp_path):
+    r = _recipe(
+        demo_assets,
+        sft_dir,
+        reward_dir,
+        tmp_path,
+        *CRITIC_FREE["grpo"],
+        "train.micro_batch_size=16",
+        "ppo.ppo_epochs=1",
+        "train.learning_rate=3.0",
+        "ppo.kl_rollback=never",
+    )
+    tok, _ = ppo.check_handoff(r)
+    m = engines.build_models(r, tok)
+    weights = _weights(m.actor)
+    stats = ppo_update(
+        m, r, rollout.make_rollout(m, r, [p for p in PROMPTS for _ in range(4)], (0.0, 1.0), 0.05, {}), 0
+    )
+    assert stats["kl_rollback"] == 0.0 and "final_approx_kl" not in stats
+    assert not all(torch.equal(weights[k], v) for k, v in m.actor.module.state_dict().items())
+
+
+def test_kl_rollback_settings_are_checked(demo_assets, sft_dir, reward_dir, tmp_path):
+    with pytest.raises(ConfigError, match="zero_stage 3"):
+        _recipe(demo_assets, sft_dir, reward_dir, tmp_path, "ppo.kl_rollback=always", "deepspeed.zero_stage=3")
+    with pytest.raises(ConfigError, match="max_minibatch_kl"):
+        _recipe(demo_assets, sft_dir, reward_dir, tmp_path, "ppo.kl_rollback=always", "ppo.max_minibatch_kl=null")
+    z3 = _recipe(demo_assets, sft_dir, reward_dir, tmp_path, "deepspeed.zero_stage=3")
+    assert z3.ppo.kl_rollback == "auto" and not z3.ppo.rolls_back(3) and z3.ppo.rolls_back(2)
 
 
 def test_recipes_refuse_impossible_reward_setups(demo_assets, sft_dir, reward_dir, tmp_path):

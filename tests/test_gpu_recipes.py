@@ -96,6 +96,34 @@ def test_memory_estimate_fits_the_gpu_and_is_written_in_the_recipe(d):
     assert lora["stages"]["sft"]["model_states"] <= est["stages"]["sft"]["model_states"]
 
 
+def test_the_ppo_estimate_counts_what_the_run_builds():
+    """kl_rollback's copy (trainable weights + AdamW states) while training; no critic for a
+    critic-free estimator; no reward model for rewards from functions alone."""
+    from dataclasses import replace
+
+    from transformers import AutoConfig
+
+    from rlhf.config_rl import PPORecipe, RewardFunction
+
+    d = REPO / "recipes/qwen2.5-0.5b"
+    cfg = AutoConfig.from_pretrained(d / "architecture")
+    r = load_recipe(PPORecipe, d / "ppo.yaml")
+    assert r.deepspeed.zero_stage < 3 and r.train.precision == "bf16" and not r.peft.enabled
+
+    def ppo(recipe) -> tuple[int, dict]:
+        n, stages = memory._estimate_for_config(cfg, 1, {"ppo": recipe})
+        return n, stages["ppo"]
+
+    n, auto = ppo(r)
+    _, never = ppo(replace(r, ppo=replace(r.ppo, kl_rollback="never")))
+    assert auto["kl_rollback"] * memory.GB == pytest.approx((2 + 12) * n)  # bf16 weights, fp32 master + 2 moments
+    assert never["kl_rollback"] == 0 and auto["total"] - never["total"] == pytest.approx(auto["kl_rollback"])
+    grpo = replace(r, ppo=replace(r.ppo, advantage_estimator="grpo", rollouts_per_prompt=4))
+    assert ppo(grpo)[1]["model_states"] == pytest.approx(auto["model_states"] / 2, rel=0.01)  # no critic
+    functions_only = replace(grpo, reward_dir=None, reward_functions=[RewardFunction("m:f")])
+    assert ppo(functions_only)[1]["frozen_models"] == pytest.approx(ppo(grpo)[1]["frozen_models"] / 2, rel=0.01)
+
+
 def test_the_estimate_of_a_finished_output_uses_its_own_recipe_and_measured_peak(sft_dir):
     """`estimate_memory.py --measured`: the recipe comes from the output's manifest, the shape from
     its config, and the measured peak with what it measures (here, on the CPU, the resident set)."""

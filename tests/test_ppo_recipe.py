@@ -107,7 +107,8 @@ def test_reference_frozen_actor_moves_in_one_update(demo_assets, sft_dir, reward
 
 
 def test_exploding_ratio_and_all_masked_batches_never_reach_the_weights(demo_assets, sft_dir, reward_dir, tmp_path):
-    r = recipe(demo_assets, sft_dir, reward_dir, tmp_path)
+    # The KL guard off: it would stop the step at the first mini-batch; this tests the ratio guard.
+    r = recipe(demo_assets, sft_dir, reward_dir, tmp_path, "ppo.max_minibatch_kl=null")
     tok, _ = ppo.check_handoff(r)
     m = engines.build_models(r, tok)
     prompts = [[{"role": "user", "content": "tell me about the pizza ."}]] * 16

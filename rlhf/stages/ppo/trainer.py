@@ -270,6 +270,13 @@ def train_step(
     )
     update = ppo_update(m, recipe, ro, step, ptx_source, kl_coef=state.kl_ctl.value)
     times["training"] = time.perf_counter() - t0
+    if update["kl_rollback"]:
+        log.warning(
+            "step %d: an update moved the policy past ppo.max_minibatch_kl=%g from its rollouts and "
+            "was taken back (kl_rollback). If this repeats, lower train.learning_rate",
+            step,
+            recipe.ppo.max_minibatch_kl,
+        )
     local = {**rollout_metrics(ro, state.kl_ctl.value, with_critic=m.critic is not None), **update}
     keys = sorted(local)
     metrics = dict(zip(keys, distributed.reduce_floats([local[k] for k in keys])))

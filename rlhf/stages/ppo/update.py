@@ -15,7 +15,7 @@ from rlhf import distributed
 from rlhf.config_rl import PPORecipe
 from rlhf.data.formats import Messages
 from rlhf.sampling import policy_outputs, render_for_loss, right_pad
-from rlhf.stages.ppo import engines, losses
+from rlhf.stages.ppo import engines, losses, undo
 from rlhf.stages.ppo.rollout import Rollout
 
 STATS = (
@@ -98,14 +98,29 @@ def minibatch_losses(
     return MinibatchLosses(pl, total, vl, vclip, ptx, float(dev_log.max()) if mask.any() else 0.0)
 
 
+def _approx_kl(m: engines.Models, recipe: PPORecipe, mb: Rollout) -> float:
+    """Approx KL (k3, per token) of the actor as it is now to the rollout policy on `mb`: one
+    forward pass without gradients, to check the step's last update."""
+    dev = m.device
+    on = [x.to(dev) for x in (mb.input_ids, mb.attention_mask, mb.position_ids, mb.input_ids[:, mb.prompt_width :])]
+    mask = mb.response_mask.float().to(dev)
+    with torch.no_grad(), engines.compute(m):
+        logp, _ = policy_outputs(m.actor, *on, recipe.generation.temperature, with_entropy=False)
+    log_ratio = (logp.float() - mb.logprobs.to(dev)) * mask
+    return float(losses.masked_mean(torch.expm1(-log_ratio) + log_ratio, mask)) if mask.any() else 0.0
+
+
 def _verdict(out: MinibatchLosses, ppo) -> str | None:
     """Why this mini-batch must not be applied, or None. Checked before any optimizer step."""
+    # KL first: a policy that far from its rollouts (inf or NaN: weights an update broke) ends the
+    # step, and may be rolled back; a non-finite loss or a high mean ratio alone skips this mini-batch
+    kl = out.policy.approx_kl.item()
+    if ppo.max_minibatch_kl is not None and not kl <= ppo.max_minibatch_kl:
+        return "kl"
     if not torch.isfinite(out.total) or (out.value is not None and not torch.isfinite(out.value)):
         return "non-finite loss"
     if out.policy.ratio_mean.item() > ppo.ratio_threshold:
         return "ratio"
-    if ppo.max_minibatch_kl is not None and out.policy.approx_kl.item() > ppo.max_minibatch_kl:
-        return "kl"
     return None
 
 
@@ -145,12 +160,16 @@ def ppo_update(
     in the gradient all-reduce): a mini-batch with a non-finite loss or a mean ratio above
     ppo.ratio_threshold is skipped; one whose approx KL to the rollout policy exceeds
     ppo.max_minibatch_kl is skipped and ends the step's updates, because every later mini-batch
-    would start from a policy its rollouts no longer describe.
+    would start from a policy its rollouts no longer describe. With ppo.kl_rollback the update that
+    moved it that far is taken back too (`undo`), and the step's last update is checked by one
+    more forward pass; the policy is then always left where the guard last saw it in range.
     """
     ppo, micro = recipe.ppo, recipe.train.micro_batch_size
     kl_coef = ppo.kl_coef if kl_coef is None else kl_coef
+    rollback = ppo.rolls_back(recipe.deepspeed.zero_stage)
     stats: dict[str, list[float]] = {k: [] for k in STATS}
-    skipped, epochs_run, initial, stopped = 0, 0, None, 0.0
+    skipped, epochs_run, initial, stopped, rolled_back = 0, 0, None, 0.0, 0.0
+    before_last = last = None  # the actor before its latest update (kl_rollback), that update's mini-batch
     m.actor.module.train()
     if m.critic is not None:
         m.critic.module.train()
@@ -161,7 +180,8 @@ def ppo_update(
         epoch_kl = []
         for k, start in enumerate(range(0, len(order), micro)):
             ptx_rows = ptx_source(ptx_stream_index(step, epoch, k, ppo.ppo_epochs, n_mini)) if ptx_source else None
-            out = minibatch_losses(m, recipe, ro.select(order[start : start + micro]), ptx_rows, kl_coef)
+            mb = ro.select(order[start : start + micro])
+            out = minibatch_losses(m, recipe, mb, ptx_rows, kl_coef)
             initial = out.max_abs_log_ratio if initial is None else initial
             verdict = _verdict(out, ppo)
             worst = distributed.reduce_floats([float(verdict is not None), float(verdict == "kl")], "max")
@@ -171,12 +191,15 @@ def ppo_update(
                     stopped = 1.0
                     break
                 continue
+            before_last = None  # freed first: one copy at a time
+            before_last = undo.take(m.actor) if rollback else None
             m.actor.backward(out.total)
             m.actor.step()
             if m.critic is not None:
                 m.critic.backward(out.value)
                 m.critic.step()
             _record(stats, out)
+            last = mb
             epoch_kl.append(out.policy.approx_kl.item())
         epochs_run = epoch + 1
         if stopped:
@@ -184,13 +207,23 @@ def ppo_update(
         mean_kl = distributed.reduce_floats([sum(epoch_kl) / max(len(epoch_kl), 1)])[0]
         if ppo.target_approx_kl is not None and mean_kl > ppo.target_approx_kl:
             break
+    final_kl = None
+    if rollback and before_last is not None and not stopped:
+        # Nothing after the last update has looked at it yet: one forward pass does.
+        final_kl = distributed.reduce_floats([_approx_kl(m, recipe, last)], "max")[0]
+    if rollback and before_last is not None and (stopped or not final_kl <= ppo.max_minibatch_kl):
+        undo.restore(m.actor, before_last)  # every rank: they took the same decisions
+        rolled_back = 1.0
     out_stats = {k: sum(v) / len(v) for k, v in stats.items() if v}
     out_stats.update(
         {
             "skipped_minibatches": skipped,
             "ppo_epochs_run": epochs_run,
             "kl_guard_stop": stopped,
+            "kl_rollback": rolled_back,
             "initial_max_abs_log_ratio": initial or 0.0,
         }
     )
+    if final_kl is not None:
+        out_stats["final_approx_kl"] = final_kl
     return out_stats

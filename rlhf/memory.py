@@ -147,14 +147,18 @@ def stage_estimates(shape: Shape, kv_heads: int, intermediate: int, tied: bool, 
         seq = r.prompts.max_length + r.generation.max_new_tokens
         ref = 0 if r.peft.enabled else frozen * shape.params  # LoRA: the adapter-disabled actor
         rm = frozen * (shape.params - head) if r.reward_dir is not None else 0
-        # kl_rollback holds, while training, a copy of what one actor update changes: its trainable
-        # weights, and its optimizer's master copy and moments (`rlhf.stages.ppo.undo`)
-        undo_copy = 0.0
+        # kl_rollback holds, while training, a copy of what one actor update changes
+        # (`rlhf.stages.ppo.undo`): the trainable weights, the optimizer's fp32 master weights (a
+        # separate partition at ZeRO-1/2 even in fp32; at ZeRO-0 only under bf16) and AdamW's two
+        # moments; master and moments sit in CPU memory under optimizer offload.
+        undo_copy = undo_cpu = 0.0
         if r.ppo.rolls_back(r.deepspeed.zero_stage):
-            n_train = trainable(r, shape.params)
-            ds = r.deepspeed
-            moments = 0 if ds.offload_optimizer else optimizer_states(n_train, ds.zero_stage, world, r.train.precision)
-            undo_copy = _width(r.train.precision) * n_train + moments
+            n_train, ds = trainable(r, shape.params), r.deepspeed
+            split = world if ds.zero_stage >= 1 else 1
+            master = 0 if ds.zero_stage == 0 and r.train.precision == "fp32" else 4 * n_train / split
+            optimizer_copy = master + 8 * n_train / split
+            undo_copy = _width(r.train.precision) * n_train + (0 if ds.offload_optimizer else optimizer_copy)
+            undo_cpu = optimizer_copy if ds.offload_optimizer else 0.0
         # generation: the actor gathered whole once (ZeRO-3, unless gather_weights is off) + KV cache
         whole = 2 * shape.params if z3 and r.generation.gather_weights else 0
         gen = whole + kv_cache(shape, kv_heads, r.ppo.rollout_batch_size, seq, r.train.precision)
@@ -167,7 +171,7 @@ def stage_estimates(shape: Shape, kv_heads: int, intermediate: int, tied: bool, 
             "generation": gen / GB,
             "activations": train_act / GB,
             "kl_rollback": undo_copy / GB,
-            "cpu_per_rank": (actor["cpu"] + critic["cpu"]) / GB,
+            "cpu_per_rank": (actor["cpu"] + critic["cpu"] + undo_cpu) / GB,
             "total": (fixed + peak_phase) / GB,
         }
     return out

@@ -68,10 +68,17 @@ def restore(engine, snap: Snapshot) -> None:
         for t, saved in snap.tensors:
             t.copy_(saved)
     for p, saved in snap.state.items():
-        if not saved:  # the optimizer had no state for it yet: lazily created by the undone step
-            opt.state.pop(p, None)
+        current = opt.state.get(p)
+        if not saved:
+            # No state before the undone step (it was the first). Zeroed in place rather than
+            # dropped: DeepSpeed links each weight to these tensors once, after the first step, and
+            # AdamW treats step 0 with zero moments exactly as fresh state.
+            for k, v in (current or {}).items():
+                if torch.is_tensor(v):
+                    v.zero_()
+                elif isinstance(v, (int, float)):
+                    current[k] = type(v)(0)
             continue
-        current = opt.state[p]
         for k, v in saved.items():
             if torch.is_tensor(v) and torch.is_tensor(current.get(k)):
                 current[k].copy_(v)

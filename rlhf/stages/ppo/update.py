@@ -207,11 +207,13 @@ def ppo_update(
         mean_kl = distributed.reduce_floats([sum(epoch_kl) / max(len(epoch_kl), 1)])[0]
         if ppo.target_approx_kl is not None and mean_kl > ppo.target_approx_kl:
             break
-    final_kl = None
+    final_kl, too_far = None, stopped
     if rollback and before_last is not None and not stopped:
-        # Nothing after the last update has looked at it yet: one forward pass does.
-        final_kl = distributed.reduce_floats([_approx_kl(m, recipe, last)], "max")[0]
-    if rollback and before_last is not None and (stopped or not final_kl <= ppo.max_minibatch_kl):
+        # Nothing after the last update has looked at it yet: one forward pass does. The decision is
+        # reduced as a flag: a max over ranks need not carry one rank's NaN through.
+        kl = _approx_kl(m, recipe, last)
+        too_far, final_kl = distributed.reduce_floats([float(not kl <= ppo.max_minibatch_kl), kl], "max")
+    if rollback and before_last is not None and too_far:
         undo.restore(m.actor, before_last)  # every rank: they took the same decisions
         rolled_back = 1.0
     out_stats = {k: sum(v) / len(v) for k, v in stats.items() if v}

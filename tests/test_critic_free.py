@@ -315,6 +315,7 @@ def test_the_minibatch_kl_guard_stops_the_step_before_its_optimizer_step(demo_as
     assert stats["kl_guard_stop"] == 1.0 and stats["skipped_minibatches"] == 1
     assert all(torch.equal(before[k], v) for k, v in m.actor.module.state_dict().items())
     assert stats["kl_rollback"] == 0.0  # nothing was applied, so nothing to take back
+    assert stats["guard_approx_kl"] == pytest.approx(math.exp(-2) - 1 + 2, rel=1e-4)  # the KL that stopped it
     ok = ppo_update(m, r, rollout.make_rollout(m, r, prompts, (0.0, 1.0), 0.05, {}), step=1)
     assert ok["kl_guard_stop"] == 0.0 and ok["skipped_minibatches"] == 0  # a healthy batch passes
     assert ok["kl_rollback"] == 0.0 and ok["final_approx_kl"] < r.ppo.max_minibatch_kl

@@ -168,7 +168,7 @@ def ppo_update(
     kl_coef = ppo.kl_coef if kl_coef is None else kl_coef
     rollback = ppo.rolls_back(recipe.deepspeed.zero_stage)
     stats: dict[str, list[float]] = {k: [] for k in STATS}
-    skipped, epochs_run, initial, stopped, rolled_back = 0, 0, None, 0.0, 0.0
+    skipped, epochs_run, initial, stopped, rolled_back, tripped = 0, 0, None, 0.0, 0.0, None
     before_last = last = None  # the actor before its latest update (kl_rollback), that update's mini-batch
     m.actor.module.train()
     if m.critic is not None:
@@ -184,11 +184,12 @@ def ppo_update(
             out = minibatch_losses(m, recipe, mb, ptx_rows, kl_coef)
             initial = out.max_abs_log_ratio if initial is None else initial
             verdict = _verdict(out, ppo)
-            worst = distributed.reduce_floats([float(verdict is not None), float(verdict == "kl")], "max")
+            kl_now = out.policy.approx_kl.item()
+            worst = distributed.reduce_floats([float(verdict is not None), float(verdict == "kl"), kl_now], "max")
             if worst[0] > 0:
                 skipped += 1
                 if worst[1] > 0:
-                    stopped = 1.0
+                    stopped, tripped = 1.0, worst[2]
                     break
                 continue
             before_last = None  # freed first: one copy at a time
@@ -228,4 +229,6 @@ def ppo_update(
     )
     if final_kl is not None:
         out_stats["final_approx_kl"] = final_kl
+    if tripped is not None:  # the approx KL that stopped the step (max over ranks)
+        out_stats["guard_approx_kl"] = tripped
     return out_stats

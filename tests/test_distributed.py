@@ -37,7 +37,9 @@ def launch(script: str, recipe: str, overrides: list[str], log: Path, procs: int
     return proc
 
 
-@pytest.mark.parametrize("zero", [2, 3])
+# ZeRO-3 only for SFT and the reward model: ZeRO-2 through the same Trainer + DeepSpeed path and
+# export is covered by the DPO stage's ZeRO-2 run below, and ZeRO-3 is the case with shards to gather.
+@pytest.mark.parametrize("zero", [3])
 def test_sft_under_deepspeed_launcher(demo_assets, tmp_path, zero):
     from transformers import AutoModelForCausalLM
     import torch
@@ -74,7 +76,7 @@ def test_sft_under_deepspeed_launcher(demo_assets, tmp_path, zero):
     assert ckpt.is_dir() and any(ckpt.glob("global_step*")), "DeepSpeed engine state missing from the checkpoint"
 
 
-@pytest.mark.parametrize("zero", [2, 3])
+@pytest.mark.parametrize("zero", [3])
 def test_reward_under_deepspeed_launcher(demo_assets, sft_dir, tmp_path, zero):
     from transformers import AutoModelForSequenceClassification
 

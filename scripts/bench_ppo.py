@@ -1,14 +1,20 @@
 """Seconds per PPO step: ours vs TRL 1.0.0's trl.experimental.ppo.PPOTrainer, side by side.
 
     .venv/bin/python scripts/bench_ppo.py [--steps 10] [--rounds 2] [--out runs/bench/ppo.json]
+    .venv/bin/python scripts/bench_ppo.py --sft runs/smollm2/sft --reward runs/smollm2/reward \
+        --prompts runs/smollm2/data/prompts.jsonl --lr 1e-5 --steps 3 --rounds 1   # any model pair
 
-Both run the same models (the demo SFT policy and reward model; built first if missing) at
-matched settings: rollout batch 32, 2 mini-batches of 16 (one optimizer step each) per PPO epoch,
-2 PPO epochs, 24 new tokens, temperature 1, k1 KL with coefficient 0.05, fp32 on the CPU, 2
-threads. TRL runs in its own virtual environment (runs/bench/trl-1.0.0-venv, made here on first
-use) with the versions it was released against. The runs alternate (ours, TRL, ours, TRL, ...)
-so machine noise hits both alike; the first step of each run (warm-up) is dropped and the median
-of the rest is compared. Prints a table (ratio, our phase breakdown, peak memory) and writes JSON.
+Both run the same models (by default the demo SFT policy and reward model, built first if missing;
+or any SFT / reward pair given with --sft --reward --prompts) at matched settings: by default
+rollout batch 32, 2 mini-batches of 16 (one optimizer step each) per PPO epoch, 2 PPO epochs, 24 new
+tokens (each an option), temperature 1, k1 KL with coefficient 0.05, full fine-tuning of a separate
+actor and critic, fp32 on the CPU, 2 threads. Ours runs with its defaults otherwise, guards included
+(a step the KL guard stops does fewer updates than TRL's: the JSON counts them, so pick a learning
+rate at which the guard does not trip). TRL runs in its own virtual environment
+(runs/bench/trl-1.0.0-venv, made here on first use) with the versions it was released against. The
+runs alternate (ours, TRL, ours, TRL, ...) so machine noise hits both alike; the first step of each
+run (warm-up) is dropped and the median of the rest is compared. Prints a table (ratio, our phase
+breakdown, peak memory) and writes JSON.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 PEER_VENV = REPO / "runs/bench/trl-1.0.0-venv"
 PEER_PACKAGES = ["trl==1.0.0", "transformers==5.22.2", "accelerate", "datasets"]
 MATCHED = {"rollout_batch": 32, "mini_batches": 2, "ppo_epochs": 2, "max_new_tokens": 24, "lr": 3e-4, "seed": 42}
+"""The defaults of the matched settings; each is an option (--rollout-batch, --lr, ...)."""
 
 
 def ensure_models(run: Path) -> tuple[Path, Path, Path]:
@@ -84,7 +91,7 @@ def ensure_peer_venv() -> Path:
     return python
 
 
-def run_ours(sft: Path, reward: Path, prompts: Path, steps: int, out: Path) -> dict:
+def run_ours(sft: Path, reward: Path, prompts: Path, steps: int, out: Path, m: dict, extra: list[str]) -> dict:
     """In this process: our PPO at the matched settings; step times from its own metrics log."""
     import shutil
 
@@ -94,7 +101,6 @@ def run_ours(sft: Path, reward: Path, prompts: Path, steps: int, out: Path) -> d
     from rlhf.tracking import read_jsonl
 
     shutil.rmtree(out, ignore_errors=True)
-    m = MATCHED
     recipe = load_recipe(
         PPORecipe,
         REPO / "recipes/demo/ppo.yaml",
@@ -102,6 +108,7 @@ def run_ours(sft: Path, reward: Path, prompts: Path, steps: int, out: Path) -> d
             f"sft_dir={sft}",
             f"reward_dir={reward}",
             f"prompts.sources.0.path={prompts}",
+            "prompts.max_length=256",  # a chat template's system prompt makes real prompts long
             f"output_dir={out}",
             "demo_assets=null",
             "tracking.wandb=false",
@@ -118,6 +125,7 @@ def run_ours(sft: Path, reward: Path, prompts: Path, steps: int, out: Path) -> d
             "ppo.kl_estimator=k1",
             f"train.learning_rate={m['lr']}",
             f"train.seed={m['seed']}",
+            *extra,
         ],
     )
     run_ppo(recipe)
@@ -126,6 +134,8 @@ def run_ours(sft: Path, reward: Path, prompts: Path, steps: int, out: Path) -> d
         "step_seconds": [r["time/step"] for r in rows],
         "phases": {k: [r[f"time/{k}"] for r in rows] for k in ("generation", "scoring", "training")},
         "response_length": [r["response_length"] for r in rows],
+        "updates": [m["ppo_epochs"] * m["mini_batches"] - r["skipped_minibatches"] for r in rows],
+        "kl_rollback": [r["kl_rollback"] for r in rows],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
@@ -143,28 +153,56 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out", default=str(REPO / "runs/bench/ppo.json"))
-    ap.add_argument("--ours-only", nargs=3, metavar=("SFT", "REWARD", "PROMPTS"), help=argparse.SUPPRESS)
+    ap.add_argument("--sft", type=Path, help="an SFT output (default: the demo's)")
+    ap.add_argument("--reward", type=Path, help="a reward output (with --sft)")
+    ap.add_argument("--prompts", type=Path, help="a JSONL file of {'prompt': ...} rows (with --sft)")
+    for key, kind in (("rollout_batch", int), ("mini_batches", int), ("ppo_epochs", int), ("max_new_tokens", int)):
+        ap.add_argument("--" + key.replace("_", "-"), type=kind, default=MATCHED[key])
+    ap.add_argument("--lr", type=float, default=MATCHED["lr"])
+    ap.add_argument(
+        "--ours-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a recipe override for our side only, e.g. ppo.kl_rollback=never (a best-settings row, not matched)",
+    )
+    ap.add_argument("--ours-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    m = {**MATCHED, **{k: getattr(args, k) for k in ("rollout_batch", "mini_batches", "ppo_epochs", "max_new_tokens")}}
+    m["lr"] = args.lr
+    if args.rollout_batch % args.mini_batches:
+        ap.error(f"--rollout-batch ({args.rollout_batch}) must be a multiple of --mini-batches ({args.mini_batches})")
+    given = [args.sft, args.reward, args.prompts]
+    if any(given) and not all(given):
+        ap.error("--sft, --reward and --prompts go together")
+    for path in filter(None, given):
+        if not path.exists():
+            ap.error(f"{path} does not exist")
     work = REPO / "runs/bench/ppo"
     if args.ours_only:  # child mode: one run of ours, JSON on the last line
         import logging
 
         logging.disable(logging.WARNING)
-        print(json.dumps(run_ours(*map(Path, args.ours_only), args.steps, work / "ours")))
+        print(json.dumps(run_ours(args.sft, args.reward, args.prompts, args.steps, work / "ours", m, args.ours_set)))
         return
-    sft, reward, prompts = ensure_models(work / "models")
+    sft, reward, prompts = given if all(given) else ensure_models(work / "models")
     peer = ensure_peer_venv()
+    options = [
+        f"--{k.replace('_', '-')}={m[k]}" for k in ("rollout_batch", "mini_batches", "ppo_epochs", "max_new_tokens")
+    ]
     ours_cmd = [
         sys.executable,
         __file__,
         "--steps",
         str(args.steps),
         "--ours-only",
-        str(sft),
-        str(reward),
-        str(prompts),
+        f"--sft={sft}",
+        f"--reward={reward}",
+        f"--prompts={prompts}",
+        f"--lr={m['lr']}",
+        *options,
+        *[f"--ours-set={x}" for x in args.ours_set],
     ]
-    m = MATCHED
     trl_cmd = [
         str(peer),
         str(REPO / "scripts/bench_ppo_trl_peer.py"),
@@ -209,9 +247,14 @@ def main() -> None:
     print(f"{'seconds / step (med)':<22}{med['ours']:>10.3f}{med['trl']:>12.3f}")
     print(f"{'peak RSS (MB)':<22}{peak['ours']:>10.0f}{peak['trl']:>12.0f}")
     print(f"ratio ours / TRL: {ratio:.2f} (goal: <= 0.50)")
+    updates = sorted({u for run in runs["ours"] for u in run["updates"]})
+    print(f"our updates per step: {updates} (TRL: {m['ppo_epochs'] * m['mini_batches']})")
     print("our phases (median s): " + ", ".join(f"{p} {v:.3f}" for p, v in phases.items()))
     result = {
+        "models": {"sft": str(sft), "reward": str(reward), "prompts": str(prompts)},
         "matched": m,
+        "ours_overrides": args.ours_set,
+        "trl_config": runs["trl"][0].get("config"),
         "steps": args.steps,
         "rounds": args.rounds,
         "median_step_seconds": med,

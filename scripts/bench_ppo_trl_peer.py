@@ -108,6 +108,9 @@ def main() -> None:
                 "trl": __import__("trl").__version__,
                 "transformers": __import__("transformers").__version__,
                 "torch": torch.__version__,
+                "config": {
+                    k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))
+                },
             }
         )
     )

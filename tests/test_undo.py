@@ -48,6 +48,21 @@ def test_an_undone_step_leaves_no_trace(steps_before):
     assert all(torch.equal(sa[i][k], sb[i][k]) for i in sb for k in sb[i])
 
 
+def test_a_snapshot_reuses_the_previous_ones_buffers_and_still_restores_exactly():
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
+    a, b = _engine(), _engine()
+    first = undo.take(a)
+    _step(a, x)
+    _step(b, x)
+    second = undo.take(a, into=first)
+    assert all(new is old for (_, new), (_, old) in zip(second.tensors, first.tensors))  # written over
+    _step(a, x, scale=1e6)
+    undo.restore(a, second)
+    assert all(torch.equal(u, v) for u, v in zip(_weights(a), _weights(b)))
+    sa, sb = a.optimizer.state_dict()["state"], b.optimizer.state_dict()["state"]
+    assert all(torch.equal(sa[i][k], sb[i][k]) for i in sb for k in sb[i])
+
+
 def test_the_base_optimizer_is_found_under_wrappers():
     e = _engine()
     inner = e.optimizer

@@ -90,6 +90,46 @@ def decode_responses(tok, responses: list[list[int]]) -> list[str]:
     return [tok.decode(r, skip_special_tokens=True) for r in responses]
 
 
+def _sample(m: engines.Models, recipe: PPORecipe, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+    """(B, P) left-padded prompts -> (B, R) sampled response ids on the CPU (pad after eos), the
+    actor's weights gathered once for the whole call under ZeRO-3."""
+    gen, dev = recipe.generation, m.device
+    with engines.gathered(m.actor, recipe.deepspeed.zero_stage, gen.gather_weights), engines.compute(m):
+        m.actor.module.eval()
+        synced = recipe.deepspeed.zero_stage == 3 and distributed.world_size() > 1
+        return generate(
+            m.actor.module,
+            prompt_ids.to(dev),
+            prompt_mask.to(dev),
+            gen,
+            m.tokenizer.eos_token_id,
+            m.tokenizer.pad_token_id,
+            synced=synced,
+        ).cpu()
+
+
+def _score(m: engines.Models, recipe: PPORecipe, batch: tuple, prompts: list[Messages], responses: list[list[int]]):
+    """Forward passes over (ids, attention mask, positions, response ids), each (B, .): actor
+    log-probs and entropy, reference log-probs, critic values, each (B, R) float on the CPU (values
+    None without a critic), and the reward model's raw (B,) scores (None without one)."""
+    dev, temperature, P = m.device, recipe.generation.temperature, batch[0].shape[1] - batch[3].shape[1]
+    on = [x.to(dev) for x in batch]
+    with engines.compute(m):
+        logp, entropy = policy_outputs(m.actor.module, *on, temperature, with_entropy=True)
+        with engines.as_reference(m.actor.module, m.reference) as reference:
+            ref_logp, _ = policy_outputs(reference, *on, temperature)
+        values = None
+        if m.critic is not None:
+            m.critic.module.eval()
+            values = m.critic.module(on[0], on[1], on[2])[:, P - 1 : -1].float().cpu()
+        rm_raw = None
+        if m.reward is not None:
+            batch_size = recipe.train.micro_batch_size * 2
+            rm_raw = score_responses(m.reward, m.tokenizer, prompts, responses, dev, batch_size=batch_size)
+    logp, ref_logp, entropy = (x.float().cpu() for x in (logp, ref_logp, entropy))
+    return logp, ref_logp, entropy, values, rm_raw
+
+
 @torch.no_grad()
 def make_rollout(
     m: engines.Models,
@@ -105,21 +145,10 @@ def make_rollout(
     actor / reference / critic and the reward sources, and compute rewards and advantages.
     `norm` is the reward model's (mean, std) at this step; `code` the reward functions, called
     with each prompt row's `fields`."""
-    tok, gen, ppo, dev = m.tokenizer, recipe.generation, recipe.ppo, m.device
+    tok, ppo = m.tokenizer, recipe.ppo
     prompt_ids, prompt_mask = left_pad([render_prompt(tok, p) for p in prompts], tok.pad_token_id)
     t0 = time.perf_counter()
-    with engines.gathered(m.actor, recipe.deepspeed.zero_stage, gen.gather_weights), engines.compute(m):
-        m.actor.module.eval()
-        synced = recipe.deepspeed.zero_stage == 3 and distributed.world_size() > 1
-        response = generate(
-            m.actor.module,
-            prompt_ids.to(dev),
-            prompt_mask.to(dev),
-            gen,
-            tok.eos_token_id,
-            tok.pad_token_id,
-            synced=synced,
-        ).cpu()
+    response = _sample(m, recipe, prompt_ids, prompt_mask)
     times["generation"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     resp_mask = response_mask_of(response, tok.eos_token_id)
@@ -127,25 +156,10 @@ def make_rollout(
     ids = torch.cat([prompt_ids, response], dim=1)
     attn = torch.cat([prompt_mask, resp_mask], dim=1)
     pos = positions(attn)
-    on = [x.to(dev) for x in (ids, attn, pos, response)]
-    P = prompt_ids.shape[1]
     responses = [r[: int(k)].tolist() for r, k in zip(response, resp_mask.sum(1))]
-    with engines.compute(m):
-        logp, entropy = policy_outputs(m.actor.module, *on, gen.temperature, with_entropy=True)
-        with engines.as_reference(m.actor.module, m.reference) as reference:
-            ref_logp, _ = policy_outputs(reference, *on, gen.temperature)
-        values = None
-        if m.critic is not None:
-            m.critic.module.eval()
-            values = m.critic.module(on[0], on[1], on[2])[:, P - 1 : -1].float().cpu()
-        rm_raw = None
-        if m.reward is not None:
-            rm_raw = score_responses(
-                m.reward, tok, prompts, responses, dev, batch_size=recipe.train.micro_batch_size * 2
-            )
+    logp, ref_logp, entropy, values, rm_raw = _score(m, recipe, (ids, attn, pos, response), prompts, responses)
     fn_scores = code(prompts, decode_responses(tok, responses), fields or [{}] * len(prompts)) if code else None
     times["scoring"] = time.perf_counter() - t0
-    logp, ref_logp, entropy = (x.float().cpu() for x in (logp, ref_logp, entropy))
     scores = scoring.mix(recipe, rm_raw, norm, fn_scores, has_eos)
     # Guard: a row whose score is not finite (a reward function failed, the reward model gave NaN)
     # leaves the update: no tokens, no group membership, no advantage.

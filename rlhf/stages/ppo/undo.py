@@ -43,9 +43,12 @@ class Snapshot:
     state: dict[torch.Tensor, dict[str, Any]]  # optimizer state per parameter, copied ({} = none yet)
 
 
-def take(engine) -> Snapshot:
+@torch.no_grad()
+def take(engine, into: Snapshot | None = None) -> Snapshot:
     """Copy everything the engine's next optimizer step will change (memory: one more copy of the
-    trainable weights and the optimizer state, on their own devices)."""
+    trainable weights and the optimizer state, on their own devices). With `into` (the previous
+    snapshot of the same engine) its buffers are written over instead of allocating new ones:
+    about 1.6 GB per update for a 135M full fine-tune, where fresh allocations cost page faults."""
     opt = base_optimizer(engine)
     live: dict[int, torch.Tensor] = {}
     for p in engine.module.parameters():
@@ -54,11 +57,27 @@ def take(engine) -> Snapshot:
     for group in opt.param_groups:
         for p in group["params"]:
             live[id(p)] = p.data
+    tensors = [(t, _copy(t, old)) for t, old in zip(live.values(), _buffers(into, len(live)))]
     state = {}
     for group in opt.param_groups:
         for p in group["params"]:
-            state[p] = {k: v.clone() if torch.is_tensor(v) else v for k, v in opt.state.get(p, {}).items()}
-    return Snapshot([(t, t.clone()) for t in live.values()], state)
+            old = into.state.get(p, {}) if into is not None else {}
+            state[p] = {k: _copy(v, old.get(k)) if torch.is_tensor(v) else v for k, v in opt.state.get(p, {}).items()}
+    return Snapshot(tensors, state)
+
+
+def _buffers(into: Snapshot | None, n: int) -> list[torch.Tensor | None]:
+    """The previous snapshot's copies to write over, position by position (None: allocate)."""
+    if into is None or len(into.tensors) != n:
+        return [None] * n
+    return [saved for _, saved in into.tensors]
+
+
+def _copy(t: torch.Tensor, buffer: torch.Tensor | None) -> torch.Tensor:
+    """A copy of `t`, written into `buffer` when it fits."""
+    if buffer is not None and buffer.shape == t.shape and buffer.dtype == t.dtype and buffer.device == t.device:
+        return buffer.copy_(t)
+    return t.clone()
 
 
 def restore(engine, snap: Snapshot) -> None:

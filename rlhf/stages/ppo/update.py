@@ -141,6 +141,36 @@ def _record(stats: dict[str, list[float]], out: MinibatchLosses) -> None:
             stats[key].append(float(val.detach()))
 
 
+def _apply(m: engines.Models, out: MinibatchLosses) -> None:
+    """One optimizer step of the actor (and of the critic) on a mini-batch's losses."""
+    m.actor.backward(out.total)
+    m.actor.step()
+    if m.critic is not None:
+        m.critic.backward(out.value)
+        m.critic.step()
+
+
+def _take_back(
+    m: engines.Models, recipe: PPORecipe, before_last: undo.Snapshot | None, last: Rollout | None, stopped: bool
+) -> tuple[float | None, float]:
+    """kl_rollback at the end of a step's updates: restore `before_last` (the actor before its
+    latest update) if the guard stopped the step, or if one more forward pass of that update's
+    mini-batch `last` finds it past max_minibatch_kl. Returns (that pass's KL or None, 1.0 if
+    rolled back else 0.0)."""
+    if before_last is None:  # no update was applied: nothing to take back
+        return None, 0.0
+    final_kl, too_far = None, stopped
+    if not stopped:
+        # Nothing after the last update has looked at it yet: one forward pass does. The decision is
+        # reduced as a flag: a max over ranks need not carry one rank's NaN through.
+        kl = _approx_kl(m, recipe, last)
+        too_far, final_kl = distributed.reduce_floats([float(not kl <= recipe.ppo.max_minibatch_kl), kl], "max")
+    if not too_far:
+        return final_kl, 0.0
+    undo.restore(m.actor, before_last)  # on every rank: they took the same decisions
+    return final_kl, 1.0
+
+
 def ppo_update(
     m: engines.Models,
     recipe: PPORecipe,
@@ -168,7 +198,7 @@ def ppo_update(
     kl_coef = ppo.kl_coef if kl_coef is None else kl_coef
     rollback = ppo.rolls_back(recipe.deepspeed.zero_stage)
     stats: dict[str, list[float]] = {k: [] for k in STATS}
-    skipped, epochs_run, initial, stopped, rolled_back, tripped = 0, 0, None, 0.0, 0.0, None
+    skipped, epochs_run, initial, stopped, tripped = 0, 0, None, 0.0, None
     before_last = last = None  # the actor before its latest update (kl_rollback), that update's mini-batch
     m.actor.module.train()
     if m.critic is not None:
@@ -192,13 +222,8 @@ def ppo_update(
                     stopped, tripped = 1.0, worst[2]
                     break
                 continue
-            before_last = None  # freed first: one copy at a time
-            before_last = undo.take(m.actor) if rollback else None
-            m.actor.backward(out.total)
-            m.actor.step()
-            if m.critic is not None:
-                m.critic.backward(out.value)
-                m.critic.step()
+            before_last = undo.take(m.actor, into=before_last) if rollback else None  # one copy, reused
+            _apply(m, out)
             _record(stats, out)
             last = mb
             epoch_kl.append(out.policy.approx_kl.item())
@@ -208,15 +233,7 @@ def ppo_update(
         mean_kl = distributed.reduce_floats([sum(epoch_kl) / max(len(epoch_kl), 1)])[0]
         if ppo.target_approx_kl is not None and mean_kl > ppo.target_approx_kl:
             break
-    final_kl, too_far = None, stopped
-    if rollback and before_last is not None and not stopped:
-        # Nothing after the last update has looked at it yet: one forward pass does. The decision is
-        # reduced as a flag: a max over ranks need not carry one rank's NaN through.
-        kl = _approx_kl(m, recipe, last)
-        too_far, final_kl = distributed.reduce_floats([float(not kl <= ppo.max_minibatch_kl), kl], "max")
-    if rollback and before_last is not None and too_far:
-        undo.restore(m.actor, before_last)  # every rank: they took the same decisions
-        rolled_back = 1.0
+    final_kl, rolled_back = _take_back(m, recipe, before_last, last, bool(stopped)) if rollback else (None, 0.0)
     out_stats = {k: sum(v) / len(v) for k, v in stats.items() if v}
     out_stats.update(
         {

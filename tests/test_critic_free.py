@@ -330,25 +330,23 @@ def _weights(engine) -> dict:
     return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
 
 
+def _one_minibatch_grpo(demo_assets, sft_dir, reward_dir, tmp_path, *extra):
+    """GRPO with one mini-batch per PPO epoch, as in the SmolLM2 run at lr 3e-4 that kl_rollback
+    guards against: (recipe, models)."""
+    r = _recipe(demo_assets, sft_dir, reward_dir, tmp_path, *CRITIC_FREE["grpo"], "train.micro_batch_size=16", *extra)
+    tok, _ = ppo.check_handoff(r)
+    return r, engines.build_models(r, tok)
+
+
 # 2 epochs: caught by the next mini-batch; 1: by the check after the last update. ZeRO-2 keeps fp32
 # master partitions apart from the module's weights: both must be put back.
 @pytest.mark.parametrize("epochs,zero", [(2, 0), (1, 0), (1, 2)])
 def test_an_update_that_throws_the_policy_past_the_kl_guard_is_taken_back(
     demo_assets, sft_dir, reward_dir, tmp_path, epochs, zero
 ):
-    # One mini-batch per epoch, as in the SmolLM2 run at lr 3e-4 that this guards against.
-    r = _recipe(
-        demo_assets,
-        sft_dir,
-        reward_dir,
-        tmp_path,
-        *CRITIC_FREE["grpo"],
-        "train.micro_batch_size=16",
-        f"ppo.ppo_epochs={epochs}",
-        f"deepspeed.zero_stage={zero}",
+    r, m = _one_minibatch_grpo(
+        demo_assets, sft_dir, reward_dir, tmp_path, f"ppo.ppo_epochs={epochs}", f"deepspeed.zero_stage={zero}"
     )
-    tok, _ = ppo.check_handoff(r)
-    m = engines.build_models(r, tok)
     prompts = [p for p in PROMPTS for _ in range(4)]
     healthy = ppo_update(m, r, rollout.make_rollout(m, r, prompts, (0.0, 1.0), 0.05, {}), step=0)
     assert healthy["kl_rollback"] == 0.0 and healthy["final_approx_kl"] < r.ppo.max_minibatch_kl
@@ -377,19 +375,15 @@ def test_an_update_that_throws_the_policy_past_the_kl_guard_is_taken_back(
 
 
 def test_without_kl_rollback_the_update_stays(demo_assets, sft_dir, reward_dir, tmp_path):
-    r = _recipe(
+    r, m = _one_minibatch_grpo(
         demo_assets,
         sft_dir,
         reward_dir,
         tmp_path,
-        *CRITIC_FREE["grpo"],
-        "train.micro_batch_size=16",
         "ppo.ppo_epochs=1",
         "train.learning_rate=3.0",
         "ppo.kl_rollback=never",
     )
-    tok, _ = ppo.check_handoff(r)
-    m = engines.build_models(r, tok)
     weights = _weights(m.actor)
     stats = ppo_update(
         m, r, rollout.make_rollout(m, r, [p for p in PROMPTS for _ in range(4)], (0.0, 1.0), 0.05, {}), 0

@@ -34,12 +34,6 @@ class Shape:
     heads: int
 
 
-def optimizer_states(trainable: int, zero_stage: int, world: int, precision: str = "bf16") -> float:
-    """Bytes per rank of AdamW's moments (and fp32 master weights, unless training in fp32)."""
-    opt = 8 if precision == "fp32" else 12  # fp32 training keeps no separate master copy
-    return opt * trainable / (world if zero_stage >= 1 else 1)
-
-
 def model_states(
     params: int,
     trainable: int,
@@ -57,7 +51,8 @@ def model_states(
     w = _width(precision)
     weights = w * params / (world if zero_stage == 3 else 1)
     grads = w * trainable / (world if zero_stage >= 2 else 1)
-    states = optimizer_states(trainable, zero_stage, world, precision)
+    opt = 8 if precision == "fp32" else 12  # fp32 training keeps no separate master copy
+    states = opt * trainable / (world if zero_stage >= 1 else 1)
     gpu = grads + (0 if offload_params else weights) + (0 if offload_optimizer else states)
     cpu = (weights if offload_params else 0) + (states if offload_optimizer else 0)
     return {"gpu": gpu, "cpu": cpu}

@@ -129,6 +129,12 @@ def aggregate(
     raise ValueError(f"unknown loss aggregation {how!r} (token_mean, sequence_mean or constant)")
 
 
+def approx_kl_of(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) masked log new/old -> scalar mean k3 estimate of KL(old || new) per token: how far
+    an update moved the policy from the one that sampled the tokens."""
+    return masked_mean(torch.expm1(-log_ratio) + log_ratio, mask)
+
+
 @dataclass
 class PolicyLossOut:
     loss: torch.Tensor  # scalar, to minimise (includes the KL loss when there is one)
@@ -183,7 +189,7 @@ def policy_loss(
         kl_loss = aggregate(kl_penalty(logprobs * mask, ref_logprobs * mask, "k3"), mask, aggregation, max_tokens)
         loss = loss + kl_coef * kl_loss
     with torch.no_grad():
-        approx_kl = masked_mean(torch.expm1(-log_ratio) + log_ratio, mask)
+        approx_kl = approx_kl_of(log_ratio, mask)
         ratio_mean = masked_mean(torch.exp(log_ratio), mask)
     return PolicyLossOut(loss, clip_fraction, approx_kl, ratio_mean, kl_loss)
 

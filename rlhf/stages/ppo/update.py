@@ -68,8 +68,7 @@ def minibatch_losses(
     """Forward the actor (and critic) on one mini-batch and form the losses (Schulman et al. 2017);
     the estimator decides the loss aggregation, the ratio level and whether KL is a loss term."""
     ppo, dev = recipe.ppo, m.device
-    on = [x.to(dev) for x in (mb.input_ids, mb.attention_mask, mb.position_ids, mb.input_ids[:, mb.prompt_width :])]
-    mask = mb.response_mask.float().to(dev)
+    on, mask = _inputs(mb, dev)
     sequence = ppo.importance_ratio == "sequence"
     with engines.compute(m):
         logp, ent = policy_outputs(m.actor, *on, recipe.generation.temperature, with_entropy=ppo.entropy_coef > 0)
@@ -101,13 +100,18 @@ def minibatch_losses(
 def _approx_kl(m: engines.Models, recipe: PPORecipe, mb: Rollout) -> float:
     """Approx KL (k3, per token) of the actor as it is now to the rollout policy on `mb`: one
     forward pass without gradients, to check the step's last update."""
-    dev = m.device
-    on = [x.to(dev) for x in (mb.input_ids, mb.attention_mask, mb.position_ids, mb.input_ids[:, mb.prompt_width :])]
-    mask = mb.response_mask.float().to(dev)
+    on, mask = _inputs(mb, m.device)
     with torch.no_grad(), engines.compute(m):
         logp, _ = policy_outputs(m.actor, *on, recipe.generation.temperature, with_entropy=False)
-    log_ratio = (logp.float() - mb.logprobs.to(dev)) * mask
-    return float(losses.masked_mean(torch.expm1(-log_ratio) + log_ratio, mask)) if mask.any() else 0.0
+    log_ratio = (logp.float() - mb.logprobs.to(m.device)) * mask
+    return float(losses.approx_kl_of(log_ratio, mask)) if mask.any() else 0.0
+
+
+def _inputs(mb: Rollout, dev) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A mini-batch's (ids, attention mask, positions, response ids) and its (B, R) float response
+    mask, on `dev`: what every forward pass of the update reads."""
+    on = [x.to(dev) for x in (mb.input_ids, mb.attention_mask, mb.position_ids, mb.input_ids[:, mb.prompt_width :])]
+    return on, mb.response_mask.float().to(dev)
 
 
 def _verdict(out: MinibatchLosses, ppo) -> str | None:
@@ -226,7 +230,7 @@ def ppo_update(
             _apply(m, out)
             _record(stats, out)
             last = mb
-            epoch_kl.append(out.policy.approx_kl.item())
+            epoch_kl.append(kl_now)
         epochs_run = epoch + 1
         if stopped:
             break

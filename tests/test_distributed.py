@@ -177,6 +177,34 @@ def test_ppo_under_deepspeed_launcher(demo_assets, sft_dir, reward_dir, tmp_path
         "rng_rank0.pt",
         "rng_rank1.pt",
     ]
+    if zero == 3 and lora:
+        _continue_under_zero3(demo_assets, sft_dir, reward_dir, tmp_path, out / "ppo", rows[0])
+
+
+def _continue_under_zero3(demo_assets, sft_dir, reward_dir, tmp_path, first, first_step):
+    """A new run continues the ZeRO-3 LoRA run (`continue_from`, as a round of `rlhf rounds` does):
+    its partitioned actor, critic and their optimizer states load, so its first rollout is already
+    away from the reference, where a fresh run's first rollout is the reference itself."""
+    out = tmp_path / "continued"
+    proc = launch(
+        "scripts/train_ppo.py",
+        "recipes/demo/ppo.yaml",
+        ppo_overrides(demo_assets, sft_dir, reward_dir, out)
+        + [
+            "deepspeed.zero_stage=3",
+            "peft.enabled=true",
+            "train.max_steps=1",
+            f"continue_from={{path: {first}, critic: true, optimizer: true}}",
+        ],
+        tmp_path / "log_continued.txt",
+    )
+    assert (
+        "continuing from" in proc.stdout + proc.stderr
+        and "actor, critic with optimizer states" in proc.stdout + proc.stderr
+    )
+    (row,) = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert abs(first_step["kl"]) < 1e-6 < 1e-3 < abs(row["kl"])
+    assert json.loads((out / "ppo" / MANIFEST).read_text())["recipe"]["continue_from"]["path"] == str(first)
 
 
 @pytest.mark.parametrize("zero,estimator", [(2, "grpo"), (3, "rloo")])

@@ -78,6 +78,7 @@ def _add_tool_args(sub) -> None:
     gen.add_argument("--out", required=True, help="JSONL file to write")
     gen.add_argument("--samples", type=int, default=1, help="responses per prompt")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--greedy", action="store_true", help="the most likely answer (ignores temperature, top-p)")
     chat = sub.add_parser("chat", help="talk to a model in the terminal")
     _add_generation_args(chat)
     chat.add_argument("--system", default=None, help="system message")
@@ -97,6 +98,18 @@ def _add_tool_args(sub) -> None:
     )
     prep.add_argument("--tokenizer", default=None, help="tokenizer directory to count lengths with")
     prep.add_argument("--bad-rows", choices=["drop", "error"], default="drop")
+    replay = data.add_parser(
+        "replay", help="a model's own greedy answers to general questions, as SFT rows to mix in against forgetting"
+    )
+    replay.add_argument("--model", required=True, help="the model to rehearse (usually the base model)")
+    replay.add_argument("--prompts", required=True, help="questions file with 'prompt' (e.g. replay_questions.jsonl)")
+    replay.add_argument("--out", required=True, help="JSONL of prompt / completion rows to write (atomically)")
+    replay.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=48,
+        help="answers that reach it are cut after their last complete sentence",
+    )
 
 
 def _run_tool(args: argparse.Namespace) -> int:
@@ -111,13 +124,22 @@ def _run_tool(args: argparse.Namespace) -> int:
             return 0
         from rlhf.generate import generate_file
 
-        n = generate_file(args.model, args.prompts, args.out, gen, args.samples, args.seed)
+        n = generate_file(args.model, args.prompts, args.out, gen, args.samples, args.seed, greedy=args.greedy)
         print(f"[rlhf] wrote {n} responses to {args.out}")
         return 0
     if args.command == "export":
         from rlhf.export import export
 
         print(f"[rlhf] standalone model: {export(args.src, args.out)}")
+        return 0
+    if args.data_command == "replay":
+        from rlhf.generate import replay_file
+
+        counts = replay_file(args.model, args.prompts, args.out, args.max_new_tokens)
+        print(
+            f"[rlhf] wrote {counts['written']} replay rows to {args.out} from {counts['questions']} questions "
+            f"({counts['cut_at_sentence']} cut after their last sentence at the length limit)"
+        )
         return 0
     from rlhf.data.export_splits import prepare_files
 

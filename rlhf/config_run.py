@@ -76,6 +76,9 @@ class EvalRecipe:
     each policy's per-token NLL of those answers measures what fine-tuning forgot (needs base_dir)."""
     forgetting_max_new_tokens: int = 48
     """Length of the base model's answers for the forgetting measure."""
+    forgetting_limit: float = 0.05
+    """The report flags every policy whose perplexity on those answers rose more than this
+    (relative, 0.05 = 5%) over the base model's."""
     side_by_side: int = 5
     """Prompts shown with every policy's answer in the report."""
     seed: int = 0

@@ -7,6 +7,7 @@ base when it cannot merge) and use the same batched sampler as evaluation.
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import TextIO
@@ -23,16 +24,17 @@ def load_policy(path: str, device):
     return load_model(path, "causal-lm", device=device).eval()
 
 
-def generate_file(
+def answer_prompts(
     model_dir: str,
     prompts_path: str,
-    out_path: str,
     gen: GenerationSettings,
     samples: int = 1,
     seed: int = 0,
     batch_size: int = 32,
-) -> int:
-    """Answer every prompt of a prompts file (any format the stages read); returns rows written."""
+    greedy: bool = False,
+) -> list[dict]:
+    """Answer every prompt of a prompts file (any format the stages read): one row per response,
+    with the prompt (messages), the decoded response and whether it hit the length limit."""
     from tqdm.auto import tqdm
 
     tok = load_tokenizer(model_dir)
@@ -46,22 +48,84 @@ def generate_file(
     rows = []
     for start in tqdm(range(0, len(ids), batch_size), desc="generate"):
         s = sample(
-            model, tok, ids[start : start + batch_size], samples, gen, seed + start, batch_size * samples, device
+            model,
+            tok,
+            ids[start : start + batch_size],
+            samples,
+            gen,
+            seed + start,
+            batch_size * samples,
+            device,
+            greedy=greedy,
         )
-        for i, resp in zip(s.prompt_index, s.responses):
+        for i, resp, hit in zip(s.prompt_index, s.responses, s.hit_limit):
             rows.append(
                 {
                     "prompt": prompts[start + i],
                     "response": tok.decode(resp, skip_special_tokens=True).strip(),
                     "model": model_dir,
-                    "hit_length_limit": len(resp) >= gen.max_new_tokens,
+                    "hit_length_limit": hit,
                 }
             )
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(out_path, "w") as f:
+    return rows
+
+
+def write_jsonl(rows: list[dict], out_path: str) -> None:
+    """Write rows atomically: an interrupted run leaves the old file (or none), never half a file."""
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    with open(tmp, "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+    tmp.replace(out)
+
+
+def generate_file(
+    model_dir: str,
+    prompts_path: str,
+    out_path: str,
+    gen: GenerationSettings,
+    samples: int = 1,
+    seed: int = 0,
+    batch_size: int = 32,
+    greedy: bool = False,
+) -> int:
+    """`rlhf generate`: answer every prompt of a prompts file into a JSONL; returns rows written."""
+    rows = answer_prompts(model_dir, prompts_path, gen, samples, seed, batch_size, greedy)
+    write_jsonl(rows, out_path)
     return len(rows)
+
+
+def replay_file(model_dir: str, questions_path: str, out_path: str, max_new_tokens: int = 48) -> dict[str, int]:
+    """`rlhf data replay`: a model's own greedy answers to general questions, as SFT rows
+    (prompt / completion) to mix into SFT and PPO-ptx against forgetting (rehearsal).
+
+    Greedy, like the forgetting measure's reference (`rlhf.eval.forgetting`). An answer that hits
+    `max_new_tokens` is cut after its last complete sentence, because SFT ends every completion
+    with eos and would otherwise teach the model to stop mid-sentence; one with no complete
+    sentence is dropped. Both are counted."""
+    rows = answer_prompts(model_dir, questions_path, GenerationSettings(max_new_tokens=max_new_tokens), greedy=True)
+    kept, cut = [], 0
+    for r in rows:
+        text = r["response"]
+        if r["hit_length_limit"]:
+            text, cut = last_sentences(text), cut + 1
+        if text:
+            kept.append({"prompt": r["prompt"], "completion": text})
+    if not kept:
+        raise ValueError(
+            f"{questions_path}: none of the {len(rows)} greedy answers of {model_dir} has a complete "
+            f"sentence within max_new_tokens={max_new_tokens}; raise --max-new-tokens"
+        )
+    write_jsonl(kept, out_path)
+    return {"questions": len(rows), "written": len(kept), "cut_at_sentence": cut - (len(rows) - len(kept))}
+
+
+def last_sentences(text: str) -> str:
+    """`text` up to and including its last sentence end (. ! ?), or "" when it has none."""
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
+    return text[: ends[-1]].strip() if ends else ""
 
 
 def chat(

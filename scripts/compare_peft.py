@@ -60,7 +60,8 @@ def train(method: str, args) -> Path:
             args.sft_recipe,
             f"output_dir={out}",
             f"model.name_or_path={args.model}",
-            f"data.sources.0.path={Path(args.data) / 'sft.jsonl'}",
+            # The task's rows alone (no replay): the methods are compared on what each one forgets.
+            f"data.sources=[{{path: {Path(args.data) / 'sft.jsonl'}}}]",
             f"train.max_steps={args.max_steps}",
             f"train.learning_rate={spec['lr']}",
             "train.eval_steps=0",

@@ -70,7 +70,20 @@ def _table(summary: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
-def _verdict(summary: dict[str, dict[str, float]]) -> list[str]:
+def _forgetting(summary: dict[str, dict[str, float]], limit: float) -> list[str]:
+    """One line: every policy's forgetting measure, and which ones rose past the limit."""
+    rises = {n: r["forgetting_ppl_rise"] for n, r in summary.items() if "forgetting_ppl_rise" in r and n != "base"}
+    if not rises:
+        return []
+    over = [n for n, v in rises.items() if v > limit]
+    listed = ", ".join(f"{n} {100 * v:+.1f}%" for n, v in rises.items())
+    verdict = f"over the {100 * limit:.0f}% limit: {', '.join(over)}" if over else f"all within {100 * limit:.0f}%"
+    return [
+        f"- Forgetting (perplexity of the base model's answers to general questions, vs base): {listed}; {verdict}."
+    ]
+
+
+def _verdict(summary: dict[str, dict[str, float]], limit: float = 0.05) -> list[str]:
     """Plain sentences: did PPO beat SFT, and are there signs of reward hacking?"""
     if "ppo" not in summary:
         return []
@@ -94,13 +107,8 @@ def _verdict(summary: dict[str, dict[str, float]]) -> list[str]:
             f"- {best.replace('sft_', '').replace('_', '-')} of SFT samples (reward-model reranking): ground "
             f"truth {_fmt(summary[best]['ground_truth'])}; PPO {'beats' if beat else 'does not beat'} it."
         )
-    if "forgetting_ppl_rise" in ppo:
-        lines.append(
-            f"- Forgetting (perplexity of the base model's answers to general questions): SFT "
-            f"{100 * sft['forgetting_ppl_rise']:+.1f}%, PPO {100 * ppo['forgetting_ppl_rise']:+.1f}% vs base."
-        )
     warn = []
-    if ppo.get("forgetting_ppl_rise", 0.0) > 0.05:
+    if ppo.get("forgetting_ppl_rise", 0.0) > limit:
         warn.append(f"PPO forgot: perplexity on general answers rose {100 * ppo['forgetting_ppl_rise']:.0f}% over base")
     if (
         "heldout_reward_mean" in ppo
@@ -207,7 +215,8 @@ def write_report(out: Path, results: list[dict], prompts: list[Messages], recipe
         "",
         "## Verdict",
         "",
-        *_verdict(summary),
+        *_verdict(summary, recipe.forgetting_limit),
+        *_forgetting(summary, recipe.forgetting_limit),
         "",
         *_methods(summary, recipe),
         "Columns: *reward* mean reward-model score; *win vs SFT* share of answers the reward model prefers to "

@@ -24,6 +24,8 @@ import random
 import re
 from dataclasses import dataclass
 
+from rlhf.tasks import general
+
 # topic noun -> words a short answer about it may use
 TOPICS = {
     "cat": ["soft", "curious", "playful", "quiet"],
@@ -183,49 +185,16 @@ def train_topics() -> list[str]:
     return [t for t in TOPICS if t not in HELDOUT_TOPICS]
 
 
-# General questions for the forgetting measure: how well each policy still predicts the base
-# model's own answers to everyday questions unrelated to the task (lower NLL = less forgotten).
-GENERAL_QUESTIONS = [
-    "What is the capital of France?",
-    "How many days are in a week?",
-    "Why is the sky blue?",
-    "What do bees make?",
-    "How do plants get energy?",
-    "What is the boiling point of water?",
-    "Name three primary colours.",
-    "What is a synonym for happy?",
-    "How many legs does a spider have?",
-    "What does a doctor do?",
-    "Explain what a noun is.",
-    "What is the largest planet in our solar system?",
-    "How do you make a cup of tea?",
-    "What is the opposite of cold?",
-    "Why do we need sleep?",
-    "What is photosynthesis?",
-    "Give me a tip for learning a new language.",
-    "What is 7 times 8?",
-    "What language is spoken in Spain?",
-    "Describe how a bicycle works.",
-    "What is the function of the heart?",
-    "What causes rain?",
-    "Name a famous painter.",
-    "What is the freezing point of water in Celsius?",
-    "How can I save energy at home?",
-    "What is a computer program?",
-    "Why do leaves change colour in autumn?",
-    "What is the main ingredient of guacamole?",
-    "How many continents are there?",
-    "What is gravity?",
-    "Suggest a name for a pet goldfish.",
-    "What is the difference between weather and climate?",
-]
+# The forgetting measure's general questions, and the disjoint set replayed against forgetting.
+GENERAL_QUESTIONS, REPLAY_QUESTIONS = general.HELDOUT_QUESTIONS, general.REPLAY_QUESTIONS
 
 
 def build_data(
     out: str | os.PathLike, seed: int = 0, n_sft: int = 1200, n_pairs: int = 1200, n_rl: int = 400, n_heldout: int = 60
 ) -> dict[str, int]:
     """Write the task's files into `out`: sft.jsonl, preferences.jsonl, prompts.jsonl (RL),
-    heldout_prompts.jsonl (evaluation only) and general_questions.jsonl (forgetting)."""
+    heldout_prompts.jsonl (evaluation only), general_questions.jsonl (forgetting) and
+    replay_questions.jsonl (for `rlhf data replay`, disjoint from the forgetting questions)."""
     import json
     from pathlib import Path
 
@@ -253,6 +222,7 @@ def build_data(
         "prompts.jsonl": [{"prompt": p.text} for p in make_prompts(rng, train, REQUIRED_WORDS, n_rl)],
         "heldout_prompts.jsonl": [{"prompt": p.text} for p in make_prompts(rng, heldout, HELDOUT_WORDS, n_heldout)],
         "general_questions.jsonl": [{"prompt": q} for q in GENERAL_QUESTIONS],
+        "replay_questions.jsonl": [{"prompt": q} for q in REPLAY_QUESTIONS],
     }
     for name, rows in files.items():
         (out / name).write_text("".join(json.dumps(r) + "\n" for r in rows))

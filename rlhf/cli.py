@@ -138,7 +138,8 @@ def _run_tool(args: argparse.Namespace) -> int:
         counts = replay_file(args.model, args.prompts, args.out, args.max_new_tokens)
         print(
             f"[rlhf] wrote {counts['written']} replay rows to {args.out} from {counts['questions']} questions "
-            f"({counts['cut_at_sentence']} cut after their last sentence at the length limit)"
+            f"({counts['cut_at_sentence']} cut after their last sentence at the length limit, "
+            f"{counts['dropped']} dropped: empty, or no complete sentence)"
         )
         return 0
     from rlhf.data.export_splits import prepare_files

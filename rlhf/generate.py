@@ -108,18 +108,17 @@ def replay_file(model_dir: str, questions_path: str, out_path: str, max_new_toke
     rows = answer_prompts(model_dir, questions_path, GenerationSettings(max_new_tokens=max_new_tokens), greedy=True)
     kept, cut = [], 0
     for r in rows:
-        text = r["response"]
-        if r["hit_length_limit"]:
-            text, cut = last_sentences(text), cut + 1
+        text = last_sentences(r["response"]) if r["hit_length_limit"] else r["response"]
         if text:
             kept.append({"prompt": r["prompt"], "completion": text})
+            cut += r["hit_length_limit"]
     if not kept:
         raise ValueError(
             f"{questions_path}: none of the {len(rows)} greedy answers of {model_dir} has a complete "
             f"sentence within max_new_tokens={max_new_tokens}; raise --max-new-tokens"
         )
     write_jsonl(kept, out_path)
-    return {"questions": len(rows), "written": len(kept), "cut_at_sentence": cut - (len(rows) - len(kept))}
+    return {"questions": len(rows), "written": len(kept), "cut_at_sentence": cut, "dropped": len(rows) - len(kept)}
 
 
 def last_sentences(text: str) -> str:

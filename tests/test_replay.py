@@ -63,7 +63,9 @@ def test_replay_keeps_whole_answers_cuts_long_ones_and_drops_the_rest(tmp_path, 
         {"prompt": [{"role": "user", "content": "q1"}], "completion": "A short answer."},
         {"prompt": [{"role": "user", "content": "q2"}], "completion": "A long answer."},
     ]
-    assert "wrote 2 replay rows" in capsys.readouterr().out and not (tmp_path / "replay.jsonl.partial").exists()
+    printed = capsys.readouterr().out
+    assert "wrote 2 replay rows" in printed and "1 cut after their last sentence" in printed and "2 dropped" in printed
+    assert not (tmp_path / "replay.jsonl.partial").exists()
     # The rows are SFT rows every stage reads.
     from rlhf.data.formats import normalize_sft
 

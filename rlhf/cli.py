@@ -124,6 +124,9 @@ def _run_tool(args: argparse.Namespace) -> int:
             return 0
         from rlhf.generate import generate_file
 
+        if args.greedy and args.samples > 1:
+            raise ConfigError("--greedy gives one answer per prompt: drop --samples, or sample with --temperature")
+
         n = generate_file(args.model, args.prompts, args.out, gen, args.samples, args.seed, greedy=args.greedy)
         print(f"[rlhf] wrote {n} responses to {args.out}")
         return 0

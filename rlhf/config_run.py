@@ -93,6 +93,8 @@ class EvalRecipe:
     def __post_init__(self) -> None:
         if self.samples_per_prompt < 1 or self.batch_size < 1:
             raise ConfigError("samples_per_prompt and batch_size must be >= 1")
+        if self.forgetting_limit < 0:
+            raise ConfigError(f"forgetting_limit is a relative rise (0.05 = 5%), >= 0; got {self.forgetting_limit}")
         if self.base_dir and self.base_few_shot and self.few_shot_data is None:
             raise ConfigError("base_few_shot > 0 needs few_shot_data (demonstrations to show the base model)")
         if any(p.few_shot for p in self.extra_policies) and self.few_shot_data is None:

@@ -7,13 +7,16 @@ base when it cannot merge) and use the same batched sampler as evaluation.
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import TextIO
 
 from rlhf.config import DataConfig, DataSource, GenerationSettings
 from rlhf.data.formats import Messages, normalize_prompt
+from rlhf.errors import DataError
 from rlhf.data.prepare import prepare_splits
 from rlhf.models import default_device, load_model, load_tokenizer
 from rlhf.sampling import generate, left_pad, render_prompt, response_mask_of, sample
@@ -71,14 +74,21 @@ def answer_prompts(
 
 
 def write_jsonl(rows: list[dict], out_path: str) -> None:
-    """Write rows atomically: an interrupted run leaves the old file (or none), never half a file."""
+    """Write rows atomically: an interrupted or failed run leaves the old file (or none), never half
+    a file, and no temporary file behind."""
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
-    with open(tmp, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    tmp.replace(out)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def generate_file(
@@ -111,9 +121,9 @@ def replay_file(model_dir: str, questions_path: str, out_path: str, max_new_toke
         text = last_sentences(r["response"]) if r["hit_length_limit"] else r["response"]
         if text:
             kept.append({"prompt": r["prompt"], "completion": text})
-            cut += r["hit_length_limit"]
+            cut += text != r["response"]
     if not kept:
-        raise ValueError(
+        raise DataError(
             f"{questions_path}: none of the {len(rows)} greedy answers of {model_dir} has a complete "
             f"sentence within max_new_tokens={max_new_tokens}; raise --max-new-tokens"
         )
@@ -121,9 +131,21 @@ def replay_file(model_dir: str, questions_path: str, out_path: str, max_new_toke
     return {"questions": len(rows), "written": len(kept), "cut_at_sentence": cut, "dropped": len(rows) - len(kept)}
 
 
+# A sentence end: . ! or ? (closing quotes or brackets may follow) before whitespace or the end,
+# but not the dot of a list number ("2."), an initial ("J."), or a common abbreviation.
+_SENTENCE_END = re.compile(r"(?<![A-Za-z0-9][.])(?<!\b[0-9A-Z])(?<!\b[0-9]{2})[.!?]+[\"')\]]*(?=\s|$)")
+_ABBREVIATIONS = ("e.g.", "i.e.", "etc.", "mr.", "mrs.", "ms.", "dr.", "st.", "vs.", "no.")
+_LIST_STUB = re.compile(r"(?:\n|^)\s*(?:\d+[.)]|[-*•])\s*$")
+
+
 def last_sentences(text: str) -> str:
-    """`text` up to and including its last sentence end (. ! ?), or "" when it has none."""
-    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
+    """`text` up to and including its last sentence end, or "" when it has none. A list cut in the
+    middle keeps its complete items and loses the number or bullet of the one cut off."""
+    ends = [
+        m.end()
+        for m in _SENTENCE_END.finditer(text)
+        if not text[: m.end()].lower().endswith(_ABBREVIATIONS) and not _LIST_STUB.search(text[: m.end()])
+    ]
     return text[: ends[-1]].strip() if ends else ""
 
 

@@ -203,7 +203,8 @@ def _continue_under_zero3(demo_assets, sft_dir, reward_dir, tmp_path, first, fir
         and "actor, critic with optimizer states" in proc.stdout + proc.stderr
     )
     (row,) = [json.loads(line) for line in (out / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    assert abs(first_step["kl"]) < 1e-6 < 1e-3 < abs(row["kl"])
+    assert abs(first_step["kl"]) < 1e-6
+    assert abs(row["kl"]) > 1e-3
     assert json.loads((out / "ppo" / MANIFEST).read_text())["recipe"]["continue_from"]["path"] == str(first)
 
 

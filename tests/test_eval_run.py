@@ -87,9 +87,13 @@ def test_best_of_n_row_and_forgetting_measure(demo_assets, sft_dir, reward_dir, 
             "base_few_shot=0",
             f"forgetting_prompts={{path: {questions}}}",
             "forgetting_max_new_tokens=8",
+            "forgetting_limit=0.025",
         )
     )
     s = json.loads((out / "report.json").read_text())["summary"]
+    rise = s["sft"]["forgetting_ppl_rise"]
+    verdict = "over the 2.5% limit: sft." if rise > 0.025 else "all within 2.5%."
+    assert f"sft {100 * rise:+.1f}%; {verdict}" in (out / "report.md").read_text()  # the recipe's limit
     assert list(s) == ["base", "sft", "sft_best_of_4"]
     assert s["sft_best_of_4"]["reward_mean"] >= s["sft"]["reward_mean"]
     assert s["sft_best_of_4"]["kl_to_sft"] == pytest.approx(math.log(4) - 3 / 4)

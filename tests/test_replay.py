@@ -7,6 +7,7 @@ import json
 import pytest
 
 from rlhf.cli import main
+from rlhf.errors import DataError
 from rlhf.generate import last_sentences
 
 
@@ -31,6 +32,14 @@ def test_the_replayed_questions_are_not_the_measured_ones(tmp_path):
         ("Version 2.5 is out", ""),  # a dot inside a number ends no sentence
         ("no sentence end at all", ""),
         ("Done.", "Done."),
+        ("Fruits are:\n\n1. Apple.\n2.", "Fruits are:\n\n1. Apple."),  # a cut list loses its stub
+        ("Fruits are:\n\n1.", ""),
+        ("Use e.g. a pen", ""),  # abbreviations and initials end no sentence
+        ("Mr. Smith is a", ""),
+        ("J. R. R. Tolkien wrote it. He", "J. R. R. Tolkien wrote it."),
+        ('He said "Hi." Then he', 'He said "Hi."'),  # closing quotes and brackets stay
+        ("It is (really.) And", "It is (really.)"),
+        ("It ended in 1999. Then", "It ended in 1999."),
     ],
 )
 def test_last_sentences(text, want):
@@ -77,9 +86,19 @@ def test_replay_with_nothing_usable_names_the_file_and_writes_nothing(tmp_path, 
 
     monkeypatch.setattr(g, "answer_prompts", _fake_answers([("q", "rambling on and on", True)]))
     out = tmp_path / "replay.jsonl"
-    with pytest.raises(ValueError, match=r"questions\.jsonl.*raise --max-new-tokens"):
+    with pytest.raises(DataError, match=r"questions\.jsonl.*raise --max-new-tokens"):
         g.replay_file("m", "questions.jsonl", str(out), max_new_tokens=8)
     assert not out.exists()
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_partial(tmp_path):
+    from rlhf.generate import write_jsonl
+
+    out = tmp_path / "answers.jsonl"
+    write_jsonl([{"a": 1}], str(out))
+    with pytest.raises(TypeError):
+        write_jsonl([{"a": 2}, {"b": object()}], str(out))  # the second row cannot be written
+    assert out.read_text() == '{"a": 1}\n' and [p.name for p in tmp_path.iterdir()] == ["answers.jsonl"]
 
 
 def test_replay_answers_are_the_forgetting_measures_reference(sft_dir, demo_assets):
@@ -118,3 +137,20 @@ def test_the_report_flags_every_policy_that_forgot():
     assert _forgetting(summary, 0.05)[0].endswith("all within 5%.")
     assert _forgetting(summary, 0.04)[0].endswith("over the 4% limit: ppo.")
     assert _forgetting({"sft": {}}, 0.05) == []
+
+
+def test_greedy_with_several_samples_is_refused(tmp_path, capsys):
+    out = tmp_path / "a.jsonl"
+    args = ["generate", "--model", "m", "--prompts", "p.jsonl", "--out", str(out), "--greedy", "--samples", "2"]
+    assert main(args) == 2 and not out.exists()
+    assert "--greedy gives one answer per prompt" in capsys.readouterr().err
+
+
+def test_a_negative_forgetting_limit_is_refused():
+    from rlhf.config import ConfigError, DataConfig, DataSource
+    from rlhf.config_run import EvalRecipe
+
+    prompts = DataConfig(sources=[DataSource(path="p.jsonl")])
+    assert EvalRecipe(sft_dir="s", reward_dir=None, prompts=prompts).forgetting_limit == 0.05
+    with pytest.raises(ConfigError, match="forgetting_limit"):
+        EvalRecipe(sft_dir="s", reward_dir=None, prompts=prompts, forgetting_limit=-0.1)

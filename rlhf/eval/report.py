@@ -77,7 +77,7 @@ def _forgetting(summary: dict[str, dict[str, float]], limit: float) -> list[str]
         return []
     over = [n for n, v in rises.items() if v > limit]
     listed = ", ".join(f"{n} {100 * v:+.1f}%" for n, v in rises.items())
-    verdict = f"over the {100 * limit:.0f}% limit: {', '.join(over)}" if over else f"all within {100 * limit:.0f}%"
+    verdict = f"over the {100 * limit:g}% limit: {', '.join(over)}" if over else f"all within {100 * limit:g}%"
     return [
         f"- Forgetting (perplexity of the base model's answers to general questions, vs base): {listed}; {verdict}."
     ]

@@ -7,9 +7,11 @@
   greedily, and the recipes mix those answers into SFT and PPO-ptx (rehearsal: the fine-tuned model
   keeps rehearsing what it said before on things that are not the task).
 
-The two sets share no question, and `tests/test_replay.py` checks it. The replayed answers come from
-the same model and the same greedy decoding as the measure's reference, so replay trains directly
-for what the measure checks, on other questions. The report says so beside the number.
+The two sets share no question, and `tests/test_replay.py` checks it. But many follow the same
+everyday templates ("capital of Italy" is replayed, "capital of France" measured). The replayed
+answers come from the same model and the same greedy decoding as the measure's reference, so replay
+trains directly for what the measure checks, on near neighbours of its questions;
+docs/real-model.md says so beside the numbers.
 """
 
 from __future__ import annotations

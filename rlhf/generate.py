@@ -14,10 +14,10 @@ import tempfile
 from pathlib import Path
 from typing import TextIO
 
-from rlhf.config import DataConfig, DataSource, GenerationSettings
+from rlhf.config import GenerationSettings
 from rlhf.data.formats import Messages, normalize_prompt
 from rlhf.errors import DataError
-from rlhf.data.prepare import prepare_splits
+from rlhf.data.prepare import read_whole
 from rlhf.models import default_device, load_model, load_tokenizer
 from rlhf.sampling import generate, left_pad, render_prompt, response_mask_of, sample
 
@@ -41,10 +41,7 @@ def answer_prompts(
     from tqdm.auto import tqdm
 
     tok = load_tokenizer(model_dir)
-    cfg = DataConfig(
-        sources=[DataSource(path=prompts_path)], validation_fraction=0.0, deduplicate=False, max_length=10**9
-    )
-    prompts = prepare_splits(cfg, normalize_prompt).train
+    prompts = read_whole(prompts_path, normalize_prompt, deduplicate=False)  # one answer row per input row
     device = default_device()
     model = load_policy(model_dir, device)
     ids = [render_prompt(tok, p) for p in prompts]

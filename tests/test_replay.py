@@ -102,21 +102,31 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_partial(tmp_path):
 
 
 def test_replay_answers_are_the_forgetting_measures_reference(sft_dir, demo_assets):
-    """Replay rehearses exactly what the measure's reference is: the same greedy decoding."""
+    """Replay rehearses exactly what the evaluation's forgetting reference is: the same questions
+    read the same way, the same greedy decoding (here the demo SFT model stands in for the base)."""
+    import torch
+
     from rlhf.config import DataConfig, DataSource, GenerationSettings
-    from rlhf.data.formats import normalize_prompt
-    from rlhf.data.prepare import prepare_splits
-    from rlhf.eval.forgetting import reference_answers
-    from rlhf.generate import answer_prompts, load_policy
+    from rlhf.config_run import EvalRecipe
+    from rlhf.eval.run import forgetting_reference
+    from rlhf.generate import answer_prompts
     from rlhf.models import load_tokenizer
-    from rlhf.sampling import render_prompt
 
     path = str(demo_assets / "data/heldout_prompts.jsonl")
     rows = answer_prompts(str(sft_dir), path, GenerationSettings(max_new_tokens=12), batch_size=8, greedy=True)
+    recipe = EvalRecipe(
+        sft_dir=str(sft_dir),
+        reward_dir=None,
+        prompts=DataConfig(sources=[DataSource(path=path)]),
+        base_dir=str(sft_dir),
+        base_few_shot=0,
+        forgetting_prompts=DataSource(path=path),
+        forgetting_max_new_tokens=12,
+        batch_size=8,
+    )
     tok = load_tokenizer(str(sft_dir))
-    cfg = DataConfig(sources=[DataSource(path=path)], validation_fraction=0.0, deduplicate=False, max_length=10**9)
-    ids = [render_prompt(tok, p) for p in prepare_splits(cfg, normalize_prompt).train]
-    ref = reference_answers(load_policy(str(sft_dir), "cpu"), tok, ids, 12, 8, "cpu")
+    _, ref = forgetting_reference(recipe, tok, torch.device("cpu"))
+    assert len(rows) == len(ref.responses) == 24
     assert [r["response"] for r in rows] == [tok.decode(x, skip_special_tokens=True).strip() for x in ref.responses]
     assert [r["hit_length_limit"] for r in rows] == ref.hit_limit
 

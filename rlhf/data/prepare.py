@@ -204,3 +204,11 @@ def prepare_splits(
     validation = [row for part in vals for row in part]
     test = [row for part in tests for row in part]
     return Splits(train, validation, test, reports, rows_fingerprint(train))
+
+
+def read_whole(source: DataSource | str, normalize: Callable[[dict], T], deduplicate: bool = True) -> list[T]:
+    """Every clean row of one source, in file order: no split, no mixing, no length filter (prompt
+    files for generation and evaluation, few-shot demonstrations, the labelling app's prompts)."""
+    src = source if isinstance(source, DataSource) else DataSource(path=source)
+    cfg = DataConfig(sources=[src], validation_fraction=0.0, deduplicate=deduplicate, max_length=10**9)
+    return prepare_splits(cfg, normalize).train

@@ -18,10 +18,10 @@ import torch
 
 from rlhf import handoff
 from rlhf.checkpoint import MANIFEST, now, parent_ref, write_manifest
-from rlhf.config import ConfigError, DataConfig, to_dict
+from rlhf.config import ConfigError, to_dict
 from rlhf.config_run import EvalRecipe
 from rlhf.data.formats import Messages, normalize_prompt, normalize_sft
-from rlhf.data.prepare import prepare_splits
+from rlhf.data.prepare import prepare_splits, read_whole
 from rlhf.eval import metrics, report
 from rlhf.eval.forgetting import nll_per_token, perplexity_rise, reference_answers
 from rlhf.models import default_device, load_model, load_tokenizer
@@ -95,8 +95,7 @@ def load_prompts(recipe: EvalRecipe, tok) -> list[Messages]:
 def load_shots(recipe: EvalRecipe, k: int) -> list[Messages]:
     if not k or recipe.few_shot_data is None:
         return []
-    cfg = DataConfig(sources=[recipe.few_shot_data], validation_fraction=0.0, max_length=10**9)
-    return prepare_splits(cfg, normalize_sft).train[:k]
+    return read_whole(recipe.few_shot_data, normalize_sft)[:k]
 
 
 def _load(path: str, kind: str, device):
@@ -177,8 +176,7 @@ def evaluate_policy(p: Policy, recipe: EvalRecipe, tok, prompts: list[Messages],
 
 def forgetting_reference(recipe: EvalRecipe, tok, device) -> tuple[list[list[int]], Samples]:
     """The general questions (rendered) and the base model's greedy answers to them."""
-    cfg = DataConfig(sources=[recipe.forgetting_prompts], validation_fraction=0.0, max_length=10**9)
-    questions = [render_prompt(tok, m) for m in prepare_splits(cfg, normalize_prompt).train]
+    questions = [render_prompt(tok, m) for m in read_whole(recipe.forgetting_prompts, normalize_prompt)]
     base = _load(recipe.base_dir, "policy", device)
     return questions, reference_answers(
         base, tok, questions, recipe.forgetting_max_new_tokens, recipe.batch_size, device

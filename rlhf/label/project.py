@@ -11,16 +11,15 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from rlhf.config import DataConfig, DataSource, GenerationSettings
+from rlhf.config import GenerationSettings
 from rlhf.data.formats import Messages, normalize_prompt
 from rlhf.data.io import DataError
-from rlhf.data.prepare import prepare_splits
+from rlhf.data.prepare import read_whole
 from rlhf.label import agreement, store
 
 
 def load_prompts(path: str) -> list[Messages]:
-    cfg = DataConfig(sources=[DataSource(path=path)], validation_fraction=0.0, max_length=10**9)
-    return prepare_splits(cfg, normalize_prompt).train
+    return read_whole(path, normalize_prompt)
 
 
 def generate_candidates(

@@ -6,18 +6,15 @@ base when it cannot merge) and use the same batched sampler as evaluation.
 
 from __future__ import annotations
 
-import json
-import os
 import re
 import sys
-import tempfile
-from pathlib import Path
 from typing import TextIO
 
 from rlhf.config import GenerationSettings
 from rlhf.data.formats import Messages, normalize_prompt
-from rlhf.errors import DataError
+from rlhf.data.io import write_jsonl
 from rlhf.data.prepare import read_whole
+from rlhf.errors import DataError
 from rlhf.models import default_device, load_model, load_tokenizer
 from rlhf.sampling import generate, left_pad, render_prompt, response_mask_of, sample
 
@@ -68,24 +65,6 @@ def answer_prompts(
                 }
             )
     return rows
-
-
-def write_jsonl(rows: list[dict], out_path: str) -> None:
-    """Write rows atomically: an interrupted or failed run leaves the old file (or none), never half
-    a file, and no temporary file behind."""
-    out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def generate_file(

@@ -678,7 +678,9 @@ def test_export_to_a_directory_is_a_clear_error(app, tmp_path, capsys):
     blocked.write_text("x")
     assert main(["label", "export", "--db", str(db), "--out", str(blocked / "prefs.jsonl")]) == 2
     assert f"cannot write the export to {blocked / 'prefs.jsonl'}" in capsys.readouterr().err
-    assert sorted(p.name for p in tmp_path.rglob("*.tmp")) == [] and list(target.iterdir()) == []
+    assert [p.name for p in (*tmp_path.rglob("*.tmp"), *tmp_path.rglob("*.partial"))] == [] and list(
+        target.iterdir()
+    ) == []
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):

@@ -92,7 +92,7 @@ def test_replay_with_nothing_usable_names_the_file_and_writes_nothing(tmp_path, 
 
 
 def test_a_failed_write_keeps_the_old_file_and_leaves_no_partial(tmp_path):
-    from rlhf.generate import write_jsonl
+    from rlhf.data.io import write_jsonl
 
     out = tmp_path / "answers.jsonl"
     write_jsonl([{"a": 1}], str(out))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import random
 from collections import Counter, defaultdict
@@ -13,7 +12,7 @@ from sqlalchemy import func, select
 
 from rlhf.config import GenerationSettings
 from rlhf.data.formats import Messages, normalize_prompt
-from rlhf.data.io import DataError
+from rlhf.data.io import DataError, write_jsonl
 from rlhf.data.prepare import read_whole
 from rlhf.label import agreement, store
 
@@ -332,16 +331,8 @@ def _export_row(p, winner: str, labels: list[dict[str, Any]], cands, prompts, ma
 
 
 def _write_jsonl(out: Path, rows: list[dict[str, Any]]) -> None:
-    """Whole file or nothing: written next to `out` and renamed over it; no .tmp is left behind."""
-    tmp = out.with_name(out.name + ".tmp")
+    """Whole file or nothing (`rlhf.data.io.write_jsonl`); a failure is the labelling app's error."""
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with tmp.open("w") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        tmp.replace(out)
+        write_jsonl(rows, out)
     except OSError as e:
         raise store.LabelError(f"cannot write the export to {out}: {e.strerror or e}") from None
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)

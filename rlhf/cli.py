@@ -192,8 +192,9 @@ def build_parser() -> argparse.ArgumentParser:
     build_task = tasks_sub.add_parser("build", help="write a task's SFT, preference, prompt and held-out files")
     build_task.add_argument(
         "name",
-        choices=["instruct", "arithmetic"],
-        help="instruct: follow checkable instructions; arithmetic: checked answers (verifiable rewards)",
+        choices=["instruct", "arithmetic", "reverse", "pick"],
+        help="instruct: follow checkable instructions; arithmetic: checked answers (verifiable rewards); "
+        "reverse, pick: exact-answer tasks for the tiny demo model (letters backwards; a word of a category)",
     )
     build_task.add_argument("--out", required=True, help="directory for the .jsonl files")
     build_task.add_argument("--seed", type=int, default=0)
@@ -236,9 +237,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"[rlhf] model: {models_get.get_model(args.name, args.out, install=not args.no_install)}")
         return 0
     if args.command == "tasks":
-        from rlhf.tasks import arithmetic, instruct
+        from rlhf.tasks import arithmetic, instruct, pick, reverse
 
-        builder = {"instruct": instruct, "arithmetic": arithmetic}[args.name]
+        builder = {"instruct": instruct, "arithmetic": arithmetic, "reverse": reverse, "pick": pick}[args.name]
         for name, n in builder.build_data(args.out, args.seed).items():
             print(f"[rlhf] {args.out}/{name}: {n} rows")
         return 0

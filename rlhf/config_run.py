@@ -64,10 +64,11 @@ class EvalRecipe:
     """Sampling settings; the same for every policy."""
     batch_size: int = 64
     """Sequences per forward pass when sampling and scoring."""
-    ground_truth: Literal["none", "demo", "demo_no_repeats", "instruct", "arithmetic"] = "none"
+    ground_truth: Literal["none", "demo", "demo_no_repeats", "instruct", "arithmetic", "reverse", "pick"] = "none"
     """Also grade responses with a task's ground-truth scorer (0-100, `rlhf.tasks.GRADERS`):
     'demo' for the demo task ('demo_no_repeats': the rounds demo's, see docs/rounds.md), 'instruct'
-    for the instruction-following task, 'arithmetic' for checked answers."""
+    for the instruction-following task, 'arithmetic' for checked answers, 'reverse' and 'pick' for
+    the exact-answer tasks of `rlhf tasks build` (exact match)."""
     best_of_n: int = 0
     """Add a best-of-n row: n SFT samples per answer, the reward model picks one (0: no row). A
     policy that RL trained should beat it; its KL to SFT is the analytic log(n) - (n-1)/n."""

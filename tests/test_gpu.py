@@ -22,7 +22,9 @@ def _sft(assets, out, *extra):
     r = load_recipe(
         SFTRecipe,
         REPO / "recipes/demo/sft.yaml",
-        demo_overrides(assets, out) + SFT_QUICK + ["train.max_steps=8", "train.eval_steps=0", *extra],
+        demo_overrides(assets, out)
+        + SFT_QUICK
+        + ["train.max_steps=8", "train.eval_steps=0", "train.early_stopping_patience=0", *extra],
     )
     return run_sft(r)
 

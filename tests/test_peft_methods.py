@@ -220,7 +220,13 @@ def _sft(assets: Path, out: Path, method: str, *extra: str, callbacks=None) -> P
         REPO / "recipes/demo/sft.yaml",
         demo_overrides(assets, out)
         + SFT_QUICK
-        + ["peft.enabled=true", f"peft.method={method}", "train.max_steps=12", "train.eval_steps=0"]
+        + [
+            "peft.enabled=true",
+            f"peft.method={method}",
+            "train.max_steps=12",
+            "train.eval_steps=0",
+            "train.early_stopping_patience=0",
+        ]
         + ["train.save_steps=12", "train.learning_rate=1e-2", *extra],
     )
     return run_sft(r, extra_callbacks=callbacks)

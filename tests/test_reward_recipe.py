@@ -139,7 +139,13 @@ def test_refuses_an_output_of_another_stage(demo_assets, reward_run, tmp_path):
 def test_resume_matches_uninterrupted_run(demo_assets, sft_dir, tmp_path):
     from test_sft_recipe import StopAt, losses
 
-    extra = ["train.max_steps=20", "train.save_steps=10", "train.eval_steps=0", "train.load_best_at_end=false"]
+    extra = [
+        "train.max_steps=20",
+        "train.save_steps=10",
+        "train.eval_steps=0",
+        "train.early_stopping_patience=0",
+        "train.load_best_at_end=false",
+    ]
     clean = run_reward(recipe(demo_assets, sft_dir, tmp_path / "clean", *extra))
     interrupted = recipe(demo_assets, sft_dir, tmp_path / "resumed", *extra)
     out = run_reward(interrupted, extra_callbacks=[StopAt(15)])

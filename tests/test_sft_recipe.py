@@ -106,7 +106,7 @@ class StopAt:
 def test_resume_after_interruption_matches_uninterrupted_run(demo_assets, tmp_path):
     """Stop at step 15 (checkpoint at 10), rerun: steps 11..30 must match a clean run exactly
     (fp32, CPU, same seed): same data order, optimizer state, scheduler and RNG."""
-    extra = ["train.max_steps=20", "train.save_steps=10", "train.eval_steps=0"]
+    extra = ["train.max_steps=20", "train.save_steps=10", "train.eval_steps=0", "train.early_stopping_patience=0"]
     clean = run_sft(recipe(demo_assets, tmp_path / "clean", *extra))
     interrupted = recipe(demo_assets, tmp_path / "resumed", *extra)
     out = run_sft(interrupted, extra_callbacks=[StopAt(15)])
@@ -137,6 +137,7 @@ def test_lora_trains_adapter_and_merged_export_reloads(demo_assets, tmp_path):
             "train.learning_rate=1e-2",
             "train.max_steps=20",
             "train.eval_steps=0",
+            "train.early_stopping_patience=0",
         )
     )
     manifest = json.loads((out / MANIFEST).read_text())

@@ -32,6 +32,7 @@ def lora_adapter_run(demo_assets, tmp_path_factory):
             "train.learning_rate=1e-2",
             "train.max_steps=10",
             "train.eval_steps=0",
+            "train.early_stopping_patience=0",
             "train.save_steps=10",
         ],
     )

@@ -41,11 +41,25 @@ def _arithmetic(prompt: str, response: str, hit_limit: bool) -> float:
     return arithmetic.score(prompt, response, hit_limit)
 
 
+def _reverse(prompt: str, response: str, hit_limit: bool) -> float:
+    from rlhf.tasks import reverse
+
+    return reverse.score(prompt, response, hit_limit)
+
+
+def _pick(prompt: str, response: str, hit_limit: bool) -> float:
+    from rlhf.tasks import pick
+
+    return pick.score(prompt, response, hit_limit)
+
+
 GRADERS: dict[str, Callable[[str, str, bool], float]] = {
     "demo": _demo,
     "demo_no_repeats": _demo_no_repeats,
     "instruct": _instruct,
     "arithmetic": _arithmetic,
+    "reverse": _reverse,
+    "pick": _pick,
 }
 
 

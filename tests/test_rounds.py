@@ -262,7 +262,7 @@ def test_an_edited_stage_recipe_is_refused_on_a_rerun(tmp_path):
     more = _recipe(tmp_path, rl=str(rl), rounds=5)
     runner.check_recipe(more, runner.check_stage_recipes(more))  # same recipes: accepted
     cfg = yaml.safe_load(rl.read_text())
-    cfg["ppo"]["kl_coef"] = 0.5
+    cfg["ppo"]["kl_coef"] = cfg["ppo"]["kl_coef"] / 2  # any value other than the shipped one
     rl.write_text(yaml.safe_dump(cfg))
     with pytest.raises(HandoffError, match=r"different stage recipes \(rl\.ppo\.kl_coef"):
         runner.check_recipe(r, runner.check_stage_recipes(r))

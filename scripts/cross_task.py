@@ -34,9 +34,11 @@ def task_data(task: str, out: Path) -> Path:
         from rlhf.demo.assets import build_demo_assets
 
         return build_demo_assets(out / "assets") / "data"
+    from rlhf.tasks import pick, reverse
+
     data = out / task / "data"
     if not (data / "heldout_prompts.jsonl").is_file():
-        subprocess.run([sys.executable, "-m", "rlhf.cli", "tasks", "build", task, "--out", str(data)], check=True)
+        {"reverse": reverse, "pick": pick}[task].build_data(data)  # what `rlhf tasks build` writes
     return data
 
 

@@ -12,6 +12,15 @@ from pathlib import Path
 from typing import Callable
 
 
+def judge(rng: random.Random, key_a, key_b, noise: float) -> int | None:
+    """The stand-in annotator's verdict from what it judges of each answer (`key_a`, `key_b`, any
+    comparable value): 0 if `a` is preferred, 1 for `b`, None for a tie; wrong `noise` of the time."""
+    if key_a == key_b:
+        return None
+    choice = 0 if key_a > key_b else 1
+    return 1 - choice if rng.random() < noise else choice
+
+
 def build_files(
     out: str | os.PathLike,
     seed: int,

@@ -55,11 +55,7 @@ def score(prompt: str, response: str, hit_limit: bool = False) -> float:
 
 def annotator_prefers(rng: random.Random, prompt: str, a: str, b: str, noise: float = 0.1) -> int | None:
     """0 if `a` is preferred, 1 for `b`, None when both are right or both wrong; wrong `noise` of the time."""
-    ra, rb = score(prompt, a) > 0, score(prompt, b) > 0
-    if ra == rb:
-        return None
-    choice = 0 if ra else 1
-    return 1 - choice if rng.random() < noise else choice
+    return exact.judge(rng, score(prompt, a) > 0, score(prompt, b) > 0, noise)
 
 
 def demonstration(rng: random.Random, prompt: str, p_right: float = 0.65) -> str:

@@ -60,21 +60,18 @@ def placed(prompt: str, response: str) -> tuple[int, int]:
 
 def annotator_prefers(rng: random.Random, prompt: str, a: str, b: str, noise: float = 0.1) -> int | None:
     """0 if `a` is preferred, 1 for `b`, None for a tie; wrong `noise` of the time."""
-    ka, kb = placed(prompt, a), placed(prompt, b)
-    if ka == kb:
-        return None
-    choice = 0 if ka > kb else 1
-    return 1 - choice if rng.random() < noise else choice
+    return exact.judge(rng, placed(prompt, a), placed(prompt, b), noise)
 
 
 def demonstration(rng: random.Random, prompt: str, p_right: float = 0.7) -> str:
     """An imperfect demonstration: the answer, or the answer with one slip."""
-    out = answer_of(prompt).split()
+    right = answer_of(prompt).split()
+    out = list(right)
     if rng.random() >= p_right:
         if rng.random() < 0.5:
             i = rng.randrange(len(out) - 1)
             out[i], out[i + 1] = out[i + 1], out[i]
-            if out == answer_of(prompt).split():  # swapped two equal letters: drop one instead
+            if out == right:  # swapped two equal letters: drop one instead
                 out.pop(i)
         else:
             out.pop(rng.randrange(len(out)))

@@ -207,6 +207,60 @@ def _merge_user_config(built: dict, user: dict) -> dict:
     return out
 
 
+def _zero_section(ds: DeepSpeedConfig, pin: bool) -> dict[str, Any]:
+    """The `zero_optimization` block: the stage, its buckets, and where offloaded states live."""
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.zero_stage >= 1:
+        zero.update({"overlap_comm": pin, "contiguous_gradients": True, "reduce_bucket_size": 5e7})
+    if ds.zero_stage == 3:
+        # Gather full weights when saving, so `save_pretrained` writes a usable model from shards.
+        zero.update(
+            {
+                "stage3_gather_16bit_weights_on_model_save": True,
+                "stage3_prefetch_bucket_size": 5e7,
+                "stage3_param_persistence_threshold": 1e5,
+            }
+        )
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
+    return zero
+
+
+def _precision_sections(train: TrainConfig) -> dict[str, Any]:
+    """The `bf16` and `fp16` blocks (fp16 with dynamic loss scaling)."""
+    return {
+        "bf16": {"enabled": train.precision == "bf16"},
+        "fp16": {
+            "enabled": train.precision == "fp16",
+            "loss_scale": 0,
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+    }
+
+
+def _with_user_file(config: dict[str, Any], config_file: str, num_processes: int) -> dict[str, Any]:
+    """Merge the user's DeepSpeed JSON over `config` (its values win, "auto" keeps ours); the
+    global batch is recomputed from the merged micro batch and accumulation unless the file sets it."""
+    path = Path(config_file)
+    if not path.is_file():
+        raise ConfigError(f"deepspeed.config_file {config_file!r} does not exist")
+    try:
+        user = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"deepspeed.config_file {config_file!r} is not valid JSON: {e}") from None
+    config = _merge_user_config(config, user)
+    if "train_batch_size" not in user:  # keep the three batch numbers consistent
+        config["train_batch_size"] = (
+            config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * num_processes
+        )
+    return config
+
+
 def build_deepspeed_config(
     ds: DeepSpeedConfig,
     train: TrainConfig,
@@ -224,38 +278,13 @@ def build_deepspeed_config(
             step; otherwise the caller's torch optimizer is used.
     """
     pin = _cuda_available()  # pinned host memory only helps (and only works) with a GPU
-    zero: dict[str, Any] = {"stage": ds.zero_stage}
-    if ds.zero_stage >= 1:
-        zero.update({"overlap_comm": pin, "contiguous_gradients": True, "reduce_bucket_size": 5e7})
-    if ds.zero_stage == 3:
-        # Gather full weights when saving, so `save_pretrained` writes a usable model from shards.
-        zero.update(
-            {
-                "stage3_gather_16bit_weights_on_model_save": True,
-                "stage3_prefetch_bucket_size": 5e7,
-                "stage3_param_persistence_threshold": 1e5,
-            }
-        )
-    if ds.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
-    if ds.offload_params:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
-
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": train.micro_batch_size,
         "gradient_accumulation_steps": train.gradient_accumulation_steps,
         "train_batch_size": train.micro_batch_size * train.gradient_accumulation_steps * num_processes,
         "gradient_clipping": train.max_grad_norm,
-        "zero_optimization": zero,
-        "bf16": {"enabled": train.precision == "bf16"},
-        "fp16": {
-            "enabled": train.precision == "fp16",
-            "loss_scale": 0,
-            "initial_scale_power": 16,
-            "loss_scale_window": 1000,
-            "hysteresis": 2,
-            "min_loss_scale": 1,
-        },
+        "zero_optimization": _zero_section(ds, pin),
+        **_precision_sections(train),
         "steps_per_print": 10**9,  # we log ourselves; DeepSpeed's own prints only add noise
         "wall_clock_breakdown": False,
     }
@@ -263,16 +292,5 @@ def build_deepspeed_config(
         config["optimizer"] = {"type": "AdamW", "params": {"betas": [0.9, 0.999], "eps": 1e-8, **optimizer}}
         config["zero_force_ds_cpu_optimizer"] = ds.offload_optimizer
     if ds.config_file:
-        path = Path(ds.config_file)
-        if not path.is_file():
-            raise ConfigError(f"deepspeed.config_file {ds.config_file!r} does not exist")
-        try:
-            user = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"deepspeed.config_file {ds.config_file!r} is not valid JSON: {e}") from None
-        config = _merge_user_config(config, user)
-        if "train_batch_size" not in user:  # keep the three batch numbers consistent
-            config["train_batch_size"] = (
-                config["train_micro_batch_size_per_gpu"] * config["gradient_accumulation_steps"] * num_processes
-            )
+        config = _with_user_file(config, ds.config_file, num_processes)
     return config

@@ -3,8 +3,9 @@
 # pipeline, and the labelling app's browser / load / crash / PostgreSQL tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# `--fast`: the fast tier (about a minute): unit tests and one-process stage runs, no launcher,
-# no servers under load. Anything else is passed to pytest as it is.
+# `--fast`: the fast tier (about a minute): unit tests and the stage runs that need no trained
+# checkpoint; no launcher, no servers under load, no training fixture
+# (tests/conftest.py). Anything else is passed to pytest as it is.
 if [ "${1:-}" = "--fast" ]; then
   shift
   set -- -m "not slow and not distributed" "$@"

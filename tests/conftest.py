@@ -116,10 +116,23 @@ def smollm2_dir(tmp_path_factory) -> Path:
         pytest.skip(f"SmolLM2 package unavailable: {e}")
 
 
+# Fixtures that train a model (tens of seconds each, once per session or module). A test that asks
+# for one belongs to the slow tier whatever its own call costs, so that the fast tier
+# (`scripts/test.sh --fast`) stays near a minute; the full suite runs it all the same.
+TRAINING_FIXTURES = frozenset(
+    {"sft_dir", "reward_dir", "smollm2_dir", "sft_run", "reward_run", "ppo_run", "lora_adapter_run"}
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects: the marker added here must count there
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need a CUDA device; elsewhere (CI, this CPU machine) they skip, saying so."""
+    """Tests that use a training fixture are `slow`. Tests marked `gpu` need a CUDA device;
+    elsewhere (CI, this CPU machine) they skip, saying so."""
     import torch
 
+    for item in items:
+        if TRAINING_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU (marker `gpu`); none is available")

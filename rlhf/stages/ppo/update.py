@@ -198,58 +198,99 @@ def ppo_update(
     moved it that far is taken back too (`undo`), and the step's last update is checked by one
     more forward pass; the policy is then always left where the guard last saw it in range.
     """
-    ppo, micro = recipe.ppo, recipe.train.micro_batch_size
+    ppo = recipe.ppo
     kl_coef = ppo.kl_coef if kl_coef is None else kl_coef
     rollback = ppo.rolls_back(recipe.deepspeed.zero_stage)
-    stats: dict[str, list[float]] = {k: [] for k in STATS}
-    skipped, epochs_run, initial, stopped, tripped = 0, 0, None, 0.0, None
-    before_last = last = None  # the actor before its latest update (kl_rollback), that update's mini-batch
+    progress = _Progress(stats={k: [] for k in STATS})
     m.actor.module.train()
     if m.critic is not None:
         m.critic.module.train()
     gen = torch.Generator().manual_seed(recipe.train.seed * 7919 + step)
-    n_mini = -(-ro.input_ids.shape[0] // micro)
+    n_mini = -(-ro.input_ids.shape[0] // recipe.train.micro_batch_size)
+    epochs_run = 0
     for epoch in range(ppo.ppo_epochs):
         order = torch.randperm(ro.input_ids.shape[0], generator=gen)
-        epoch_kl = []
-        for k, start in enumerate(range(0, len(order), micro)):
-            ptx_rows = ptx_source(ptx_stream_index(step, epoch, k, ppo.ppo_epochs, n_mini)) if ptx_source else None
-            mb = ro.select(order[start : start + micro])
-            out = minibatch_losses(m, recipe, mb, ptx_rows, kl_coef)
-            initial = out.max_abs_log_ratio if initial is None else initial
-            verdict = _verdict(out, ppo)
-            kl_now = out.policy.approx_kl.item()
-            worst = distributed.reduce_floats([float(verdict is not None), float(verdict == "kl"), kl_now], "max")
-            if worst[0] > 0:
-                skipped += 1
-                if worst[1] > 0:
-                    stopped, tripped = 1.0, worst[2]
-                    break
-                continue
-            before_last = undo.take(m.actor, into=before_last) if rollback else None  # one copy, reused
-            _apply(m, out)
-            _record(stats, out)
-            last = mb
-            epoch_kl.append(kl_now)
+
+        def ptx_rows(k: int, epoch: int = epoch) -> list | None:
+            return ptx_source(ptx_stream_index(step, epoch, k, ppo.ppo_epochs, n_mini)) if ptx_source else None
+
+        epoch_kl = _run_epoch(m, recipe, ro, order, progress, ptx_rows, kl_coef, rollback)
         epochs_run = epoch + 1
-        if stopped:
+        if progress.stopped:
             break
         mean_kl = distributed.reduce_floats([sum(epoch_kl) / max(len(epoch_kl), 1)])[0]
         if ppo.target_approx_kl is not None and mean_kl > ppo.target_approx_kl:
             break
-    final_kl, rolled_back = _take_back(m, recipe, before_last, last, bool(stopped)) if rollback else (None, 0.0)
-    out_stats = {k: sum(v) / len(v) for k, v in stats.items() if v}
-    out_stats.update(
+    final_kl, rolled_back = (
+        _take_back(m, recipe, progress.before_last, progress.last, progress.stopped) if rollback else (None, 0.0)
+    )
+    return _summary(progress, epochs_run, final_kl, rolled_back)
+
+
+@dataclass
+class _Progress:
+    """What a step's updates have done so far: `ppo_update`'s running state across its epochs."""
+
+    stats: dict[str, list[float]]  # per applied mini-batch, by STATS name
+    skipped: int = 0  # mini-batches the guards skipped
+    stopped: bool = False  # the KL guard ended the step's updates
+    tripped: float | None = None  # the approx KL that stopped the step (max over ranks)
+    initial: float | None = None  # max |log new/old| on the step's first mini-batch
+    before_last: undo.Snapshot | None = None  # the actor before its latest update (kl_rollback)
+    last: Rollout | None = None  # that update's mini-batch
+
+
+def _run_epoch(
+    m: engines.Models,
+    recipe: PPORecipe,
+    ro: Rollout,
+    order: torch.Tensor,
+    progress: _Progress,
+    ptx_rows: Callable[[int], list | None],
+    kl_coef: float,
+    rollback: bool,
+) -> list[float]:
+    """One PPO epoch over the mini-batches of `order` (a permutation of the rollout's rows), guards
+    first; returns the approx KL of each applied mini-batch. `ptx_rows(k)` gives mini-batch k's
+    demonstrations. Sets `progress.stopped` when the KL guard ends the step."""
+    micro = recipe.train.micro_batch_size
+    epoch_kl = []
+    for k, start in enumerate(range(0, len(order), micro)):
+        mb = ro.select(order[start : start + micro])
+        out = minibatch_losses(m, recipe, mb, ptx_rows(k), kl_coef)
+        progress.initial = out.max_abs_log_ratio if progress.initial is None else progress.initial
+        verdict = _verdict(out, recipe.ppo)
+        kl_now = out.policy.approx_kl.item()
+        worst = distributed.reduce_floats([float(verdict is not None), float(verdict == "kl"), kl_now], "max")
+        if worst[0] > 0:
+            progress.skipped += 1
+            if worst[1] > 0:
+                progress.stopped, progress.tripped = True, worst[2]
+                break
+            continue
+        # One copy of the actor, reused from step to step
+        progress.before_last = undo.take(m.actor, into=progress.before_last) if rollback else None
+        _apply(m, out)
+        _record(progress.stats, out)
+        progress.last = mb
+        epoch_kl.append(kl_now)
+    return epoch_kl
+
+
+def _summary(progress: _Progress, epochs_run: int, final_kl: float | None, rolled_back: float) -> dict[str, float]:
+    """The step's update statistics: means over the applied mini-batches, and what the guards did."""
+    out = {k: sum(v) / len(v) for k, v in progress.stats.items() if v}
+    out.update(
         {
-            "skipped_minibatches": skipped,
+            "skipped_minibatches": progress.skipped,
             "ppo_epochs_run": epochs_run,
-            "kl_guard_stop": stopped,
+            "kl_guard_stop": float(progress.stopped),
             "kl_rollback": rolled_back,
-            "initial_max_abs_log_ratio": initial or 0.0,
+            "initial_max_abs_log_ratio": progress.initial or 0.0,
         }
     )
     if final_kl is not None:
-        out_stats["final_approx_kl"] = final_kl
-    if tripped is not None:  # the approx KL that stopped the step (max over ranks)
-        out_stats["guard_approx_kl"] = tripped
-    return out_stats
+        out["final_approx_kl"] = final_kl
+    if progress.tripped is not None:
+        out["guard_approx_kl"] = progress.tripped
+    return out

@@ -249,18 +249,7 @@ def train_step(
     )
     t0 = time.perf_counter()
     if distributed.reduce_floats([float(not is_finite(ro))], "max")[0] > 0:
-        state.bad_steps += 1
-        log.warning(
-            "step %d: non-finite rewards/log-probs/values (or no row with a usable reward); update "
-            "skipped (%d in a row)",
-            step,
-            state.bad_steps,
-        )
-        if state.bad_steps >= recipe.ppo.max_bad_steps:
-            raise PPOAborted(
-                f"{state.bad_steps} consecutive PPO steps had NaN/inf in rewards, log-probs or values "
-                f"(ppo.max_bad_steps={recipe.ppo.max_bad_steps}); last good state is in {checkpoints}"
-            )
+        _count_bad_step(recipe, state, step, checkpoints)
         return ro, {"skipped_step": 1.0, **{f"time/{k}": v for k, v in times.items()}}
     state.bad_steps = 0
     ptx_source = (
@@ -278,16 +267,7 @@ def train_step(
             recipe.ppo.max_minibatch_kl,
         )
     local = {**rollout_metrics(ro, state.kl_ctl.value, with_critic=m.critic is not None), **update}
-    keys = sorted(local)
-    metrics = dict(zip(keys, distributed.reduce_floats([local[k] for k in keys])))
-    # Counts add up over ranks, and the KL that steers the controller is the mean over every kept
-    # response of every rank (a mean of per-rank means would weigh ranks that dropped rows wrongly).
-    mask = ro.response_mask.float()
-    kept = mask.sum(1) > 0
-    counts = {k: local[k] for k in ("dropped_rows", "reward_function_failures") if k in local}
-    totals = distributed.reduce_floats([float((ro.kl * mask).sum()), float(kept.sum()), *counts.values()], "sum")
-    metrics["kl"] = totals[0] / max(totals[1], 1.0)
-    metrics.update(zip(counts, totals[2:]))
+    metrics = _reduced_metrics(ro, local)
     # 6. Statistics from every rank: the normaliser sees all ranks' scores, the controller the mean KL.
     if recipe.ppo.reward_normalization == "running":
         everyone = distributed.gather_over_ranks(ro.raw_scores)
@@ -296,6 +276,36 @@ def train_step(
     metrics.update(_rank_spread(state))
     metrics.update({f"time/{k}": v for k, v in times.items()})
     return ro, metrics
+
+
+def _count_bad_step(recipe: PPORecipe, state: RunState, step: int, checkpoints: Path) -> None:
+    """A rollout with NaN/inf (on any rank) skips its update; ppo.max_bad_steps in a row abort the run."""
+    state.bad_steps += 1
+    log.warning(
+        "step %d: non-finite rewards/log-probs/values (or no row with a usable reward); update skipped (%d in a row)",
+        step,
+        state.bad_steps,
+    )
+    if state.bad_steps >= recipe.ppo.max_bad_steps:
+        raise PPOAborted(
+            f"{state.bad_steps} consecutive PPO steps had NaN/inf in rewards, log-probs or values "
+            f"(ppo.max_bad_steps={recipe.ppo.max_bad_steps}); last good state is in {checkpoints}"
+        )
+
+
+def _reduced_metrics(ro: Rollout, local: dict[str, float]) -> dict[str, float]:
+    """This rank's step metrics -> the means over ranks, except the counts, which add up, and `kl`,
+    which is the mean over every kept response of every rank (a mean of per-rank means would weigh
+    ranks that dropped rows wrongly)."""
+    keys = sorted(local)
+    metrics = dict(zip(keys, distributed.reduce_floats([local[k] for k in keys])))
+    mask = ro.response_mask.float()
+    kept = mask.sum(1) > 0
+    counts = {k: local[k] for k in ("dropped_rows", "reward_function_failures") if k in local}
+    totals = distributed.reduce_floats([float((ro.kl * mask).sum()), float(kept.sum()), *counts.values()], "sum")
+    metrics["kl"] = totals[0] / max(totals[1], 1.0)
+    metrics.update(zip(counts, totals[2:]))
+    return metrics
 
 
 def _rank_spread(state: RunState) -> dict[str, float]:

@@ -116,48 +116,22 @@ def evaluate_policy(p: Policy, recipe: EvalRecipe, tok, prompts: list[Messages],
     shots = load_shots(recipe, p.few_shot)
     shown = [render_prompt(tok, with_few_shot(m, shots)) for m in prompts] if shots else plain
     model = _load(p.path, "policy", device)
-    bs, temp = recipe.batch_size, recipe.generation.temperature
+    bs = recipe.batch_size
     s: Samples = sample(
         model, tok, shown, recipe.samples_per_prompt * p.best_of, recipe.generation, recipe.seed, bs, device
     )
-    judged = judges["reward"] is not None
-    if judged:
-        rewards = score_responses(
-            judges["reward"], tok, [prompts[i] for i in s.prompt_index], s.responses, device, bs
-        ).tolist()
-    else:  # no reward model (e.g. verifiable rewards): the task's ground truth is the measure
-        rewards = [math.nan] * len(s.responses)
+    rewards = _rewards(judges["reward"], tok, [prompts[i] for i in s.prompt_index], s, device, bs)
     if p.best_of > 1:
         s, rewards = _best_of(s, rewards, p.best_of)
-    answered = [prompts[i] for i in s.prompt_index]  # scored as the reward model was trained: rendered again
-    # KL(policy || SFT) per response: log p_policy(y | what it saw) - log p_sft(y | plain prompt). Best-of-n
-    # samples SFT itself; its KL is the analytic bound log(n) - (n - 1) / n (Stiennon et al. 2020).
-    if p.best_of > 1:
-        kl = math.log(p.best_of) - (p.best_of - 1) / p.best_of
-    else:
-        logp = sequence_logprobs(model, shown, s, tok.pad_token_id, temp, bs, device)
-        ref_logp = sequence_logprobs(judges["reference"], plain, s, tok.pad_token_id, temp, bs, device)
-        kl = metrics.mean([a - b for a, b in zip(logp, ref_logp)])
     texts = [tok.decode(r, skip_special_tokens=True).strip() for r in s.responses]
-    lengths = [len(r) for r in s.responses]
     out = {
         "name": p.name,
         "path": p.path,
         "few_shot": p.few_shot,
-        "n": len(texts),
-        "reward_mean": metrics.mean(rewards),
-        "reward_std": metrics.length_stats(rewards)["std"] if judged else math.nan,
-        "kl_to_sft": kl,
-        "length": metrics.length_stats(lengths),
-        "distinct_1": metrics.distinct_n(s.responses, 1),
-        "distinct_2": metrics.distinct_n(s.responses, 2),
-        "hit_length_limit": metrics.mean([float(h) for h in s.hit_limit]),
-        "reward_length_correlation": metrics.pearson(rewards, lengths) if judged else math.nan,
-        "rewards": rewards,
-        "lengths": lengths,
-        "texts": texts,
-        "prompt_index": s.prompt_index,
+        **_sample_metrics(s, texts, rewards, judged=judges["reward"] is not None),
+        "kl_to_sft": _kl_to_sft(p, model, judges["reference"], shown, plain, s, tok, recipe, device),
     }
+    answered = [prompts[i] for i in s.prompt_index]  # scored as the reward model was trained: rendered again
     if "heldout_reward" in judges:
         held = score_responses(judges["heldout_reward"], tok, answered, s.responses, device, bs).tolist()
         out["heldout_reward_mean"] = metrics.mean(held)
@@ -172,6 +146,45 @@ def evaluate_policy(p: Policy, recipe: EvalRecipe, tok, prompts: list[Messages],
         out["forgetting_nll"] = nll_per_token(model, tok, questions, answers, bs, device)
     del model
     return out
+
+
+def _rewards(judge, tok, answered: list[Messages], s: Samples, device, bs: int) -> list[float]:
+    """The reward model's score of each sample, rendered as it was trained; NaN without a reward
+    model (e.g. verifiable rewards: the task's ground truth is then the measure)."""
+    if judge is None:
+        return [math.nan] * len(s.responses)
+    return score_responses(judge, tok, answered, s.responses, device, bs).tolist()
+
+
+def _kl_to_sft(p: Policy, model, reference, shown, plain, s: Samples, tok, recipe: EvalRecipe, device) -> float:
+    """Mean KL(policy || SFT) per response: log p_policy(y | what it saw) - log p_sft(y | plain
+    prompt). Best-of-n samples SFT itself; its KL is the analytic bound log(n) - (n - 1) / n
+    (Stiennon et al. 2020)."""
+    if p.best_of > 1:
+        return math.log(p.best_of) - (p.best_of - 1) / p.best_of
+    temp, bs, pad = recipe.generation.temperature, recipe.batch_size, tok.pad_token_id
+    logp = sequence_logprobs(model, shown, s, pad, temp, bs, device)
+    ref_logp = sequence_logprobs(reference, plain, s, pad, temp, bs, device)
+    return metrics.mean([a - b for a, b in zip(logp, ref_logp)])
+
+
+def _sample_metrics(s: Samples, texts: list[str], rewards: list[float], judged: bool) -> dict:
+    """Reward, length and diversity statistics of one policy's samples, and the samples themselves."""
+    lengths = [len(r) for r in s.responses]
+    return {
+        "n": len(texts),
+        "reward_mean": metrics.mean(rewards),
+        "reward_std": metrics.length_stats(rewards)["std"] if judged else math.nan,
+        "length": metrics.length_stats(lengths),
+        "distinct_1": metrics.distinct_n(s.responses, 1),
+        "distinct_2": metrics.distinct_n(s.responses, 2),
+        "hit_length_limit": metrics.mean([float(h) for h in s.hit_limit]),
+        "reward_length_correlation": metrics.pearson(rewards, lengths) if judged else math.nan,
+        "rewards": rewards,
+        "lengths": lengths,
+        "texts": texts,
+        "prompt_index": s.prompt_index,
+    }
 
 
 def forgetting_reference(recipe: EvalRecipe, tok, device) -> tuple[list[list[int]], Samples]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,19 @@ def sources_are_conversational(sources, keys: tuple[str, ...]) -> bool:
             if row.data and any(isinstance(_decode(row.data.get(k)), list) for k in keys):
                 return True
     return False
+
+
+def train(trainer, recipe, dirs: StageDirs) -> tuple[Any, float] | None:
+    """Train, resuming from the newest checkpoint when there is one (recipe.resume); returns the
+    Trainer's result and the seconds it took, or None when training was interrupted (the stage
+    then stays resumable and must write no manifest)."""
+    start = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=resume_from(recipe.resume, dirs.checkpoints))
+    seconds = time.perf_counter() - start
+    if interrupted(trainer, recipe.train):
+        log.info("training stopped at step %d; rerun the same command to resume", trainer.state.global_step)
+        return None
+    return result, seconds
 
 
 def interrupted(trainer, train: TrainConfig) -> bool:

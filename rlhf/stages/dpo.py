@@ -13,7 +13,6 @@ and the manifest.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -215,12 +214,10 @@ def run_dpo(recipe: DPORecipe, extra_callbacks: list | None = None) -> Path:
     check_tokenization(tokenizer, splits.validation, trainer.eval_dataset, "validation")
 
     # 3. Train, resuming from the newest checkpoint when there is one.
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=common.resume_from(recipe.resume, dirs.checkpoints))
-    seconds = time.perf_counter() - start
-    if common.interrupted(trainer, recipe.train):
-        log.info("training stopped at step %d; rerun the same command to resume", trainer.state.global_step)
+    trained = common.train(trainer, recipe, dirs)
+    if trained is None:
         return dirs.out
+    result, seconds = trained
     metrics = {
         "train_loss": result.training_loss,
         "global_step": trainer.state.global_step,

@@ -9,7 +9,6 @@ split, the reward statistics PPO normalises with, export and the manifest.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -190,23 +189,11 @@ def _log_result(evaluation: dict[str, Any], seconds: float, out: Path) -> None:
         log.info("calibration on the validation split:\n%s", format_calibration(evaluation["calibration"]))
 
 
-def run_reward(recipe: RewardRecipe, extra_callbacks: list | None = None) -> Path:
-    """Train the reward model and export it; returns `<output_dir>/reward`."""
+def _trainer(recipe: RewardRecipe, tokenizer, dirs, train_ds, eval_ds, extra_callbacks):
+    """TRL's RewardTrainer on the scorer, selecting checkpoints by validation accuracy or loss."""
     from trl import RewardConfig, RewardTrainer
 
-    # 1. Hand-off checks and data, before any model is loaded.
-    dirs = common.start_stage(recipe.output_dir, "reward", recipe.demo_assets)
-    check_sft_parent(recipe)
-    tok_path = recipe.model.tokenizer or recipe.model.name_or_path
-    tokenizer = load_tokenizer(tok_path)
-    if common.sources_are_conversational(recipe.data.sources, ("prompt", "chosen", "rejected")):
-        require_chat_template(tokenizer, tok_path)
-    splits, ties = prepare_reward_data(recipe, tokenizer)
-    train_ds = _to_dataset(splits.train, tokenizer, recipe.use_margin)
-    eval_ds = _to_dataset(splits.validation, tokenizer, recipe.use_margin)
-
-    # 2. Model and trainer.
-    model = load_reward_model(recipe, tokenizer)
+    model = load_reward_model(recipe, tokenizer)  # before the config, as in the SFT stage's _trainer
     accuracy = recipe.best_metric == "accuracy"
     args = RewardConfig(
         **common.training_arguments(
@@ -223,7 +210,7 @@ def run_reward(recipe: RewardRecipe, extra_callbacks: list | None = None) -> Pat
         max_length=recipe.data.max_length,
         center_rewards_coefficient=recipe.center_rewards_coefficient,
     )
-    trainer = RewardTrainer(
+    return RewardTrainer(
         model=model,
         args=args,
         train_dataset=train_ds,
@@ -233,13 +220,28 @@ def run_reward(recipe: RewardRecipe, extra_callbacks: list | None = None) -> Pat
         callbacks=common.callbacks(recipe.train, dirs, eval_ds is not None) + list(extra_callbacks or []),
     )
 
+
+def run_reward(recipe: RewardRecipe, extra_callbacks: list | None = None) -> Path:
+    """Train the reward model and export it; returns `<output_dir>/reward`."""
+    # 1. Hand-off checks and data, before any model is loaded.
+    dirs = common.start_stage(recipe.output_dir, "reward", recipe.demo_assets)
+    check_sft_parent(recipe)
+    tok_path = recipe.model.tokenizer or recipe.model.name_or_path
+    tokenizer = load_tokenizer(tok_path)
+    if common.sources_are_conversational(recipe.data.sources, ("prompt", "chosen", "rejected")):
+        require_chat_template(tokenizer, tok_path)
+    splits, ties = prepare_reward_data(recipe, tokenizer)
+    train_ds = _to_dataset(splits.train, tokenizer, recipe.use_margin)
+    eval_ds = _to_dataset(splits.validation, tokenizer, recipe.use_margin)
+
+    # 2. Model and trainer.
+    trainer = _trainer(recipe, tokenizer, dirs, train_ds, eval_ds, extra_callbacks)
+
     # 3. Train (resuming when a checkpoint exists).
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=common.resume_from(recipe.resume, dirs.checkpoints))
-    seconds = time.perf_counter() - start
-    if common.interrupted(trainer, recipe.train):
-        log.info("training stopped at step %d; rerun the same command to resume", trainer.state.global_step)
+    trained = common.train(trainer, recipe, dirs)
+    if trained is None:
         return dirs.out
+    result, seconds = trained
 
     # 4. Exact metrics with the final (or best) weights, on every rank.
     evaluation = evaluate_reward_model(trainer.model, tokenizer, recipe, splits, trainer.args.device)

@@ -8,7 +8,6 @@ selection, export (LoRA merge) and the manifest the reward and PPO stages check.
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -121,24 +120,13 @@ def _test_metrics(trainer, test_ds) -> dict[str, Any]:
     return out
 
 
-def run_sft(recipe: SFTRecipe, extra_callbacks: list | None = None) -> Path:
-    """Train and export; returns `<output_dir>/sft`. `extra_callbacks` are HF TrainerCallbacks."""
+def _trainer(recipe: SFTRecipe, tokenizer, tok_path: str, dirs, train_ds, eval_ds, extra_callbacks):
+    """TRL's SFTTrainer on the stage's model, with our mask (any chat template) and row packing."""
     from trl import SFTConfig, SFTTrainer
 
-    # 1. Directories, demo assets, tokenizer checks: everything that can fail cheaply, first.
-    dirs = common.start_stage(recipe.output_dir, "sft", recipe.demo_assets)
-    tok_path = recipe.model.tokenizer or recipe.model.name_or_path
-    tokenizer = load_tokenizer(tok_path)
-    if common.sources_are_conversational(recipe.data.sources, ("messages", "prompt", "completion")):
-        require_chat_template(tokenizer, tok_path)
-
-    # 2. Data: cleaned, split, mixed and tokenized before any model is loaded.
-    splits = prepare_sft_data(recipe, tokenizer)
-    train_ds = _to_dataset(splits.train, tokenizer, recipe.loss_on, "train")
-    eval_ds = _to_dataset(splits.validation, tokenizer, recipe.loss_on, "validation")
-    test_ds = _to_dataset(splits.test, tokenizer, recipe.loss_on, "test")
-
-    # 3. Model and trainer.
+    # The model is loaded before the TrainingArguments exist: with a ZeRO-3 config they register a
+    # global DeepSpeed config that turns from_pretrained into partitioned loading (zero.Init),
+    # which load_stage_model is not written for.
     model = common.load_stage_model(recipe, "causal-lm")
     args = SFTConfig(
         **common.training_arguments(
@@ -165,17 +153,34 @@ def run_sft(recipe: SFTRecipe, extra_callbacks: list | None = None) -> Path:
         peft_config=adapter_config(recipe.peft, "CAUSAL_LM", tokenizer_path=tok_path),
         callbacks=common.callbacks(recipe.train, dirs, eval_ds is not None) + list(extra_callbacks or []),
     )
-
     if recipe.packing and not (recipe.model.attn_implementation or "").startswith("flash"):
         trainer.data_collator = row_packed_collator(tokenizer.pad_token_id)
+    return trainer
+
+
+def run_sft(recipe: SFTRecipe, extra_callbacks: list | None = None) -> Path:
+    """Train and export; returns `<output_dir>/sft`. `extra_callbacks` are HF TrainerCallbacks."""
+    # 1. Directories, demo assets, tokenizer checks: everything that can fail cheaply, first.
+    dirs = common.start_stage(recipe.output_dir, "sft", recipe.demo_assets)
+    tok_path = recipe.model.tokenizer or recipe.model.name_or_path
+    tokenizer = load_tokenizer(tok_path)
+    if common.sources_are_conversational(recipe.data.sources, ("messages", "prompt", "completion")):
+        require_chat_template(tokenizer, tok_path)
+
+    # 2. Data: cleaned, split, mixed and tokenized before any model is loaded.
+    splits = prepare_sft_data(recipe, tokenizer)
+    train_ds = _to_dataset(splits.train, tokenizer, recipe.loss_on, "train")
+    eval_ds = _to_dataset(splits.validation, tokenizer, recipe.loss_on, "validation")
+    test_ds = _to_dataset(splits.test, tokenizer, recipe.loss_on, "test")
+
+    # 3. Model and trainer.
+    trainer = _trainer(recipe, tokenizer, tok_path, dirs, train_ds, eval_ds, extra_callbacks)
 
     # 4. Train, resuming from the newest checkpoint when there is one.
-    start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=common.resume_from(recipe.resume, dirs.checkpoints))
-    seconds = time.perf_counter() - start
-    if common.interrupted(trainer, recipe.train):
-        log.info("training stopped at step %d; rerun the same command to resume", trainer.state.global_step)
+    trained = common.train(trainer, recipe, dirs)
+    if trained is None:
         return dirs.out
+    result, seconds = trained
     metrics = {**_final_metrics(trainer, result, seconds, splits.train_tokens), **_test_metrics(trainer, test_ds)}
 
     # 5. Export the model, then the manifest last: its presence means "complete".

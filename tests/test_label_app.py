@@ -808,3 +808,12 @@ def test_reward_stage_trains_on_the_export(demo_assets, sft_dir, tmp_path):
     done = run_reward(recipe)
     m = json.loads((done / "rlhf_manifest.json").read_text())
     assert m["stage"] == "reward" and m["metrics"]["validation"]["pairs"] >= 5
+
+
+def test_items_to_label_pair_samples_and_drop_identical_answers():
+    # One policy: samples two by two; an odd last sample has no partner.
+    assert project.items_to_label(["a", "b", "c", "d", "e"], two_policies=False) == ([(0, 1), (2, 3)], 0)
+    # Two policies (A's samples, then B's): A's i-th against B's i-th; identical answers are dropped.
+    assert project.items_to_label(["a", "b", "a", "c"], two_policies=True) == ([(1, 3)], 1)
+    assert project.items_to_label(["x", "x"], two_policies=False) == ([], 1)
+    assert project.items_to_label(["x"], two_policies=False) == ([], 0)

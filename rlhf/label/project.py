@@ -80,28 +80,11 @@ def init_project(
         raise FileExistsError(f"{db} exists; a project is created once (add annotators or serve it)")
     if candidates_path:
         prompts, cands = _candidates_file(candidates_path)
-        settings = {"source": "candidates file"}
+        settings: dict = {"source": "candidates file"}
     else:
-        if not (prompts_path and policy):
-            raise ValueError("give --prompts and --policy (and optionally --policy-b), or --candidates")
-        prompts = load_prompts(prompts_path)
-        settings = {
-            "temperature": gen.temperature,
-            "top_p": gen.top_p,
-            "max_new_tokens": gen.max_new_tokens,
-            "samples": samples,
-            "seed": seed,
-        }
-        per = samples if policy_b is None else max(1, samples // 2)
-        least = 1 if policy_b is not None or mode == "single" else 2
-        a = generate_candidates(prompts, policy, max(per, least), gen, seed)
-        b = generate_candidates(prompts, policy_b, per, gen, seed + 1) if policy_b else None
-        cands = [
-            [(t, policy) for t in a[i]] + ([(t, policy_b) for t in b[i]] if b else []) for i in range(len(prompts))
-        ]
+        prompts, cands, settings = _sampled_candidates(prompts_path, policy, policy_b, samples, gen, seed, mode)
     engine = store.connect(db, create=True)
-    rng = random.Random(seed)
-    n_pairs = n_same = 0
+    n_same = 0
     planned: list[tuple[int, int, int]] = []
     with engine.begin() as c:
         c.execute(
@@ -120,23 +103,55 @@ def init_project(
                 ).inserted_primary_key[0]
                 for t, src in options
             ]
-            texts = [t for t, _ in options]
             if mode == "single":  # each response alone: an item is the candidate paired with itself
                 planned += [(pid, cid, cid) for cid in ids]
                 continue
-            # Two policies: A's i-th sample against B's i-th; one policy: samples two by two.
-            half = len(ids) // 2 if policy_b else 0
-            idx = [(i, half + i) for i in range(half)] if policy_b else [(i, i + 1) for i in range(0, len(ids) - 1, 2)]
-            for i, j in idx:
-                if texts[i] == texts[j]:
-                    n_same += 1  # identical answers carry no preference
-                    continue
-                planned.append((pid, ids[i], ids[j]))
-        priorities = _priorities(c, planned, reward_model, rng)
+            pairs, same = items_to_label([t for t, _ in options], two_policies=bool(policy_b))
+            n_same += same
+            planned += [(pid, ids[i], ids[j]) for i, j in pairs]
+        priorities = _priorities(c, planned, reward_model, random.Random(seed))
         for (pid, a_id, b_id), prio in zip(planned, priorities):
             c.execute(store.pairs.insert().values(prompt_id=pid, a_id=a_id, b_id=b_id, priority=prio))
-            n_pairs += 1
-    return {"prompts": len(prompts), "pairs": n_pairs, "identical_skipped": n_same}
+    return {"prompts": len(prompts), "pairs": len(planned), "identical_skipped": n_same}
+
+
+def items_to_label(texts: list[str], two_policies: bool) -> tuple[list[tuple[int, int]], int]:
+    """One prompt's candidates -> the index pairs to label, and how many were dropped as identical
+    (identical answers carry no preference). Two policies (A's samples, then B's): A's i-th against
+    B's i-th; one policy: samples two by two."""
+    half = len(texts) // 2 if two_policies else 0
+    idx = [(i, half + i) for i in range(half)] if two_policies else [(i, i + 1) for i in range(0, len(texts) - 1, 2)]
+    kept = [(i, j) for i, j in idx if texts[i] != texts[j]]
+    return kept, len(idx) - len(kept)
+
+
+def _sampled_candidates(
+    prompts_path: str | None,
+    policy: str | None,
+    policy_b: str | None,
+    samples: int,
+    gen: GenerationSettings,
+    seed: int,
+    mode: str,
+) -> tuple[list[Messages], list[list[tuple[str, str]]], dict]:
+    """Candidates sampled from one policy (or two, half each); returns the prompts, each prompt's
+    (text, source) options and the sampling settings recorded with every candidate."""
+    if not (prompts_path and policy):
+        raise ValueError("give --prompts and --policy (and optionally --policy-b), or --candidates")
+    prompts = load_prompts(prompts_path)
+    settings = {
+        "temperature": gen.temperature,
+        "top_p": gen.top_p,
+        "max_new_tokens": gen.max_new_tokens,
+        "samples": samples,
+        "seed": seed,
+    }
+    per = samples if policy_b is None else max(1, samples // 2)
+    least = 1 if policy_b is not None or mode == "single" else 2  # one policy's pairs need two samples
+    a = generate_candidates(prompts, policy, max(per, least), gen, seed)
+    b = generate_candidates(prompts, policy_b, per, gen, seed + 1) if policy_b else None
+    cands = [[(t, policy) for t in a[i]] + ([(t, policy_b) for t in b[i]] if b else []) for i in range(len(prompts))]
+    return prompts, cands, settings
 
 
 def _priorities(conn, planned: list[tuple[int, int, int]], reward_model: str | None, rng: random.Random) -> list[float]:

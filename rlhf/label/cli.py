@@ -86,80 +86,104 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
+    """One `rlhf label` subcommand: each has its own function below."""
+    handler = {
+        "init": _init,
+        "add-annotator": _add_annotator,
+        "revoke": _revoke,
+        "serve": _serve,
+        "stats": _stats,
+        "export": _export,
+    }[args.label_command]
+    handler(args)
+    return 0
+
+
+def _init(args: argparse.Namespace) -> None:
+    from rlhf.config import GenerationSettings
+    from rlhf.label import project
+
+    if args.overlap < 1 or args.samples < 1:
+        raise ValueError("--overlap and --samples must be >= 1")
+    gen = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
+    made = project.init_project(
+        args.db,
+        prompts_path=args.prompts,
+        policy=args.policy,
+        policy_b=args.policy_b,
+        samples=args.samples,
+        candidates_path=args.candidates,
+        overlap=args.overlap,
+        reward_model=args.reward_model,
+        gen=gen,
+        seed=args.seed,
+        mode=args.mode,
+    )
+    if args.mode == "single":
+        print(f"[rlhf] {args.db}: {made['prompts']} prompts, {made['pairs']} responses to judge good or bad")
+    else:
+        print(
+            f"[rlhf] {args.db}: {made['prompts']} prompts, {made['pairs']} pairs to label "
+            f"({made['identical_skipped']} pairs of identical answers left out)"
+        )
+
+
+def _add_annotator(args: argparse.Namespace) -> None:
+    from rlhf.label import store
+
+    token = store.add_annotator(store.connect(args.db), args.name, args.admin)
+    print(
+        f"[rlhf] annotator {args.name!r}{' (admin)' if args.admin else ''}; their access token "
+        f"(shown once, stored only as a hash):\n{token}"
+    )
+
+
+def _revoke(args: argparse.Namespace) -> None:
+    from rlhf.label import store
+
+    ended = store.revoke(store.connect(args.db), args.name)
+    print(
+        f"[rlhf] revoked {args.name!r}: their token no longer works and {ended} browser session(s) ended; "
+        "their labels stay"
+    )
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from rlhf.label.server import Settings, serve
+
+    if args.lease_minutes <= 0 or args.session_hours <= 0:
+        raise ValueError("--lease-minutes and --session-hours must be > 0")
+    settings = Settings(
+        lease_s=60 * args.lease_minutes, session_s=3600 * args.session_hours, secure_cookies=args.secure_cookies
+    )
+    serve(args.db, args.host, args.port, settings)
+
+
+def _stats(args: argparse.Namespace) -> None:
     from rlhf.label import project, store
 
-    cmd = args.label_command
-    if cmd == "init":
-        from rlhf.config import GenerationSettings
+    s = project.stats(store.connect(args.db))
+    if args.json:
+        print(json.dumps(s, indent=2))
+        return
+    f = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"  # noqa: E731
+    print(
+        f"{s['labels']} labels on {s['labelled_pairs']} of {s['pairs']} pairs; tie rate {f(s['tie_rate'])}, "
+        f"both-bad rate {f(s['both_bad_rate'])}"
+    )
+    print(
+        f"agreement on {s['overlapping_pairs']} overlapping pairs: raw {f(s['raw_agreement'])}, "
+        f"Fleiss' kappa {f(s['fleiss_kappa'])}, mean Cohen's kappa {f(s['cohen_kappa_mean'])}"
+    )
+    for name, a in s["annotators"].items():
+        print(f"  {name:<20} {a['labels']:>6} labels  {f(a['per_hour']):>8} per hour")
 
-        if args.overlap < 1 or args.samples < 1:
-            raise ValueError("--overlap and --samples must be >= 1")
-        gen = GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
-        made = project.init_project(
-            args.db,
-            prompts_path=args.prompts,
-            policy=args.policy,
-            policy_b=args.policy_b,
-            samples=args.samples,
-            candidates_path=args.candidates,
-            overlap=args.overlap,
-            reward_model=args.reward_model,
-            gen=gen,
-            seed=args.seed,
-            mode=args.mode,
-        )
-        if args.mode == "single":
-            print(f"[rlhf] {args.db}: {made['prompts']} prompts, {made['pairs']} responses to judge good or bad")
-        else:
-            print(
-                f"[rlhf] {args.db}: {made['prompts']} prompts, {made['pairs']} pairs to label "
-                f"({made['identical_skipped']} pairs of identical answers left out)"
-            )
-    elif cmd == "add-annotator":
-        token = store.add_annotator(store.connect(args.db), args.name, args.admin)
-        print(
-            f"[rlhf] annotator {args.name!r}{' (admin)' if args.admin else ''}; their access token "
-            f"(shown once, stored only as a hash):\n{token}"
-        )
-    elif cmd == "revoke":
-        ended = store.revoke(store.connect(args.db), args.name)
-        print(
-            f"[rlhf] revoked {args.name!r}: their token no longer works and {ended} browser session(s) ended; "
-            "their labels stay"
-        )
-    elif cmd == "serve":
-        from rlhf.label.server import Settings, serve
 
-        if args.lease_minutes <= 0 or args.session_hours <= 0:
-            raise ValueError("--lease-minutes and --session-hours must be > 0")
-        serve(
-            args.db,
-            args.host,
-            args.port,
-            Settings(
-                lease_s=60 * args.lease_minutes, session_s=3600 * args.session_hours, secure_cookies=args.secure_cookies
-            ),
-        )
-    elif cmd == "stats":
-        s = project.stats(store.connect(args.db))
-        if args.json:
-            print(json.dumps(s, indent=2))
-            return 0
-        f = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"  # noqa: E731
-        print(
-            f"{s['labels']} labels on {s['labelled_pairs']} of {s['pairs']} pairs; tie rate {f(s['tie_rate'])}, "
-            f"both-bad rate {f(s['both_bad_rate'])}"
-        )
-        print(
-            f"agreement on {s['overlapping_pairs']} overlapping pairs: raw {f(s['raw_agreement'])}, "
-            f"Fleiss' kappa {f(s['fleiss_kappa'])}, mean Cohen's kappa {f(s['cohen_kappa_mean'])}"
-        )
-        for name, a in s["annotators"].items():
-            print(f"  {name:<20} {a['labels']:>6} labels  {f(a['per_hour']):>8} per hour")
-    else:
-        counts = project.export(store.connect(args.db), args.out, args.ties, args.min_labels, args.margin_scale)
-        print(export_message(counts, args.out))
-    return 0
+def _export(args: argparse.Namespace) -> None:
+    from rlhf.label import project, store
+
+    counts = project.export(store.connect(args.db), args.out, args.ties, args.min_labels, args.margin_scale)
+    print(export_message(counts, args.out))
 
 
 def export_message(counts: dict[str, int], out: str) -> str:

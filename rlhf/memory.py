@@ -99,77 +99,102 @@ def adapter_params(shape: Shape, peft, intermediate: int, kv_heads: int) -> int:
 
 def stage_estimates(shape: Shape, kv_heads: int, intermediate: int, tied: bool, world: int, recipes: dict) -> dict:
     """GB per GPU for each stage recipe in `recipes` ({"sft": SFTRecipe, "reward": ..., "ppo": ...})."""
-    out = {}
     head = 0 if tied else shape.vocab * shape.hidden  # a scorer drops the LM head, keeps a 1 x h one
-
-    def trainable(r, n: int) -> int:
-        return adapter_params(shape, r.peft, intermediate, kv_heads) if r.peft.enabled else n
-
-    def states(r, n: int) -> dict[str, float]:
-        ds = r.deepspeed
-        return model_states(
-            n, trainable(r, n), ds.zero_stage, world, r.train.precision, ds.offload_optimizer, ds.offload_params
-        )
-
+    fit = _Fit(shape, kv_heads, intermediate, world)
+    out = {}
     for name in ("sft", "reward"):
-        if name not in recipes:
-            continue
-        r = recipes[name]
-        n = shape.params - (head if name == "reward" else 0)
-        st = states(r, n)
-        act = activations(
-            shape,
-            r.train.micro_batch_size,
-            r.data.max_length,
-            r.model.gradient_checkpointing,
-            logits=name == "sft",
-            precision=r.train.precision,
-        )
-        out[name] = {
-            "model_states": st["gpu"] / GB,
-            "activations": act / GB,
-            "cpu_per_rank": st["cpu"] / GB,
-            "total": (st["gpu"] + act) / GB,
-        }
+        if name in recipes:
+            n = shape.params - (head if name == "reward" else 0)
+            out[name] = _supervised_estimate(fit, recipes[name], n, logits=name == "sft")
     if "ppo" in recipes:
-        r = recipes["ppo"]
-        z3 = r.deepspeed.zero_stage == 3
-        # frozen weights at the training precision (fp32 on a CPU), partitioned at ZeRO-3
-        frozen = _width(r.train.precision) / (world if z3 else 1)
-        actor = states(r, shape.params)
-        # critic-free estimators build no critic, and rewards from functions alone no reward model
-        critic = states(r, shape.params - head) if r.ppo.needs_critic else {"gpu": 0.0, "cpu": 0.0}
-        seq = r.prompts.max_length + r.generation.max_new_tokens
-        ref = 0 if r.peft.enabled else frozen * shape.params  # LoRA: the adapter-disabled actor
-        rm = frozen * (shape.params - head) if r.reward_dir is not None else 0
-        # kl_rollback holds, while training, a copy of what one actor update changes
-        # (`rlhf.stages.ppo.undo`): the trainable weights, the optimizer's fp32 master weights (a
-        # separate partition at ZeRO-1/2 even in fp32; at ZeRO-0 only under bf16) and AdamW's two
-        # moments; master and moments sit in CPU memory under optimizer offload.
-        undo_copy = undo_cpu = 0.0
-        if r.ppo.rolls_back(r.deepspeed.zero_stage):
-            n_train, ds = trainable(r, shape.params), r.deepspeed
-            split = world if ds.zero_stage >= 1 else 1
-            master = 0 if ds.zero_stage == 0 and r.train.precision == "fp32" else 4 * n_train / split
-            optimizer_copy = master + 8 * n_train / split
-            undo_copy = _width(r.train.precision) * n_train + (0 if ds.offload_optimizer else optimizer_copy)
-            undo_cpu = optimizer_copy if ds.offload_optimizer else 0.0
-        # generation: the actor gathered whole once (ZeRO-3, unless gather_weights is off) + KV cache
-        whole = 2 * shape.params if z3 and r.generation.gather_weights else 0
-        gen = whole + kv_cache(shape, kv_heads, r.ppo.rollout_batch_size, seq, r.train.precision)
-        train_act = activations(shape, r.train.micro_batch_size, seq, True, logits=True, precision=r.train.precision)
-        peak_phase = max(gen, train_act + undo_copy)  # generation and training never overlap
-        fixed = actor["gpu"] + critic["gpu"] + ref + rm
-        out["ppo"] = {
-            "model_states": (actor["gpu"] + critic["gpu"]) / GB,
-            "frozen_models": (ref + rm) / GB,
-            "generation": gen / GB,
-            "activations": train_act / GB,
-            "kl_rollback": undo_copy / GB,
-            "cpu_per_rank": (actor["cpu"] + critic["cpu"] + undo_cpu) / GB,
-            "total": (fixed + peak_phase) / GB,
-        }
+        out["ppo"] = _ppo_estimate(fit, recipes["ppo"], head)
     return out
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """The model and cluster every stage estimate shares."""
+
+    shape: Shape
+    kv_heads: int
+    intermediate: int
+    world: int
+
+    def trainable(self, r, n: int) -> int:
+        """Parameters the recipe trains of a model of n: the adapter's under PEFT, else all n."""
+        return adapter_params(self.shape, r.peft, self.intermediate, self.kv_heads) if r.peft.enabled else n
+
+    def states(self, r, n: int) -> dict[str, float]:
+        """Model states (weights, gradients, optimizer) of a model of n parameters, bytes per rank."""
+        ds = r.deepspeed
+        trained = self.trainable(r, n)
+        return model_states(
+            n, trained, ds.zero_stage, self.world, r.train.precision, ds.offload_optimizer, ds.offload_params
+        )
+
+
+def _supervised_estimate(fit: _Fit, r, n: int, logits: bool) -> dict[str, float]:
+    """SFT (with logits) or the reward model (a scorer of n parameters, no logits): GB per rank."""
+    st = fit.states(r, n)
+    act = activations(
+        fit.shape,
+        r.train.micro_batch_size,
+        r.data.max_length,
+        r.model.gradient_checkpointing,
+        logits=logits,
+        precision=r.train.precision,
+    )
+    return {
+        "model_states": st["gpu"] / GB,
+        "activations": act / GB,
+        "cpu_per_rank": st["cpu"] / GB,
+        "total": (st["gpu"] + act) / GB,
+    }
+
+
+def _undo_bytes(fit: _Fit, r) -> tuple[float, float]:
+    """(GPU, CPU) bytes of the copy kl_rollback holds while training: what one actor update changes
+    (`rlhf.stages.ppo.undo`): the trainable weights, the optimizer's fp32 master weights (a separate
+    partition at ZeRO-1/2 even in fp32; at ZeRO-0 only under bf16) and AdamW's two moments; master
+    and moments sit in CPU memory under optimizer offload."""
+    if not r.ppo.rolls_back(r.deepspeed.zero_stage):
+        return 0.0, 0.0
+    n_train, ds = fit.trainable(r, fit.shape.params), r.deepspeed
+    split = fit.world if ds.zero_stage >= 1 else 1
+    master = 0 if ds.zero_stage == 0 and r.train.precision == "fp32" else 4 * n_train / split
+    optimizer_copy = master + 8 * n_train / split
+    gpu = _width(r.train.precision) * n_train + (0 if ds.offload_optimizer else optimizer_copy)
+    return gpu, optimizer_copy if ds.offload_optimizer else 0.0
+
+
+def _ppo_estimate(fit: _Fit, r, head: int) -> dict[str, float]:
+    """PPO and its critic-free relatives: GB per rank, generation and training being separate phases."""
+    shape, world = fit.shape, fit.world
+    z3 = r.deepspeed.zero_stage == 3
+    # frozen weights at the training precision (fp32 on a CPU), partitioned at ZeRO-3
+    frozen = _width(r.train.precision) / (world if z3 else 1)
+    actor = fit.states(r, shape.params)
+    # critic-free estimators build no critic, and rewards from functions alone no reward model
+    critic = fit.states(r, shape.params - head) if r.ppo.needs_critic else {"gpu": 0.0, "cpu": 0.0}
+    seq = r.prompts.max_length + r.generation.max_new_tokens
+    ref = 0 if r.peft.enabled else frozen * shape.params  # LoRA: the adapter-disabled actor
+    rm = frozen * (shape.params - head) if r.reward_dir is not None else 0
+    undo_copy, undo_cpu = _undo_bytes(fit, r)
+    # generation: the actor gathered whole once (ZeRO-3, unless gather_weights is off) + KV cache
+    whole = 2 * shape.params if z3 and r.generation.gather_weights else 0
+    gen = whole + kv_cache(shape, fit.kv_heads, r.ppo.rollout_batch_size, seq, r.train.precision)
+    train_act = activations(shape, r.train.micro_batch_size, seq, True, logits=True, precision=r.train.precision)
+    peak_phase = max(gen, train_act + undo_copy)  # generation and training never overlap
+    fixed = actor["gpu"] + critic["gpu"] + ref + rm
+    return {
+        "model_states": (actor["gpu"] + critic["gpu"]) / GB,
+        "frozen_models": (ref + rm) / GB,
+        "generation": gen / GB,
+        "activations": train_act / GB,
+        "kl_rollback": undo_copy / GB,
+        "cpu_per_rank": (actor["cpu"] + critic["cpu"] + undo_cpu) / GB,
+        "total": (fixed + peak_phase) / GB,
+    }
 
 
 def estimate_recipe_dir(directory, peft: bool | None = None) -> dict:

@@ -10,7 +10,8 @@ Tasks: `demo` (the reviews the recipes were written for), `reverse` (write lette
 Each task's data, held-out prompts and ground-truth grader are its own; every recipe value is the
 demo's, except what `--set stage:key=value` changes (for comparing a setting on every task).
 The JSON keeps, per task, the ground truth of each row, the gain of PPO over SFT and of SFT over
-base, the SFT stage's steps and epochs, and each stage's wall time.
+base, the SFT stage's steps and epochs, and each stage's wall time; and, for the whole run, the
+package versions and the git commit it ran from.
 """
 
 from __future__ import annotations
@@ -119,7 +120,12 @@ def main() -> None:
             f"{r['sft_gain_over_base']:+9.1f} {r['ppo_gain_over_sft']:+8.1f} {r['sft_steps']!s:>10}"
         )
     path = Path(args.json) if args.json else out / "cross_task.json"
-    path.write_text(json.dumps({"overrides": args.set, "results": results}, indent=2))
+    # The versions and the commit go with the numbers: a rerun in a fresh environment moved SFT's
+    # stopping point and its score, and without them the two runs could not be told apart.
+    from rlhf.checkpoint import git_state, package_versions
+
+    provenance = {"versions": package_versions(), "git": git_state(ROOT)}
+    path.write_text(json.dumps({"overrides": args.set, **provenance, "results": results}, indent=2))
     print(f"[cross_task] wrote {path}")
 
 

@@ -38,7 +38,8 @@ def answer_prompts(
     from tqdm.auto import tqdm
 
     tok = load_tokenizer(model_dir)
-    prompts = read_whole(prompts_path, normalize_prompt, deduplicate=False)  # one answer row per input row
+    # deduplicate=False: one answer row per input row
+    prompts = read_whole(prompts_path, normalize_prompt, deduplicate=False, key="--prompts")
     device = default_device()
     model = load_policy(model_dir, device)
     ids = [render_prompt(tok, p) for p in prompts]

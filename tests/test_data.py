@@ -118,6 +118,22 @@ def test_read_errors_name_the_file(tmp_path):
         read_rows(tmp_path / "dd", split="test")
 
 
+def test_a_missing_source_names_its_recipe_key(tmp_path):
+    """A recipe whose data file was never built fails with the key to fix, not a bare
+    FileNotFoundError from hashing the file."""
+    from rlhf.data.formats import normalize_prompt
+    from rlhf.data.prepare import read_whole
+
+    good = write_jsonl(tmp_path / "d.jsonl", [ROWS[0]])
+    missing = tmp_path / "never_built.jsonl"
+    cfg = DataConfig(sources=[DataSource(path=str(good)), DataSource(path=str(missing))])
+    named = r"prompts\.sources\[1\]\.path: data source .*never_built\.jsonl.*`rlhf tasks build"
+    with pytest.raises(DataError, match=named):
+        prepare_splits(cfg, normalize_sft, key="prompts")
+    with pytest.raises(DataError, match=r"^forgetting_prompts\.path: data source .*never_built\.jsonl"):
+        read_whole(DataSource(path=str(missing)), normalize_prompt, key="forgetting_prompts.path")
+
+
 def test_jsonl_bad_lines_keep_their_line_number(tmp_path):
     p = write_jsonl(tmp_path / "d.jsonl", [ROWS[0]], ["{broken", "[1, 2]", "", json.dumps(ROWS[0])])
     rows = read_rows(p)

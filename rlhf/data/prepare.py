@@ -14,6 +14,7 @@ import json
 import random
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Generic, TypeVar
 
 from rlhf.config import DataConfig, DataSource
@@ -123,7 +124,9 @@ def _load_source(
     normalize: Callable[[dict], T],
     length_of: Callable[[T], int] | None,
     extra_filter: Callable[[T], str | None] | None,
+    recipe_key: str,
 ) -> tuple[list[T], SourceReport]:
+    require_source(src.path, recipe_key)
     report = SourceReport(path=src.path, fingerprint=fingerprint(src.path), weight=src.weight)
     kept: list[T] = []
     seen: set[str] = set()
@@ -172,11 +175,27 @@ def _load_source(
     return kept, report
 
 
+def require_source(path: str, key: str) -> None:
+    """Raise a DataError naming the recipe key when a local source is missing (a hub id is left to
+    `read_rows`). Checked before anything reads the file, so the user sees which key to fix and
+    where such files come from rather than a bare FileNotFoundError from hashing it."""
+    from rlhf.hub import is_hub_id
+
+    if Path(path).exists() or is_hub_id(str(path)):
+        return
+    raise DataError(
+        f"{key}: data source {str(path)!r} does not exist. Task files are written by "
+        "`rlhf tasks build TASK --out DIR` and models by `rlhf models get`; a recipe's header "
+        "comment gives the commands that make its inputs."
+    )
+
+
 def prepare_splits(
     cfg: DataConfig,
     normalize: Callable[[dict], T],
     length_of: Callable[[T], int] | None = None,
     extra_filter: Callable[[T], str | None] | None = None,
+    key: str = "data",
 ) -> Splits[T]:
     """Load, clean, split and mix every source of `cfg`.
 
@@ -184,10 +203,11 @@ def prepare_splits(
         normalize: raw row -> canonical example; raises RowError (malformed) or EmptyRow.
         length_of: canonical example -> token count, for the `max_length` filter.
         extra_filter: canonical example -> a drop reason or None (stage-specific cleaning).
+        key: the recipe key of `cfg` (`data`, `prompts`, ...), named in errors.
     """
     trains, vals, tests, reports = [], [], [], []
     for i, src in enumerate(cfg.sources):
-        rows, report = _load_source(src, cfg, normalize, length_of, extra_filter)
+        rows, report = _load_source(src, cfg, normalize, length_of, extra_filter, f"{key}.sources[{i}].path")
         train, val, test = split_rows(rows, cfg.validation_fraction, cfg.test_fraction, cfg.split_seed + i)
         report.train, report.validation, report.test = len(train), len(val), len(test)
         trains.append(train), vals.append(val), tests.append(test), reports.append(report)
@@ -206,9 +226,13 @@ def prepare_splits(
     return Splits(train, validation, test, reports, rows_fingerprint(train))
 
 
-def read_whole(source: DataSource | str, normalize: Callable[[dict], T], deduplicate: bool = True) -> list[T]:
+def read_whole(
+    source: DataSource | str, normalize: Callable[[dict], T], deduplicate: bool = True, key: str = "path"
+) -> list[T]:
     """Every clean row of one source, in file order: no split, no mixing, no length filter (prompt
-    files for generation and evaluation, few-shot demonstrations, the labelling app's prompts)."""
+    files for generation and evaluation, few-shot demonstrations, the labelling app's prompts).
+    `key` is the recipe key or option that named the source, quoted when it is missing."""
     src = source if isinstance(source, DataSource) else DataSource(path=source)
+    require_source(src.path, key)
     cfg = DataConfig(sources=[src], validation_fraction=0.0, deduplicate=deduplicate, max_length=10**9)
-    return prepare_splits(cfg, normalize).train
+    return prepare_splits(cfg, normalize, key=key).train

@@ -88,14 +88,14 @@ def check_handoff(recipe: EvalRecipe, policies: list[Policy]):
 
 
 def load_prompts(recipe: EvalRecipe, tok) -> list[Messages]:
-    splits = prepare_splits(recipe.prompts, normalize_prompt, lambda m: len(render_prompt(tok, m)))
+    splits = prepare_splits(recipe.prompts, normalize_prompt, lambda m: len(render_prompt(tok, m)), key="prompts")
     return splits.train + splits.validation + splits.test  # evaluation uses every held-out prompt
 
 
 def load_shots(recipe: EvalRecipe, k: int) -> list[Messages]:
     if not k or recipe.few_shot_data is None:
         return []
-    return read_whole(recipe.few_shot_data, normalize_sft)[:k]
+    return read_whole(recipe.few_shot_data, normalize_sft, key="few_shot_data")[:k]
 
 
 def _load(path: str, kind: str, device):
@@ -189,7 +189,8 @@ def _sample_metrics(s: Samples, texts: list[str], rewards: list[float], judged: 
 
 def forgetting_reference(recipe: EvalRecipe, tok, device) -> tuple[list[list[int]], Samples]:
     """The general questions (rendered) and the base model's greedy answers to them."""
-    questions = [render_prompt(tok, m) for m in read_whole(recipe.forgetting_prompts, normalize_prompt)]
+    rows = read_whole(recipe.forgetting_prompts, normalize_prompt, key="forgetting_prompts.path")
+    questions = [render_prompt(tok, m) for m in rows]
     base = _load(recipe.base_dir, "policy", device)
     return questions, reference_answers(
         base, tok, questions, recipe.forgetting_max_new_tokens, recipe.batch_size, device

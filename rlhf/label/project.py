@@ -17,8 +17,8 @@ from rlhf.data.prepare import read_whole
 from rlhf.label import agreement, store
 
 
-def load_prompts(path: str) -> list[Messages]:
-    return read_whole(path, normalize_prompt)
+def load_prompts(path: str, key: str = "--prompts") -> list[Messages]:
+    return read_whole(path, normalize_prompt, key=key)
 
 
 def generate_candidates(

@@ -396,7 +396,7 @@ def _run_rounds(r: RoundsRecipe, run: Path, stage_recipes: dict[str, dict[str, A
     check_recipe(r, stage_recipes)
     engine = batches.open_project(label_db(r), r.overlap)
     rm = run_round0(r)  # first: it may build the data the prompts come from (the demo's assets)
-    pool = load_prompts(r.prompts.path)
+    pool = load_prompts(r.prompts.path, key="prompts.path")
     policy: Path | None = None
     for k in range(1, r.rounds + 1):
         policy, rm = run_round(r, k, engine, pool, policy, rm)

@@ -124,11 +124,13 @@ def prepare_data(recipe: PPORecipe, tokenizer, reward_manifest: dict) -> Data:
         if recipe.reward_functions
         else lambda data: {"messages": normalize_prompt(data), "fields": {}}
     )
-    prompts = prepare_splits(recipe.prompts, normalize, lambda row: len(render_prompt(tokenizer, row["messages"])))
+    prompts = prepare_splits(
+        recipe.prompts, normalize, lambda row: len(render_prompt(tokenizer, row["messages"])), key="prompts"
+    )
     ptx = None
     if recipe.ptx_data and recipe.ppo.ptx_coef:
         ptx = prepare_splits(
-            recipe.ptx_data, normalize_sft, lambda msgs: len(render_conversation(tokenizer, msgs))
+            recipe.ptx_data, normalize_sft, lambda msgs: len(render_conversation(tokenizer, msgs)), key="ptx_data"
         ).train
         for i, msgs in enumerate(ptx):  # every rank draws other rows: a bad one must fail here, not mid-step
             try:

@@ -62,6 +62,10 @@ class EvalRecipe:
     """Responses sampled per prompt and policy."""
     generation: GenerationSettings = field(default_factory=GenerationSettings)
     """Sampling settings; the same for every policy."""
+    greedy: bool = False
+    """Decode greedily instead: one answer per prompt and policy (`samples_per_prompt` and the
+    temperature are not used), the usual reading of accuracy on checked-answer tasks. Greedy answers
+    are not samples of the policy, so `kl_to_sft` is not estimated (nan)."""
     batch_size: int = 64
     """Sequences per forward pass when sampling and scoring."""
     ground_truth: Literal["none", "demo", "demo_no_repeats", "instruct", "arithmetic", "reverse", "pick"] = "none"
@@ -94,6 +98,8 @@ class EvalRecipe:
     def __post_init__(self) -> None:
         if self.samples_per_prompt < 1 or self.batch_size < 1:
             raise ConfigError("samples_per_prompt and batch_size must be >= 1")
+        if self.greedy:
+            self.samples_per_prompt = 1  # every greedy answer to a prompt is the same one
         if self.forgetting_limit < 0:
             raise ConfigError(f"forgetting_limit is a relative rise (0.05 = 5%), >= 0; got {self.forgetting_limit}")
         if self.base_dir and self.base_few_shot and self.few_shot_data is None:
@@ -106,6 +112,8 @@ class EvalRecipe:
             )
         if self.best_of_n == 1 or self.best_of_n < 0:
             raise ConfigError(f"best_of_n must be 0 (off) or >= 2, got {self.best_of_n}")
+        if self.best_of_n and self.greedy:
+            raise ConfigError("best_of_n needs sampled answers; it cannot be combined with greedy: true")
         if self.best_of_n and not self.reward_dir:
             raise ConfigError("best_of_n needs reward_dir: the reward model picks the best of n samples")
 

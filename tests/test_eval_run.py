@@ -114,3 +114,28 @@ def test_eval_without_a_reward_model_reports_ground_truth_only(demo_assets, sft_
     assert "No reward model" in (out / "report.md").read_text()
     with pytest.raises(Exception, match="best_of_n needs reward_dir"):
         recipe(demo_assets, sft_dir, None, tmp_path, "reward_dir=null", "best_of_n=4")
+
+
+def test_greedy_eval_gives_one_seed_free_answer_per_prompt(demo_assets, sft_dir, tmp_path):
+    """greedy: true answers each prompt once with the most likely tokens: the seed changes nothing,
+    and the KL column is n/a (greedy answers are not samples of the policy)."""
+    import math
+
+    def run(seed: int, *extra: str) -> dict:
+        out = tmp_path / f"{seed}{'_'.join(extra)}"
+        done = run_eval(
+            recipe(demo_assets, sft_dir, None, out, "reward_dir=null", "base_dir=null", f"seed={seed}", *extra)
+        )
+        return json.loads((done / "report.json").read_text()) | {"md": (done / "report.md").read_text()}
+
+    a, b = run(0, "greedy=true"), run(1, "greedy=true")
+    prompts = a["prompts"]
+    assert a["samples_per_prompt"] == 1 and a["greedy"] is True
+    assert a["policies"][0]["n"] == prompts
+    assert a["summary"] == b["summary"]
+    assert math.isnan(a["summary"]["sft"]["kl_to_sft"])
+    assert "one greedy answer per model" in a["md"]
+    sampled = run(1)  # the same run sampled: two answers per prompt, a finite KL (0 for SFT itself)
+    assert sampled["policies"][0]["n"] == 2 * prompts and sampled["summary"]["sft"]["kl_to_sft"] == 0.0
+    with pytest.raises(Exception, match="cannot be combined with greedy"):
+        recipe(demo_assets, sft_dir, None, tmp_path, "greedy=true", "best_of_n=4")

@@ -202,8 +202,13 @@ def write_report(out: Path, results: list[dict], prompts: list[Messages], recipe
     md = [
         f"# Evaluation report: {Path(recipe.output_dir).name}",
         "",
-        f"{len(prompts)} held-out prompts x {n} samples per model, temperature {recipe.generation.temperature}, "
-        f"at most {recipe.generation.max_new_tokens} new tokens. "
+        (
+            f"{len(prompts)} held-out prompts, one greedy answer per model (KL to SFT not estimated), "
+            if recipe.greedy
+            else f"{len(prompts)} held-out prompts x {n} samples per model, "
+            f"temperature {recipe.generation.temperature}, "
+        )
+        + f"at most {recipe.generation.max_new_tokens} new tokens. "
         + (
             f"The reward model ({recipe.reward_dir}) scores every answer and judges win rates against SFT on the "
             "same prompt and sample."
@@ -239,6 +244,7 @@ def write_report(out: Path, results: list[dict], prompts: list[Messages], recipe
         "summary": summary,
         "prompts": len(prompts),
         "samples_per_prompt": n,
+        "greedy": recipe.greedy,
         "plots": plots,
         "policies": [
             {k: v for k, v in r.items() if k not in ("rewards", "lengths", "texts", "prompt_index")} for r in results

@@ -118,7 +118,15 @@ def evaluate_policy(p: Policy, recipe: EvalRecipe, tok, prompts: list[Messages],
     model = _load(p.path, "policy", device)
     bs = recipe.batch_size
     s: Samples = sample(
-        model, tok, shown, recipe.samples_per_prompt * p.best_of, recipe.generation, recipe.seed, bs, device
+        model,
+        tok,
+        shown,
+        recipe.samples_per_prompt * p.best_of,
+        recipe.generation,
+        recipe.seed,
+        bs,
+        device,
+        greedy=recipe.greedy,
     )
     rewards = _rewards(judges["reward"], tok, [prompts[i] for i in s.prompt_index], s, device, bs)
     if p.best_of > 1:
@@ -162,6 +170,8 @@ def _kl_to_sft(p: Policy, model, reference, shown, plain, s: Samples, tok, recip
     (Stiennon et al. 2020)."""
     if p.best_of > 1:
         return math.log(p.best_of) - (p.best_of - 1) / p.best_of
+    if recipe.greedy:  # a greedy answer is not a sample of the policy: its log-ratio is no KL estimate
+        return math.nan
     temp, bs, pad = recipe.generation.temperature, recipe.batch_size, tok.pad_token_id
     logp = sequence_logprobs(model, shown, s, pad, temp, bs, device)
     ref_logp = sequence_logprobs(reference, plain, s, pad, temp, bs, device)

@@ -10,6 +10,11 @@ import math
 def add_parser(sub) -> None:
     label = sub.add_parser("label", help="collect human preference data (web app for annotators)")
     cmds = label.add_subparsers(dest="label_command", required=True)
+    for build in (_init_parser, _annotator_parsers, _serve_parser, _stats_parser, _export_parser):
+        build(cmds)
+
+
+def _init_parser(cmds) -> None:
     init = cmds.add_parser("init", help="create a project: prompts, candidate responses, pairs to label")
     init.add_argument("--db", default="labels.sqlite", help="SQLite file, or a URL (postgresql+psycopg://...)")
     init.add_argument("--prompts", help="prompts file (rows with 'prompt' or 'messages')")
@@ -28,6 +33,9 @@ def add_parser(sub) -> None:
     init.add_argument("--max-new-tokens", type=int, default=64)
     init.add_argument("--temperature", type=float, default=1.0)
     init.add_argument("--seed", type=int, default=0)
+
+
+def _annotator_parsers(cmds) -> None:
     add = cmds.add_parser("add-annotator", help="create an annotator and print their access token")
     add.add_argument("name")
     add.add_argument("--db", default="labels.sqlite")
@@ -35,6 +43,9 @@ def add_parser(sub) -> None:
     rev = cmds.add_parser("revoke", help="revoke an annotator's token and end their sessions (labels stay)")
     rev.add_argument("name")
     rev.add_argument("--db", default="labels.sqlite")
+
+
+def _serve_parser(cmds) -> None:
     serve = cmds.add_parser("serve", help="start the web app")
     serve.add_argument("--db", default="labels.sqlite")
     serve.add_argument(
@@ -54,9 +65,15 @@ def add_parser(sub) -> None:
         "--lease-minutes", type=float, default=10.0, help="how long a served pair stays reserved for its annotator"
     )
     serve.add_argument("--session-hours", type=float, default=12.0, help="how long a browser sign-in lasts")
+
+
+def _stats_parser(cmds) -> None:
     st = cmds.add_parser("stats", help="labels per annotator, throughput, agreement, tie and both-bad rates")
     st.add_argument("--db", default="labels.sqlite")
     st.add_argument("--json", action="store_true")
+
+
+def _export_parser(cmds) -> None:
     exp = cmds.add_parser(
         "export",
         help="write preference pairs in the reward stage's format (single mode: judged responses in the KTO format)",

@@ -10,6 +10,7 @@ modules otherwise. Every engine config comes from the one builder in `rlhf.distr
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,8 @@ from rlhf.models import load_model, merged_weights
 if TYPE_CHECKING:  # annotations only: importing deepspeed or transformers here would slow `import rlhf`
     from deepspeed import DeepSpeedEngine
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger("rlhf")
 
 
 class TokenValues(nn.Module):
@@ -58,6 +61,32 @@ class Models:
     tokenizer: PreTrainedTokenizerBase
     device: torch.device
     autocast: bool  # forward passes under bf16 autocast (recipe.model.autocast)
+
+
+def native_bf16(device: torch.device, cpuinfo: str | None = None) -> bool:
+    """Whether `device` computes bf16 in hardware: an Ampere+ GPU, or a CPU whose flags list
+    avx512_bf16 or amx_bf16 (x86) or bf16 (Arm). Elsewhere torch emulates bf16, far slower than
+    fp32. `cpuinfo` is the text of /proc/cpuinfo (read when None; absent off Linux: no)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = {f for line in cpuinfo.splitlines() if line.lower().startswith(("flags", "features")) for f in line.split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_autocast(setting: str, device: torch.device) -> bool:
+    """recipe.model.autocast -> whether forward passes run under bf16 autocast."""
+    if setting != "auto":
+        return setting == "bf16"
+    on = native_bf16(device)
+    log.info("model.autocast=auto: %s on %s", "bf16" if on else "off (no native bf16)", device.type)
+    return on
 
 
 def compute(m: Models):
@@ -144,7 +173,8 @@ def build_models(recipe: PPORecipe, tokenizer) -> Models:
     reward = None  # rewards from functions alone need no reward model
     if recipe.reward_dir is not None:
         reward = inference_model(load_scorer(recipe.reward_dir, recipe, pad), recipe, device)
-    return Models(actor, critic, reference, reward, tokenizer, device, recipe.model.autocast == "bf16")
+    autocast = resolve_autocast(recipe.model.autocast, device)
+    return Models(actor, critic, reference, reward, tokenizer, device, autocast)
 
 
 @contextlib.contextmanager

@@ -188,33 +188,10 @@ def _split_metrics(trainer, test_ds) -> dict[str, Any]:
 
 def run_dpo(recipe: DPORecipe, extra_callbacks: list | None = None) -> Path:
     """Train and export; returns `<output_dir>/dpo`."""
-    # 1. Hand-off checks and data, before any model is loaded.
-    dirs = common.start_stage(recipe.output_dir, "dpo", recipe.demo_assets)
-    tok_path = recipe.model.tokenizer or recipe.model.name_or_path
-    tokenizer = load_tokenizer(tok_path)
-    check_parent(recipe, tokenizer)
-    keys = ("prompt", "chosen", "rejected", "completion", "response")
-    if common.sources_are_conversational(recipe.data.sources, keys):
-        require_chat_template(tokenizer, tok_path)
-    splits, ties = prepare_data(recipe, tokenizer)
+    dirs, tokenizer, splits, ties = _checked_inputs(recipe)
     train_ds, eval_ds, test_ds = (_to_dataset(s) for s in (splits.train, splits.validation, splits.test))
-
-    # 2. Models and trainer. The reference is a second copy only for full fine-tuning without
-    # precomputed log-probs; under LoRA TRL disables the adapter instead. We load it here, like the
-    # policy and before the DeepSpeed arguments exist: TRL's own loading would run under ZeRO-3's
-    # `zero.Init` before DeepSpeed's communicator is up and fail on the batch-size check.
-    model = common.load_stage_model(recipe, "causal-lm")
-    ref = (
-        common.load_stage_model(recipe, "causal-lm")
-        if not (recipe.peft.enabled or recipe.precompute_ref_log_probs)
-        else None
-    )
-    trainer = _trainer(recipe, model, ref, tokenizer, dirs, train_ds, eval_ds, extra_callbacks)
-    check_tokenization(tokenizer, splits.train, trainer.train_dataset, "train")
-    check_tokenization(tokenizer, splits.validation, trainer.eval_dataset, "validation")
-
-    # 3. Train, resuming from the newest checkpoint when there is one.
-    trained = common.train(trainer, recipe, dirs)
+    trainer = _built_trainer(recipe, tokenizer, dirs, splits, train_ds, eval_ds, extra_callbacks)
+    trained = common.train(trainer, recipe, dirs)  # resumes from the newest checkpoint when there is one
     if trained is None:
         return dirs.out
     result, seconds = trained
@@ -226,8 +203,7 @@ def run_dpo(recipe: DPORecipe, extra_callbacks: list | None = None) -> Path:
         "best_checkpoint": trainer.state.best_model_checkpoint,
         **_split_metrics(trainer, test_ds),
     }
-
-    # 4. Export, then the manifest last: its presence means "complete".
+    # Export, then the manifest last: its presence means "complete".
     common.finish_stage(
         trainer,
         tokenizer,
@@ -250,3 +226,36 @@ def run_dpo(recipe: DPORecipe, extra_callbacks: list | None = None) -> Path:
         dirs.out,
     )
     return dirs.out
+
+
+def _checked_inputs(recipe: DPORecipe):
+    """Hand-off checks and data, before any model is loaded: (dirs, tokenizer, splits, ties dropped)."""
+    dirs = common.start_stage(recipe.output_dir, "dpo", recipe.demo_assets)
+    tok_path = recipe.model.tokenizer or recipe.model.name_or_path
+    tokenizer = load_tokenizer(tok_path)
+    check_parent(recipe, tokenizer)
+    keys = ("prompt", "chosen", "rejected", "completion", "response")
+    if common.sources_are_conversational(recipe.data.sources, keys):
+        require_chat_template(tokenizer, tok_path)
+    splits, ties = prepare_data(recipe, tokenizer)
+    return dirs, tokenizer, splits, ties
+
+
+def _built_trainer(recipe: DPORecipe, tokenizer, dirs, splits: Splits, train_ds, eval_ds, extra_callbacks):
+    """The policy, the reference when one is needed, and TRL's trainer, with its tokenisation checked
+    against ours.
+
+    The reference is a second copy only for full fine-tuning without precomputed log-probs; under
+    LoRA TRL disables the adapter instead. We load it here, like the policy and before the DeepSpeed
+    arguments exist: TRL's own loading would run under ZeRO-3's `zero.Init` before DeepSpeed's
+    communicator is up and fail on the batch-size check."""
+    model = common.load_stage_model(recipe, "causal-lm")
+    ref = (
+        common.load_stage_model(recipe, "causal-lm")
+        if not (recipe.peft.enabled or recipe.precompute_ref_log_probs)
+        else None
+    )
+    trainer = _trainer(recipe, model, ref, tokenizer, dirs, train_ds, eval_ds, extra_callbacks)
+    check_tokenization(tokenizer, splits.train, trainer.train_dataset, "train")
+    check_tokenization(tokenizer, splits.validation, trainer.eval_dataset, "validation")
+    return trainer

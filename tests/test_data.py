@@ -132,6 +132,14 @@ def test_a_missing_source_names_its_recipe_key(tmp_path):
         prepare_splits(cfg, normalize_sft, key="prompts")
     with pytest.raises(DataError, match=r"^forgetting_prompts\.path: data source .*never_built\.jsonl"):
         read_whole(DataSource(path=str(missing)), normalize_prompt, key="forgetting_prompts.path")
+    # A relative path that looks like owner/name is still a file when it has a data suffix.
+    with pytest.raises(DataError, match=r"^data\.sources\[0\]\.path: data source 'nodir/never_built\.jsonl'"):
+        prepare_splits(DataConfig(sources=[DataSource(path="nodir/never_built.jsonl")]), normalize_sft)
+    # The stages look at a source's first rows (chat template needed?) before preparing it.
+    from rlhf.stages.common import sources_are_conversational
+
+    with pytest.raises(DataError, match=r"^data\.sources\[1\]\.path: .*never_built"):
+        sources_are_conversational(cfg.sources, ("prompt",))
 
 
 def test_jsonl_bad_lines_keep_their_line_number(tmp_path):

@@ -84,6 +84,7 @@ def test_export_changed_actor_reloads_and_generates(ppo_run, sft_dir):
     m = json.loads((ppo_run / MANIFEST).read_text())
     assert [p["stage"] for p in m["parents"]] == ["sft", "reward"]
     assert m["metrics"]["steps"] == 6
+    assert m["metrics"]["bf16_autocast"] is False  # the demo recipe's model.autocast: none, as chosen
 
 
 def test_states_are_complete_and_pruned(ppo_run):

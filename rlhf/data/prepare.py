@@ -19,7 +19,7 @@ from typing import Any, Callable, Generic, TypeVar
 
 from rlhf.config import DataConfig, DataSource
 from rlhf.data.formats import EmptyRow, RowError
-from rlhf.data.io import DataError, fingerprint, read_rows
+from rlhf.data.io import SUFFIXES, DataError, fingerprint, read_rows
 
 T = TypeVar("T")
 MAX_LISTED = 10  # bad rows quoted in an error message / the report
@@ -181,7 +181,10 @@ def require_source(path: str, key: str) -> None:
     where such files come from rather than a bare FileNotFoundError from hashing it."""
     from rlhf.hub import is_hub_id
 
-    if Path(path).exists() or is_hub_id(str(path)):
+    # A name ending in a data file's suffix is a local file even when it looks like owner/name
+    # (`data/x.jsonl`): hub dataset ids carry no such suffix.
+    local_file = Path(path).suffix.lower() in SUFFIXES
+    if Path(path).exists() or (is_hub_id(str(path)) and not local_file):
         return
     raise DataError(
         f"{key}: data source {str(path)!r} does not exist. Task files are written by "

@@ -95,7 +95,7 @@ def load_prompts(recipe: EvalRecipe, tok) -> list[Messages]:
 def load_shots(recipe: EvalRecipe, k: int) -> list[Messages]:
     if not k or recipe.few_shot_data is None:
         return []
-    return read_whole(recipe.few_shot_data, normalize_sft, key="few_shot_data")[:k]
+    return read_whole(recipe.few_shot_data, normalize_sft, key="few_shot_data.path")[:k]
 
 
 def _load(path: str, kind: str, device):

@@ -136,8 +136,10 @@ def sources_are_conversational(sources, keys: tuple[str, ...]) -> bool:
     """Whether the first rows of any source carry message lists under `keys` (a chat template is then required)."""
     from rlhf.data.formats import _decode
     from rlhf.data.io import read_rows
+    from rlhf.data.prepare import require_source
 
-    for src in sources:
+    for i, src in enumerate(sources):
+        require_source(src.path, f"data.sources[{i}].path")  # before read_rows' keyless message
         for row in read_rows(src.path, src.split, src.config)[:50]:
             if row.data and any(isinstance(_decode(row.data.get(k)), list) for k in keys):
                 return True

@@ -67,8 +67,8 @@ def native_bf16(device: torch.device, cpuinfo: str | None = None) -> bool:
     """Whether `device` computes bf16 in hardware: an Ampere+ GPU, or a CPU whose flags list
     avx512_bf16 or amx_bf16 (x86) or bf16 (Arm). Elsewhere torch emulates bf16, far slower than
     fp32. `cpuinfo` is the text of /proc/cpuinfo (read when None; absent off Linux: no)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # without including_emulation=False, pre-Ampere GPUs answer True
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type != "cpu":
         return False
     if cpuinfo is None:

@@ -366,6 +366,7 @@ def export(
                 **final,
                 "steps": recipe.train.max_steps,
                 "train_seconds": seconds,
+                "bf16_autocast": m.autocast,  # what model.autocast (auto: by the hardware) chose
                 **common.peak_memory(m.device),
             },
             world_size=distributed.world_size(),

@@ -194,27 +194,32 @@ def _side_by_side(results: list[dict], prompts: list[Messages], k: int) -> list[
     return lines
 
 
+def _setup_line(prompts: int, recipe: EvalRecipe) -> str:
+    """The report's first sentence: how the answers were drawn and who judges them."""
+    if recipe.greedy:
+        drawn = f"{prompts} held-out prompts, one greedy answer per model (KL to SFT not estimated), "
+    else:
+        drawn = (
+            f"{prompts} held-out prompts x {recipe.samples_per_prompt} samples per model, "
+            f"temperature {recipe.generation.temperature}, "
+        )
+    judge = (
+        f"The reward model ({recipe.reward_dir}) scores every answer and judges win rates against SFT on the "
+        "same prompt and sample."
+        if recipe.reward_dir
+        else "No reward model: the task's ground-truth grader is the measure."
+    )
+    return drawn + f"at most {recipe.generation.max_new_tokens} new tokens. " + judge
+
+
 def write_report(out: Path, results: list[dict], prompts: list[Messages], recipe: EvalRecipe) -> dict:
     """Write report.md, report.json and the plots into `out`; returns the headline table."""
     summary = headline(results)
     plots = _plots(out, results, recipe.ppo_dir)
-    n = recipe.samples_per_prompt
     md = [
         f"# Evaluation report: {Path(recipe.output_dir).name}",
         "",
-        (
-            f"{len(prompts)} held-out prompts, one greedy answer per model (KL to SFT not estimated), "
-            if recipe.greedy
-            else f"{len(prompts)} held-out prompts x {n} samples per model, "
-            f"temperature {recipe.generation.temperature}, "
-        )
-        + f"at most {recipe.generation.max_new_tokens} new tokens. "
-        + (
-            f"The reward model ({recipe.reward_dir}) scores every answer and judges win rates against SFT on the "
-            "same prompt and sample."
-            if recipe.reward_dir
-            else "No reward model: the task's ground-truth grader is the measure."
-        ),
+        _setup_line(len(prompts), recipe),
         "",
         *_table(summary),
         "",
@@ -243,7 +248,7 @@ def write_report(out: Path, results: list[dict], prompts: list[Messages], recipe
     full = {
         "summary": summary,
         "prompts": len(prompts),
-        "samples_per_prompt": n,
+        "samples_per_prompt": recipe.samples_per_prompt,
         "greedy": recipe.greedy,
         "plots": plots,
         "policies": [

@@ -3,13 +3,18 @@
 with only its data paths changed, and print the held-out ground truth of base, SFT and PPO.
 
     .venv/bin/python scripts/cross_task.py [--tasks demo reverse pick] [--out runs/cross_task] \
-        [--set sft:train.num_epochs=6 ...] [--json runs/cross_task/cross_task.json]
+        [--set sft:train.num_epochs=6 ...] [--json runs/cross_task/cross_task.json] \
+        [--trl-peer [--trl-set learning_rate=3e-4 ...]]
 
 Tasks: `demo` (the reviews the recipes were written for), `reverse` (write letters backwards,
 900 demonstrations) and `pick` (pick the word of a category, 600), both from `rlhf tasks build`.
 Each task's data, held-out prompts and ground-truth grader are its own; every recipe value is the
 demo's, except what `--set stage:key=value` changes (for comparing a setting on every task).
-The JSON keeps, per task, the ground truth of each row, the gain of PPO over SFT and of SFT over
+With --trl-peer, TRL 1.0.0's PPOTrainer (scripts/trl_ppo_task_peer.py, at TRL's documented defaults
+unless --trl-set changes a value) also trains from the same SFT and reward models on the same
+prompts, and a second evaluation (`<run>/with_trl/eval`) scores it beside SFT and ours on the same
+held-out prompts: whether a task's reward model carries enough signal for PPO is then not our
+loop's word alone. The JSON keeps, per task, the ground truth of each row, the gain of PPO over SFT and of SFT over
 base, the SFT stage's steps and epochs, and each stage's wall time; and, for the whole run, the
 package versions and the git commit it ran from.
 """
@@ -70,9 +75,29 @@ def pipeline_recipe(task: str, data: Path, run: Path, assets: Path, extra: dict[
     return path
 
 
-def summarise(task: str, run: Path, seconds: float) -> dict:
+def trl_peer(data: Path, run: Path, values: list[str]) -> Path:
+    """TRL 1.0.0's PPOTrainer from this run's SFT and reward models; then the evaluation again, with it."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from bench_ppo import ensure_peer_venv
+
+    policy = run / "trl_ppo"
+    cmd = [str(ensure_peer_venv()), str(ROOT / "scripts/trl_ppo_task_peer.py"), "--sft", str(run / "sft")]
+    cmd += ["--reward", str(run / "reward"), "--prompts", str(data / "prompts.jsonl"), "--out", str(policy)]
+    subprocess.run(cmd + [f"--set={v}" for v in values], check=True)
+    recipe = yaml.safe_load((run / "pipeline.yaml").read_text())
+    overrides = recipe["overrides"]["eval"] + [f"{k}_dir={run / k}" for k in ("sft", "ppo", "reward")]
+    overrides += [f"output_dir={run / 'with_trl'}", f"extra_policies=[{{name: trl_ppo, path: {policy}}}]"]
+    subprocess.run([sys.executable, "-m", "rlhf.cli", "eval", "--config", recipe["eval"], *overrides], check=True)
+    return run / "with_trl" / "eval" / "report.json"
+
+
+def summarise(task: str, run: Path, seconds: float, peer_report: Path | None = None) -> dict:
     report = json.loads((run / "eval" / "report.json").read_text())
     gt = {r["name"]: r["ground_truth"] for r in report["policies"]}
+    peer = {}
+    if peer_report is not None:  # its own evaluation samples SFT afresh on the same prompts: compare within it
+        peer = {r["name"]: r["ground_truth"] for r in json.loads(peer_report.read_text())["policies"]}
+        gt["trl_ppo"] = peer["trl_ppo"]
     manifests = {
         s: json.loads((run / s / "rlhf_manifest.json").read_text())["metrics"] for s in ("sft", "reward", "ppo")
     }
@@ -82,6 +107,7 @@ def summarise(task: str, run: Path, seconds: float) -> dict:
         "ground_truth": gt,
         "sft_gain_over_base": gt["sft"] - gt["base"],
         "ppo_gain_over_sft": gt["ppo"] - gt["sft"],
+        **({"trl_ppo_gain_over_sft": peer["trl_ppo"] - peer["sft"], "sft_in_trl_eval": peer["sft"]} if peer else {}),
         "sft_steps": sft.get("global_step"),
         "sft_epochs": sft.get("epochs"),
         "sft_best_eval_loss": sft.get("best_eval_loss"),
@@ -96,6 +122,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/cross_task", help="one run directory per task under it")
     ap.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE", help="a recipe override")
     ap.add_argument("--json", default=None, help="default: <out>/cross_task.json")
+    ap.add_argument("--trl-peer", action="store_true", help="also train TRL 1.0.0's PPOTrainer and evaluate it")
+    ap.add_argument("--trl-set", action="append", default=[], metavar="KEY=JSON", help="a PPOConfig value for TRL")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     extra: dict[str, list[str]] = {}
@@ -111,7 +139,9 @@ def main() -> None:
         recipe = pipeline_recipe(task, data, run, assets, extra)
         start = time.monotonic()
         subprocess.run([sys.executable, "-m", "rlhf.cli", "pipeline", "--config", str(recipe)], check=True)
-        results.append(summarise(task, run, time.monotonic() - start))
+        seconds = time.monotonic() - start
+        peer = trl_peer(data, run, args.trl_set) if args.trl_peer else None
+        results.append(summarise(task, run, seconds, peer))
     print(f"\n{'task':10} {'base':>7} {'sft':>7} {'ppo':>7} {'sft-base':>9} {'ppo-sft':>8} {'sft steps':>10}")
     for r in results:
         g = r["ground_truth"]
@@ -119,13 +149,19 @@ def main() -> None:
             f"{r['task']:10} {g['base']:7.1f} {g['sft']:7.1f} {g['ppo']:7.1f} "
             f"{r['sft_gain_over_base']:+9.1f} {r['ppo_gain_over_sft']:+8.1f} {r['sft_steps']!s:>10}"
         )
+        if "trl_ppo" in g:
+            gain = r["trl_ppo_gain_over_sft"]
+            print(
+                f"{'':10} TRL 1.0.0 PPO: {g['trl_ppo']:.1f} ({gain:+.1f} over SFT's {r['sft_in_trl_eval']:.1f} there)"
+            )
     path = Path(args.json) if args.json else out / "cross_task.json"
     # The versions and the commit go with the numbers: a rerun in a fresh environment moved SFT's
     # stopping point and its score, and without them the two runs could not be told apart.
     from rlhf.checkpoint import git_state, package_versions
 
     provenance = {"versions": package_versions(), "git": git_state(ROOT)}
-    path.write_text(json.dumps({"overrides": args.set, **provenance, "results": results}, indent=2))
+    record = {"overrides": args.set, "trl_set": args.trl_set if args.trl_peer else None, **provenance}
+    path.write_text(json.dumps({**record, "results": results}, indent=2))
     print(f"[cross_task] wrote {path}")
 
 

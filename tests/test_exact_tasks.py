@@ -7,6 +7,7 @@ import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -140,3 +141,39 @@ def test_cross_task_changes_only_the_data_paths_of_the_demo_recipes(tmp_path):
     assert ours["sft"]["data"]["sources"][0]["path"] == str(data / "sft.jsonl")
     assert ours["eval"]["ground_truth"] == "reverse"
     assert ours["sft"]["train"]["early_stopping_patience"] > 0  # the shipped rule, not a fixed epoch count
+
+
+def test_cross_task_trl_peer_trains_from_the_runs_models_and_evaluates_beside_them(tmp_path, monkeypatch):
+    """--trl-peer: TRL's PPOTrainer gets this run's SFT and reward models and the task's prompts, and the
+    second evaluation is the pipeline's own evaluation recipe with TRL's policy added, in its own directory."""
+    import importlib.util
+
+    from rlhf.config_loader import load_recipe
+    from rlhf.config_run import EvalRecipe
+
+    spec = importlib.util.spec_from_file_location("cross_task", "scripts/cross_task.py")
+    cross_task = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cross_task)
+    monkeypatch.syspath_prepend("scripts")  # where trl_peer imports the peer venv's maker from
+    import bench_ppo
+
+    data, run = tmp_path / "reverse" / "data", tmp_path / "run"
+    reverse.build_data(data)
+    cross_task.pipeline_recipe("reverse", data, run, tmp_path / "assets", {})
+    monkeypatch.setattr(bench_ppo, "ensure_peer_venv", lambda: Path("/peer/python"))
+    calls = []
+    monkeypatch.setattr(cross_task.subprocess, "run", lambda cmd, check: calls.append(cmd))
+    report = cross_task.trl_peer(data, run, ["learning_rate=3e-4"])
+
+    trl, ev = calls
+    assert trl[0] == "/peer/python" and trl[1].endswith("scripts/trl_ppo_task_peer.py")
+    given = dict(zip(trl[2::2], trl[3::2]))
+    assert given["--sft"] == str(run / "sft") and given["--reward"] == str(run / "reward")
+    assert given["--prompts"] == str(data / "prompts.jsonl") and given["--out"] == str(run / "trl_ppo")
+    assert trl[-1] == "--set=learning_rate=3e-4"
+    assert ev[3:5] == ["eval", "--config"]
+    recipe = load_recipe(EvalRecipe, ev[5], ev[6:])
+    assert (recipe.sft_dir, recipe.ppo_dir, recipe.reward_dir) == tuple(str(run / k) for k in ("sft", "ppo", "reward"))
+    assert [(p.name, p.path) for p in recipe.extra_policies] == [("trl_ppo", str(run / "trl_ppo"))]
+    assert recipe.ground_truth == "reverse" and recipe.prompts.sources[0].path == str(data / "heldout_prompts.jsonl")
+    assert report == run / "with_trl" / "eval" / "report.json" and recipe.output_dir == str(run / "with_trl")

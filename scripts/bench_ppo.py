@@ -35,39 +35,57 @@ MATCHED = {"rollout_batch": 32, "mini_batches": 2, "ppo_epochs": 2, "max_new_tok
 """The defaults of the matched settings; each is an option (--rollout-batch, --lr, ...)."""
 
 
-def ensure_models(run: Path) -> tuple[Path, Path, Path]:
-    """The demo SFT and reward model: reuse runs/demo if complete, else train them into `run`."""
+SHAPES = {
+    # The issue's mid-size shape: a Llama of hidden 512 and 6 layers on the demo tokenizer (~19M
+    # parameters), random-init and passed through one SFT step and one reward step, so that the
+    # stages' hand-off checks accept it. Speed is measured here, not quality: an untrained policy
+    # rarely says eos, so its answers run to the 64 new tokens the shape asks for on both sides
+    # (a trained one answers in ~15 and PPO at a high rate shortens that, which would time lengths).
+    "mid": {
+        "model": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8),
+        "matched": {"rollout_batch": 16, "mini_batches": 1, "ppo_epochs": 1, "max_new_tokens": 64},
+    },
+}
+"""Named model shapes (--shape): the model's dimensions and the matched settings they default to."""
+
+
+def ensure_models(run: Path, shape: str | None = None) -> tuple[Path, Path, Path]:
+    """The SFT and reward model: the demo's (reuse runs/demo if complete, else train them into `run`),
+    or, for a named shape, a model of that shape on the demo's tokenizer trained briefly into `run`."""
     demo = REPO / "runs/demo"
-    if (demo / "sft/rlhf_manifest.json").is_file() and (demo / "reward/rlhf_manifest.json").is_file():
+    if shape is None and (demo / "sft/rlhf_manifest.json").is_file() and (demo / "reward/rlhf_manifest.json").is_file():
         return demo / "sft", demo / "reward", demo / "assets/data/prompts.jsonl"
+    if (run / "sft/rlhf_manifest.json").is_file() and (run / "reward/rlhf_manifest.json").is_file():
+        return run / "sft", run / "reward", run / "assets/data/prompts.jsonl"
+    from rlhf.demo.assets import build_demo_assets
+
+    assets = build_demo_assets(run / "assets")
+    base, brief = assets / "base", []
+    if shape is not None:
+        base, brief = run / "base", ["train.max_steps=1", "train.save_steps=1", "train.eval_steps=1"]
+        shaped_base(assets / "base", base, SHAPES[shape]["model"])
     rlhf = str(Path(sys.executable).parent / "rlhf")
-    assets = run / "assets"
-    common = [f"output_dir={run}", f"demo_assets={assets}", "tracking.wandb=false"]
-    subprocess.run(
-        [
-            rlhf,
-            "sft",
-            "--config",
-            str(REPO / "recipes/demo/sft.yaml"),
-            *common,
-            f"model.name_or_path={assets}/base",
-            f"data.sources.0.path={assets}/data/sft.jsonl",
-        ],
-        check=True,
-    )
-    subprocess.run(
-        [
-            rlhf,
-            "reward",
-            "--config",
-            str(REPO / "recipes/demo/reward.yaml"),
-            *common,
-            f"model.name_or_path={run}/sft",
-            f"data.sources.0.path={assets}/data/preferences.jsonl",
-        ],
-        check=True,
-    )
+    common = [f"output_dir={run}", f"demo_assets={assets}", "tracking.wandb=false", *brief]
+    for stage, model, data in (("sft", base, "sft"), ("reward", run / "sft", "preferences")):
+        cmd = [rlhf, stage, "--config", str(REPO / f"recipes/demo/{stage}.yaml"), *common]
+        subprocess.run(
+            [*cmd, f"model.name_or_path={model}", f"data.sources.0.path={assets}/data/{data}.jsonl"], check=True
+        )
     return run / "sft", run / "reward", assets / "data/prompts.jsonl"
+
+
+def shaped_base(demo_base: Path, out: Path, dims: dict) -> None:
+    """A random-init model of `dims` with the demo base model's tokenizer, config otherwise."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(demo_base)
+    for key, value in {**dims, "num_key_value_heads": dims["num_attention_heads"]}.items():
+        setattr(config, key, value)
+    config.head_dim = config.hidden_size // config.num_attention_heads
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    AutoTokenizer.from_pretrained(demo_base).save_pretrained(out)
 
 
 def ensure_peer_venv() -> Path:
@@ -156,8 +174,9 @@ def main() -> None:
     ap.add_argument("--sft", type=Path, help="an SFT output (default: the demo's)")
     ap.add_argument("--reward", type=Path, help="a reward output (with --sft)")
     ap.add_argument("--prompts", type=Path, help="a JSONL file of {'prompt': ...} rows (with --sft)")
+    ap.add_argument("--shape", choices=sorted(SHAPES), help="a model of this shape (made once) and its settings")
     for key, kind in (("rollout_batch", int), ("mini_batches", int), ("ppo_epochs", int), ("max_new_tokens", int)):
-        ap.add_argument("--" + key.replace("_", "-"), type=kind, default=MATCHED[key])
+        ap.add_argument("--" + key.replace("_", "-"), type=kind, help=f"default {MATCHED[key]}, or the shape's")
     ap.add_argument("--lr", type=float, default=MATCHED["lr"])
     ap.add_argument(
         "--ours-set",
@@ -168,13 +187,19 @@ def main() -> None:
     )
     ap.add_argument("--ours-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    m = {**MATCHED, **{k: getattr(args, k) for k in ("rollout_batch", "mini_batches", "ppo_epochs", "max_new_tokens")}}
-    m["lr"] = args.lr
-    if args.rollout_batch % args.mini_batches:
-        ap.error(f"--rollout-batch ({args.rollout_batch}) must be a multiple of --mini-batches ({args.mini_batches})")
+    given_settings = {
+        k: getattr(args, k)
+        for k in ("rollout_batch", "mini_batches", "ppo_epochs", "max_new_tokens")
+        if getattr(args, k) is not None
+    }
+    m = {**MATCHED, **(SHAPES[args.shape]["matched"] if args.shape else {}), **given_settings, "lr": args.lr}
+    if m["rollout_batch"] % m["mini_batches"]:
+        ap.error(f"--rollout-batch ({m['rollout_batch']}) must be a multiple of --mini-batches ({m['mini_batches']})")
     given = [args.sft, args.reward, args.prompts]
     if any(given) and not all(given):
         ap.error("--sft, --reward and --prompts go together")
+    if args.shape and any(given):
+        ap.error("--shape makes its own models: give it or --sft/--reward/--prompts, not both")
     for path in filter(None, given):
         if not path.exists():
             ap.error(f"{path} does not exist")
@@ -185,7 +210,8 @@ def main() -> None:
         logging.disable(logging.WARNING)
         print(json.dumps(run_ours(args.sft, args.reward, args.prompts, args.steps, work / "ours", m, args.ours_set)))
         return
-    sft, reward, prompts = given if all(given) else ensure_models(work / "models")
+    models = work / (f"models-{args.shape}" if args.shape else "models")
+    sft, reward, prompts = given if all(given) else ensure_models(models, args.shape)
     peer = ensure_peer_venv()
     options = [
         f"--{k.replace('_', '-')}={m[k]}" for k in ("rollout_batch", "mini_batches", "ppo_epochs", "max_new_tokens")
@@ -251,7 +277,7 @@ def main() -> None:
     print(f"our updates per step: {updates} (TRL: {m['ppo_epochs'] * m['mini_batches']})")
     print("our phases (median s): " + ", ".join(f"{p} {v:.3f}" for p, v in phases.items()))
     result = {
-        "models": {"sft": str(sft), "reward": str(reward), "prompts": str(prompts)},
+        "models": {"sft": str(sft), "reward": str(reward), "prompts": str(prompts), "shape": args.shape},
         "matched": m,
         "ours_overrides": args.ours_set,
         "trl_config": runs["trl"][0].get("config"),

@@ -107,6 +107,28 @@ def test_reference_frozen_actor_moves_in_one_update(demo_assets, sft_dir, reward
     assert any(not torch.equal(actor_before[k], v) for k, v in m.actor.module.state_dict().items())
 
 
+def test_skipping_the_one_process_gradient_allreduce_changes_no_weight(demo_assets, sft_dir, reward_dir, tmp_path):
+    """One process, ZeRO-0, fp32: the training engine skips DeepSpeed's fallback all-reduce (a
+    flatten and copy of every gradient); an update through it equals, bit for bit, one that keeps it."""
+    r = recipe(demo_assets, sft_dir, reward_dir, tmp_path)
+    assert engines.skips_gradient_allreduce(1, 0, "fp32")
+    assert not engines.skips_gradient_allreduce(2, 0, "fp32") and not engines.skips_gradient_allreduce(1, 2, "fp32")
+    assert not engines.skips_gradient_allreduce(1, 0, "bf16")
+    ids = torch.randint(5, 100, (4, 12), generator=torch.Generator().manual_seed(0))
+    after = []
+    for keep in (False, True):
+        engine = engines.training_engine(engines.load_policy(str(sft_dir), r), r, 1e-3)
+        assert engine.enable_backward_allreduce is False
+        engine.enable_backward_allreduce = keep  # True: DeepSpeed's own path, for comparison
+        for _ in range(2):
+            engine.backward(engine(input_ids=ids, labels=ids).loss)
+            engine.step()
+        after.append({k: v.detach().clone() for k, v in engine.module.state_dict().items()})
+    assert after[0].keys() == after[1].keys()
+    assert all(torch.equal(after[0][k], after[1][k]) for k in after[0])
+    assert any(not torch.equal(after[0][k], v) for k, v in weights(sft_dir).items()), "the updates changed nothing"
+
+
 def test_exploding_ratio_and_all_masked_batches_never_reach_the_weights(demo_assets, sft_dir, reward_dir, tmp_path):
     # The KL guard off: it would stop the step at the first mini-batch; this tests the ratio guard.
     r = recipe(demo_assets, sft_dir, reward_dir, tmp_path, "ppo.max_minibatch_kl=null")

@@ -63,6 +63,11 @@ class Models:
     autocast: bool  # forward passes under bf16 autocast (recipe.model.autocast)
 
 
+def device_of_rank() -> torch.device:
+    """This rank's device: its GPU, or the CPU."""
+    return torch.device("cuda", distributed.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+
+
 def native_bf16(device: torch.device, cpuinfo: str | None = None) -> bool:
     """Whether `device` computes bf16 in hardware: an Ampere+ GPU, or a CPU whose flags list
     avx512_bf16 or amx_bf16 (x86) or bf16 (Arm). Elsewhere torch emulates bf16, far slower than
@@ -157,7 +162,7 @@ def build_models(recipe: PPORecipe, tokenizer) -> Models:
 
     distributed.ensure_process_group_env()
     deepspeed.init_distributed(dist_backend=None)
-    device = torch.device("cuda", distributed.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    device = device_of_rank()
     if device.type == "cuda":
         torch.cuda.set_device(device)
     pad = tokenizer.pad_token_id
@@ -260,7 +265,20 @@ def training_engine(model: nn.Module, recipe: PPORecipe, learning_rate: float):
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=params, lr_scheduler=scheduler, config=config
     )
+    if skips_gradient_allreduce(world_size(), recipe.deepspeed.zero_stage, train.precision):
+        # One process at ZeRO-0 in fp32 has nothing to reduce, yet DeepSpeed's fallback all-reduce
+        # still flattens every gradient into one buffer and copies it back after each backward:
+        # 0.17 s per backward of a 19M-parameter model on 2 CPU cores (scripts/bench_ppo.py --shape
+        # mid), for a result equal bit for bit (tests/test_ppo_update.py checks it).
+        engine.enable_backward_allreduce = False
     return engine
+
+
+def skips_gradient_allreduce(world: int, zero_stage: int, precision: str) -> bool:
+    """Whether a training engine may skip DeepSpeed's gradient all-reduce: a single process at
+    ZeRO-0 with fp32 gradients (bf16 keeps DeepSpeed's own accumulation path; ZeRO stages reduce
+    through their optimizer)."""
+    return world == 1 and zero_stage == 0 and precision == "fp32"
 
 
 def inference_model(model: nn.Module, recipe: PPORecipe, device: torch.device) -> nn.Module:

@@ -270,7 +270,38 @@ def estimate_stage_output(directory) -> dict:
         "estimate_gb": est["total"],
         "parts": est,
         "measured_gb": measured * 2**20 / GB,
+        "account": memory_account(manifest["metrics"].get("memory_marks") or {}, est),
         "measured_as": {"gpu_allocated": "peak GPU allocation", "cpu_resident_set": "peak resident set (CPU)"}.get(
             kind, "not recorded (GPU allocation on a GPU, else resident set)"
         ),
     }
+
+
+# Which parts of the PPO estimate each marked phase of a run adds (rlhf.stages.common.MemoryMarks).
+MARKED_PARTS = {
+    "models": ("model_states", "frozen_models"),
+    "generation": ("generation",),
+    "training": ("activations", "kl_rollback"),
+}
+
+
+def memory_account(marks: dict, parts: dict) -> list[dict]:
+    """The measured memory of a run's marked points, in order, each beside the estimate's parts it
+    adds. `marks`: {name: {"now_mb", "peak_mb"}} (a manifest's `memory_marks`); `parts`: an estimate
+    ({part: GB}). Rows: {"mark", "now_gb" (in use at the mark), "peak_rise_gb" (how much the peak
+    grew since the previous mark, i.e. during that phase), "estimated_gb" (None where the estimate
+    has no part for it), "parts"}."""
+    rows, peak = [], 0.0
+    for name, got in marks.items():
+        named = MARKED_PARTS.get(name, ())
+        rows.append(
+            {
+                "mark": name,
+                "now_gb": got["now_mb"] * 2**20 / GB,
+                "peak_rise_gb": max(0.0, got["peak_mb"] - peak) * 2**20 / GB,
+                "estimated_gb": sum(parts.get(k, 0.0) for k in named) if named else None,
+                "parts": list(named),
+            }
+        )
+        peak = max(peak, got["peak_mb"])
+    return rows

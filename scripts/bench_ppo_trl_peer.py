@@ -15,6 +15,20 @@ import tempfile
 import time
 
 
+def prompt_dataset(tok, path: str):
+    """TRL's PPO input: each {'prompt': ...} row of `path` as a chat-templated user turn, tokenized."""
+    from datasets import Dataset
+
+    prompts = [json.loads(line)["prompt"] for line in open(path) if line.strip()]
+    ids = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
+        )
+        for p in prompts
+    ]
+    return Dataset.from_dict({"input_ids": ids})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     for name in ("--sft", "--reward", "--prompts"):
@@ -29,20 +43,12 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     torch.manual_seed(args.seed)
     tok = AutoTokenizer.from_pretrained(args.sft, padding_side="left")
-    prompts = [json.loads(line)["prompt"] for line in open(args.prompts) if line.strip()]
-    ids = [
-        tok.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        for p in prompts
-    ]
-    dataset = Dataset.from_dict({"input_ids": ids})
+    dataset = prompt_dataset(tok, args.prompts)
     policy = AutoModelForCausalLM.from_pretrained(args.sft)
     ref = AutoModelForCausalLM.from_pretrained(args.sft)
     value = AutoModelForSequenceClassification.from_pretrained(args.reward, num_labels=1)

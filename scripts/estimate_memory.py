@@ -64,6 +64,14 @@ def compare_measured(outputs: list[str], out: str) -> None:
             f"{r['output']:<40} {r['stage']:<7} {r['estimate_gb']:>11.2f} {r['measured_gb']:>11.2f} "
             f"{ratio:>15.2f}  {r['measured_as']}"
         )
+        if r["account"]:  # a PPO-family output records its memory at named points of the run
+            print(f"  {'marked point':<14} {'in use GB':>9} {'peak rise GB':>12} {'estimate GB':>11}  estimate parts")
+            for a in r["account"]:
+                est = "-" if a["estimated_gb"] is None else f"{a['estimated_gb']:.2f}"
+                print(
+                    f"  {a['mark']:<14} {a['now_gb']:>9.2f} {a['peak_rise_gb']:>12.2f} {est:>11}  "
+                    f"{' + '.join(a['parts']) or '(not estimated)'}"
+                )
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps({"measured": rows}, indent=2))
     print(f"\nwrote {out}")

@@ -29,19 +29,12 @@ def main() -> None:
     args = ap.parse_args()
 
     import torch
-    from datasets import Dataset
+    from bench_ppo_trl_peer import prompt_dataset  # this script's directory is on the path
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     torch.manual_seed(args.seed)
     tok = AutoTokenizer.from_pretrained(args.sft, padding_side="left")
-    prompts = [json.loads(line)["prompt"] for line in open(args.prompts) if line.strip()]
-    ids = [
-        tok.apply_chat_template(
-            [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        for p in prompts
-    ]
     values = {}
     for item in args.set:
         key, sep, raw = item.partition("=")
@@ -60,7 +53,7 @@ def main() -> None:
         # TRL's examples start the value model from the reward model, as our ppo.critic_init: reward does.
         reward_model=AutoModelForSequenceClassification.from_pretrained(args.reward, num_labels=1),
         value_model=AutoModelForSequenceClassification.from_pretrained(args.reward, num_labels=1),
-        train_dataset=Dataset.from_dict({"input_ids": ids}),
+        train_dataset=prompt_dataset(tok, args.prompts),
     )
     start = time.perf_counter()
     trainer.train()

@@ -136,3 +136,26 @@ def test_the_estimate_of_a_finished_output_uses_its_own_recipe_and_measured_peak
     assert got["stage"] == "sft" and got["params"] > 0
     assert got["measured_gb"] == pytest.approx(manifest["metrics"]["peak_memory_mb"] * 2**20 / 1e9)
     assert got["measured_as"] == "peak resident set (CPU)" and got["estimate_gb"] > 0
+
+
+def test_the_memory_account_sets_each_marked_phase_beside_its_estimated_parts():
+    """Measured in use and peak growth per phase, by hand; the phases the estimate has no part
+    for (the runtime, scoring, the export) say so rather than borrowing another's."""
+    marks = {
+        "start": {"now_mb": 400.0, "peak_mb": 420.0},
+        "models": {"now_mb": 2000.0, "peak_mb": 2100.0},
+        "generation": {"now_mb": 2050.0, "peak_mb": 2100.0},  # below the peak so far: no rise
+        "scoring": {"now_mb": 2300.0, "peak_mb": 2600.0},
+        "training": {"now_mb": 2400.0, "peak_mb": 3100.0},
+    }
+    parts = {"model_states": 1.0, "frozen_models": 0.5, "generation": 0.05, "activations": 0.3, "kl_rollback": 0.1}
+    rows = {r["mark"]: r for r in memory.memory_account(marks, parts)}
+    assert list(rows) == list(marks)
+    mb = 2**20 / 1e9
+    assert rows["start"]["now_gb"] == pytest.approx(400 * mb) and rows["start"]["estimated_gb"] is None
+    assert rows["models"]["peak_rise_gb"] == pytest.approx(1680 * mb) and rows["models"]["estimated_gb"] == 1.5
+    assert rows["generation"]["peak_rise_gb"] == 0.0 and rows["generation"]["estimated_gb"] == 0.05
+    assert rows["scoring"]["peak_rise_gb"] == pytest.approx(500 * mb) and rows["scoring"]["parts"] == []
+    assert rows["training"]["peak_rise_gb"] == pytest.approx(500 * mb)
+    assert rows["training"]["estimated_gb"] == pytest.approx(0.4)
+    assert memory.memory_account({}, parts) == []  # outputs made before the marks: no account

@@ -85,6 +85,12 @@ def test_export_changed_actor_reloads_and_generates(ppo_run, sft_dir):
     assert [p["stage"] for p in m["parents"]] == ["sft", "reward"]
     assert m["metrics"]["steps"] == 6
     assert m["metrics"]["bf16_autocast"] is False  # the demo recipe's model.autocast: none, as chosen
+    marks = m["metrics"]["memory_marks"]  # the run's memory at its named points, in the order reached
+    order = ["start", "models", "generation", "scoring", "training", "checkpoint", "last_step", "export"]
+    assert list(marks) == order
+    peaks = [marks[k]["peak_mb"] for k in order]
+    assert peaks == sorted(peaks) and peaks[-1] <= m["metrics"]["peak_memory_mb"]  # the peak so far only grows
+    assert marks["models"]["now_mb"] > marks["start"]["now_mb"] > 100  # four models loaded on the runtime
 
 
 def test_states_are_complete_and_pruned(ppo_run):

@@ -241,6 +241,49 @@ def peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
+def memory_now_mb(device) -> float:
+    """Memory in use now: torch's allocation on a GPU, else this process's resident set."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    import os
+
+    with open("/proc/self/statm") as f:  # pages: size, resident, ...
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class MemoryMarks:
+    """Named points of a stage's run, each with the memory in use then and the stage's peak so far
+    (the measures of `peak_memory_mb`): where the peak is reached, for an itemised account beside
+    `rlhf.memory`'s estimate. The first time a name is marked counts (a PPO step's phases are
+    marked on the first step). `scripts/estimate_memory.py --measured` prints them."""
+
+    def __init__(self, device):
+        self.device, self.marks = device, {}
+
+    def mark(self, name: str) -> None:
+        if name not in self.marks:
+            self.marks[name] = {
+                "now_mb": round(memory_now_mb(self.device), 1),
+                "peak_mb": round(peak_memory_mb(self.device), 1),
+            }
+
+
+class MarkedTimes(dict):
+    """A step's phase times ({phase: seconds}) that marks memory as each phase's time is recorded,
+    so the code that times a phase marks it too, with no second hook to keep beside it."""
+
+    def __init__(self, marks: MemoryMarks | None):
+        super().__init__()
+        self._marks = marks
+
+    def __setitem__(self, phase: str, seconds: float) -> None:
+        super().__setitem__(phase, seconds)
+        if self._marks is not None:
+            self._marks.mark(phase)
+
+
 def finish_stage(
     trainer,
     tokenizer,

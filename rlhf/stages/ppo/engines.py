@@ -269,7 +269,7 @@ def training_engine(model: nn.Module, recipe: PPORecipe, learning_rate: float):
         # One process at ZeRO-0 in fp32 has nothing to reduce, yet DeepSpeed's fallback all-reduce
         # still flattens every gradient into one buffer and copies it back after each backward:
         # 0.17 s per backward of a 19M-parameter model on 2 CPU cores (scripts/bench_ppo.py --shape
-        # mid), for a result equal bit for bit (tests/test_ppo_update.py checks it).
+        # mid), for a result equal bit for bit (tests/test_ppo_recipe.py checks it).
         engine.enable_backward_allreduce = False
     return engine
 

@@ -234,10 +234,17 @@ def normaliser(recipe: PPORecipe, data: Data, state: RunState) -> tuple[float, f
 
 
 def train_step(
-    recipe: PPORecipe, m: engines.Models, data: Data, state: RunState, step: int, checkpoints: Path
+    recipe: PPORecipe,
+    m: engines.Models,
+    data: Data,
+    state: RunState,
+    step: int,
+    checkpoints: Path,
+    marks: common.MemoryMarks | None = None,
 ) -> tuple[Rollout, dict[str, float]]:
-    """Steps 4-6 of one PPO step; returns the rollout and the metrics, averaged over ranks."""
-    times: dict[str, float] = {}
+    """Steps 4-6 of one PPO step; returns the rollout and the metrics, averaged over ranks. Each
+    phase's time also marks memory in `marks` (generation, scoring, training)."""
+    times = common.MarkedTimes(marks)
     batch = rollout_prompts(data.prompts.train, step, recipe)
     ro = make_rollout(
         m,
@@ -344,12 +351,19 @@ def log_step(
 
 
 def export(
-    recipe: PPORecipe, m: engines.Models, dirs: common.StageDirs, data: Data, metrics: dict, seconds: float
+    recipe: PPORecipe,
+    m: engines.Models,
+    dirs: common.StageDirs,
+    data: Data,
+    metrics: dict,
+    seconds: float,
+    marks: common.MemoryMarks,
 ) -> None:
     """Step 9 (collective): the policy (ZeRO-3 shards gathered), the tokenizer, then the manifest last."""
     peft_info = engines.export_policy(m.actor, recipe, dirs.out)
     if distributed.is_main():
         m.tokenizer.save_pretrained(dirs.out)
+        marks.mark("export")
         final = {k: v for k, v in metrics.items() if isinstance(v, float) and math.isfinite(v)}
         write_manifest(
             dirs.out,
@@ -368,6 +382,8 @@ def export(
                 "train_seconds": seconds,
                 "bf16_autocast": m.autocast,  # what model.autocast (auto: by the hardware) chose
                 **common.peak_memory(m.device),
+                # this rank's memory at the run's named points (the first step's phases): see MemoryMarks
+                "memory_marks": marks.marks,
             },
             world_size=distributed.world_size(),
             peft=peft_info,
@@ -400,8 +416,11 @@ def _train(
     on_step_end: Callable[[int, dict], bool] | None,
 ) -> Path:
     torch.manual_seed(recipe.train.seed)
+    marks = common.MemoryMarks(engines.device_of_rank())
+    marks.mark("start")  # the runtime, the libraries and the prompts, before any model
     m = engines.build_models(recipe, tokenizer)
     state = resume(recipe, m, dirs.checkpoints, code)
+    marks.mark("models")
     for name in (METRICS_FILE, "samples.jsonl"):
         truncate_after(dirs.out / name, state.start_step)
     tracker = Tracker(recipe.tracking, dirs.run, "ppo", dirs.out, to_dict(recipe))
@@ -418,16 +437,18 @@ def _train(
     started = time.perf_counter()
     for step in bar:
         t_step = time.perf_counter()
-        ro, metrics = train_step(recipe, m, data, state, step, dirs.checkpoints)  # 4-6
+        ro, metrics = train_step(recipe, m, data, state, step, dirs.checkpoints, marks)  # 4-6
         log_step(tracker, recipe, tokenizer, ro, metrics, step, time.perf_counter() - t_step)  # 7
         bar.set_postfix(reward=f"{metrics.get('reward_mean', float('nan')):.3f}", kl=f"{metrics.get('kl', 0):.3f}")
         # 8. Save the full state every train.save_steps and at the end.
         stop = bool(on_step_end and on_step_end(step + 1, metrics))
         if (step + 1) % recipe.train.save_steps == 0 or step + 1 == recipe.train.max_steps or stop:
             save_state(dirs.checkpoints, step + 1, m.actor, m.critic, state.saved(), recipe.keep_checkpoints)
+            marks.mark("checkpoint")
         if stop:
             tracker.finish()
             return dirs.out
-    export(recipe, m, dirs, data, metrics, time.perf_counter() - started)  # 9
+    marks.mark("last_step")
+    export(recipe, m, dirs, data, metrics, time.perf_counter() - started, marks)  # 9
     tracker.finish()
     return dirs.out

@@ -36,7 +36,7 @@ MATCHED = {"rollout_batch": 32, "mini_batches": 2, "ppo_epochs": 2, "max_new_tok
 
 
 SHAPES = {
-    # The issue's mid-size shape: a Llama of hidden 512 and 6 layers on the demo tokenizer (~19M
+    # The issue's mid-size shape: a Llama of hidden 512 and 6 layers on the demo tokenizer (~21M
     # parameters), random-init and passed through one SFT step and one reward step, so that the
     # stages' hand-off checks accept it. Speed is measured here, not quality: an untrained policy
     # rarely says eos, so its answers run to the 64 new tokens the shape asks for on both sides

@@ -77,7 +77,8 @@ def pipeline_recipe(task: str, data: Path, run: Path, assets: Path, extra: dict[
 
 def trl_peer(data: Path, run: Path, values: list[str]) -> Path:
     """TRL 1.0.0's PPOTrainer from this run's SFT and reward models; then the evaluation again, with it."""
-    sys.path.insert(0, str(ROOT / "scripts"))
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))
     from bench_ppo import ensure_peer_venv
 
     policy = run / "trl_ppo"
@@ -86,7 +87,7 @@ def trl_peer(data: Path, run: Path, values: list[str]) -> Path:
     subprocess.run(cmd + [f"--set={v}" for v in values], check=True)
     recipe = yaml.safe_load((run / "pipeline.yaml").read_text())
     overrides = recipe["overrides"]["eval"] + [f"{k}_dir={run / k}" for k in ("sft", "ppo", "reward")]
-    overrides += [f"output_dir={run / 'with_trl'}", f"extra_policies=[{{name: trl_ppo, path: {policy}}}]"]
+    overrides += [f"output_dir={run / 'with_trl'}", f"extra_policies=[{{name: trl_ppo, path: '{policy}'}}]"]
     subprocess.run([sys.executable, "-m", "rlhf.cli", "eval", "--config", recipe["eval"], *overrides], check=True)
     return run / "with_trl" / "eval" / "report.json"
 

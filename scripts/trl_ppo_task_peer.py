@@ -1,10 +1,11 @@
 """The peer side of scripts/cross_task.py: TRL 1.0.0's experimental PPOTrainer on a task's SFT and
-reward models, at TRL's documented defaults (`PPOConfig()`), with the trained policy saved.
+reward models, at TRL's documented defaults (`PPOConfig()`) except that rollouts stop at eos, as ours do, with
+the trained policy saved.
 
 Runs inside TRL's own virtual environment (made by scripts/bench_ppo.py), so it imports nothing
-from rlhf. Only the run's plumbing is set (output directory, CPU, no hub, no logging services);
-every training value is TRL's default unless `--set KEY=JSON` changes it, and the config it ran
-with is written beside the policy (trl_config.json).
+from rlhf. Only the run's plumbing is set (output directory, CPU, no hub, no logging services) and
+`stop_token="eos"`; every training value is TRL's default unless `--set KEY=JSON` changes it, and
+the config it ran with is written beside the policy (trl_config.json).
 
     python scripts/trl_ppo_task_peer.py --sft DIR --reward DIR --prompts FILE --out DIR [--set learning_rate=3e-4]
 """
@@ -44,7 +45,10 @@ def main() -> None:
     plumbing = dict(
         output_dir=tempfile.mkdtemp(), use_cpu=True, report_to=[], save_strategy="no", num_sample_generations=0
     )
-    config = PPOConfig(**plumbing, seed=args.seed, **values)
+    # Not plumbing, but a match: TRL's default stop_token=None never cuts a rollout at eos, so its
+    # reward model would score text past the end that neither our loop nor the evaluation sees.
+    plumbing["stop_token"] = "eos"
+    config = PPOConfig(**{**plumbing, "seed": args.seed, **values})  # --set wins, stop_token included
     trainer = PPOTrainer(
         args=config,
         processing_class=tok,
@@ -60,9 +64,10 @@ def main() -> None:
     seconds = time.perf_counter() - start
     out = Path(args.out)
     policy = trainer.model.policy
-    # With stop_token unset (its default), TRL clears eos in the policy's generation config so that
-    # rollouts run to response_length; restore it, so the saved directory generates like any model.
+    # TRL rewrites the policy's generation config for its rollouts (eos cleared when stop_token is
+    # unset); restore eos and pad, so the saved directory generates like any model.
     policy.generation_config.eos_token_id = tok.eos_token_id
+    policy.generation_config.pad_token_id = tok.pad_token_id
     policy.save_pretrained(out)
     tok.save_pretrained(out)
     kept = {k: v for k, v in config.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))}

@@ -90,7 +90,9 @@ def test_export_changed_actor_reloads_and_generates(ppo_run, sft_dir):
     assert list(marks) == order
     peaks = [marks[k]["peak_mb"] for k in order]
     assert peaks == sorted(peaks) and peaks[-1] <= m["metrics"]["peak_memory_mb"]  # the peak so far only grows
-    assert marks["models"]["now_mb"] > marks["start"]["now_mb"] > 100  # four models loaded on the runtime
+    assert marks["models"]["now_mb"] > marks["start"]["now_mb"]  # four models loaded on the runtime
+    if not torch.cuda.is_available():  # on a GPU the measure is torch's allocation, 0 before any model
+        assert marks["start"]["now_mb"] > 100
 
 
 def test_states_are_complete_and_pruned(ppo_run):
@@ -117,9 +119,13 @@ def test_skipping_the_one_process_gradient_allreduce_changes_no_weight(demo_asse
     """One process, ZeRO-0, fp32: the training engine skips DeepSpeed's fallback all-reduce (a
     flatten and copy of every gradient); an update through it equals, bit for bit, one that keeps it."""
     r = recipe(demo_assets, sft_dir, reward_dir, tmp_path)
-    assert engines.skips_gradient_allreduce(1, 0, "fp32")
-    assert not engines.skips_gradient_allreduce(2, 0, "fp32") and not engines.skips_gradient_allreduce(1, 2, "fp32")
-    assert not engines.skips_gradient_allreduce(1, 0, "bf16")
+    fp32 = torch.float32
+    assert engines.skips_gradient_allreduce(1, 0, False, fp32, False)
+    assert not engines.skips_gradient_allreduce(2, 0, False, fp32, False)  # a real reduction
+    assert not engines.skips_gradient_allreduce(1, 2, False, fp32, False)  # ZeRO reduces in its optimizer
+    assert not engines.skips_gradient_allreduce(1, 0, True, fp32, False)  # bf16 / fp16 engines
+    assert not engines.skips_gradient_allreduce(1, 0, False, torch.bfloat16, False)  # a cast on the way
+    assert not engines.skips_gradient_allreduce(1, 0, False, fp32, True)  # expert groups
     ids = torch.randint(5, 100, (4, 12), generator=torch.Generator().manual_seed(0))
     after = []
     for keep in (False, True):

@@ -257,7 +257,10 @@ class MemoryMarks:
     """Named points of a stage's run, each with the memory in use then and the stage's peak so far
     (the measures of `peak_memory_mb`): where the peak is reached, for an itemised account beside
     `rlhf.memory`'s estimate. The first time a name is marked counts (a PPO step's phases are
-    marked on the first step). `scripts/estimate_memory.py --measured` prints them."""
+    marked on the process's first step). Marks are of one process: a resumed run's are of its
+    first step after resuming, with the optimizer state it loaded counted under `models` (a fresh
+    run allocates AdamW's moments in its first update, so they show under `training`).
+    `scripts/estimate_memory.py --measured` prints them."""
 
     def __init__(self, device):
         self.device, self.marks = device, {}

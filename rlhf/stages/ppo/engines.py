@@ -265,20 +265,30 @@ def training_engine(model: nn.Module, recipe: PPORecipe, learning_rate: float):
     engine, *_ = deepspeed.initialize(
         model=model, optimizer=optimizer, model_parameters=params, lr_scheduler=scheduler, config=config
     )
-    if skips_gradient_allreduce(world_size(), recipe.deepspeed.zero_stage, train.precision):
+    if skips_gradient_allreduce(
+        engine.dp_world_size,
+        engine.zero_optimization_stage(),
+        engine.fp16_enabled() or engine.bfloat16_enabled(),
+        engine.communication_data_type,
+        engine.has_moe_layers,
+    ):
         # One process at ZeRO-0 in fp32 has nothing to reduce, yet DeepSpeed's fallback all-reduce
-        # still flattens every gradient into one buffer and copies it back after each backward:
-        # 0.17 s per backward of a 19M-parameter model on 2 CPU cores (scripts/bench_ppo.py --shape
-        # mid), for a result equal bit for bit (tests/test_ppo_recipe.py checks it).
+        # still flattens every gradient into one buffer and copies it back at each accumulation
+        # boundary: 0.17 s per backward of a 21M-parameter model on 2 CPU cores (scripts/bench_ppo.py
+        # --shape mid), for the same weights bit for bit (tests/test_ppo_recipe.py checks it). Read
+        # from the engine, so that a deepspeed.config_file that changes the stage or precision counts.
         engine.enable_backward_allreduce = False
     return engine
 
 
-def skips_gradient_allreduce(world: int, zero_stage: int, precision: str) -> bool:
-    """Whether a training engine may skip DeepSpeed's gradient all-reduce: a single process at
-    ZeRO-0 with fp32 gradients (bf16 keeps DeepSpeed's own accumulation path; ZeRO stages reduce
-    through their optimizer)."""
-    return world == 1 and zero_stage == 0 and precision == "fp32"
+def skips_gradient_allreduce(world: int, zero_stage: int, low_precision: bool, comm_dtype, moe: bool) -> bool:
+    """Whether a training engine may skip DeepSpeed's gradient all-reduce, as DeepSpeed's engine
+    reports itself: one data-parallel process, ZeRO-0 (ZeRO stages reduce through their
+    optimizer), fp32 weights and fp32 communication (no cast on the way), no MoE expert groups.
+    One more condition holds for our models and is assumed: every trainable parameter gets a
+    gradient in every backward (DeepSpeed's reduction turns a missing one into zeros, which AdamW
+    would then decay; without it AdamW skips that parameter)."""
+    return world == 1 and zero_stage == 0 and not low_precision and comm_dtype == torch.float32 and not moe
 
 
 def inference_model(model: nn.Module, recipe: PPORecipe, device: torch.device) -> nn.Module:

@@ -382,7 +382,8 @@ def export(
                 "train_seconds": seconds,
                 "bf16_autocast": m.autocast,  # what model.autocast (auto: by the hardware) chose
                 **common.peak_memory(m.device),
-                # this rank's memory at the run's named points (the first step's phases): see MemoryMarks
+                # the main rank's memory at this process's named points (its first step's phases; under
+                # ZeRO-3 the export's gather lands on this rank): see common.MemoryMarks
                 "memory_marks": marks.marks,
             },
             world_size=distributed.world_size(),

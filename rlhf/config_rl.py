@@ -91,6 +91,16 @@ class PPOSettings:
     """Initialise the critic from the reward model (default) or from the SFT model with a new head."""
     critic_learning_rate: float = 1e-4
     """Learning rate of the critic (the actor's is train.learning_rate)."""
+    critic_trunk: Literal["separate", "shared"] = "separate"
+    """'separate': the critic is its own model (from ppo.critic_init), with its own forward and
+    backward passes and optimizer. 'shared': the critic is a scalar value head on the actor's own
+    last hidden states (zero-initialised, trained at critic_learning_rate), so one forward pass
+    gives log-probs and values and one backward trains both: no second model to hold, score or
+    update, at the price of the value loss also moving the policy's trunk (weighted by
+    value_loss_coef). ppo.critic_init does not apply to it."""
+    value_loss_coef: float = 0.1
+    """Weight of the value loss in the actor's loss under critic_trunk=shared (a separate critic
+    has its own optimizer, so its loss is not weighted)."""
     advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline"] = "gae"
     """How advantages are formed (`rlhf.stages.ppo.advantages.ESTIMATORS`): 'gae' is PPO with a
     critic; the others need no critic, and 'grpo', 'dr_grpo', 'rloo' and 'reinforce_pp_baseline'
@@ -139,6 +149,13 @@ class PPOSettings:
                 f"ppo.advantage_estimator={self.advantage_estimator} compares responses to the same "
                 "prompt: set ppo.rollouts_per_prompt >= 2 (e.g. 4 or 8)"
             )
+        if self.critic_trunk == "shared" and not est.needs_critic:
+            raise ConfigError(
+                f"ppo.critic_trunk=shared puts a value head on the actor, but ppo.advantage_estimator="
+                f"{self.advantage_estimator} uses no critic: leave critic_trunk: separate (or use gae)"
+            )
+        if self.value_loss_coef < 0:
+            raise ConfigError(f"ppo.value_loss_coef must be >= 0, got {self.value_loss_coef}")
         if self.importance_ratio == "sequence" and not est.sequence_level:
             raise ConfigError(
                 f"ppo.importance_ratio=sequence (GSPO) needs one advantage per response, but "
@@ -163,6 +180,11 @@ class PPOSettings:
     @property
     def needs_critic(self) -> bool:
         return self.estimator.needs_critic
+
+    @property
+    def separate_critic(self) -> bool:
+        """Whether the run holds a critic model of its own (not a value head on the actor)."""
+        return self.needs_critic and self.critic_trunk == "separate"
 
     def rolls_back(self, zero_stage: int) -> bool:
         """Whether updates past max_minibatch_kl are taken back (kl_rollback resolved)."""
@@ -272,7 +294,7 @@ class PPORecipe:
     def __post_init__(self) -> None:
         if self.reward_dir is None and not self.reward_functions:
             raise ConfigError("no reward: set reward_dir (a reward model) and/or reward_functions")
-        if self.ppo.needs_critic and self.ppo.critic_init == "reward" and self.reward_dir is None:
+        if self.ppo.separate_critic and self.ppo.critic_init == "reward" and self.reward_dir is None:
             raise ConfigError(
                 "ppo.advantage_estimator=gae initialises its critic from the reward model, but there is "
                 "no reward_dir: set ppo.critic_init=sft, or use a critic-free estimator (e.g. grpo)"
@@ -326,6 +348,11 @@ class PPORecipe:
         if self.continue_from and self.continue_from.critic and not self.ppo.needs_critic:
             raise ConfigError(
                 f"continue_from.critic: ppo.advantage_estimator={self.ppo.advantage_estimator} has no critic to carry"
+            )
+        if self.continue_from and self.continue_from.critic and not self.ppo.separate_critic:
+            raise ConfigError(
+                "continue_from.critic: under ppo.critic_trunk=shared the value head is part of the actor, "
+                "so continue_from.actor carries it; set continue_from.critic=false"
             )
 
 

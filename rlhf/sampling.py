@@ -234,7 +234,16 @@ def policy_outputs(
 
     input_ids / attention_mask / position_ids are (B, P+R) with the response in the last R columns.
     """
-    R = response.shape[1]
+    logits, _ = response_logits(policy, input_ids, attention_mask, position_ids, response.shape[1], temperature)
+    logp = logprobs_of(logits, response)
+    return logp, (entropy_from_logits(logits) if with_entropy else None)
+
+
+def response_logits(
+    policy, input_ids, attention_mask, position_ids, R: int, temperature: float, with_hidden: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One forward pass -> fp32 logits (B, R, V) / temperature that predict the R response tokens,
+    and with `with_hidden` the last hidden states (B, R, H) they came from (else None)."""
     inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
     model = policy
     if is_prompt_tuned(policy):  # learned embeddings first, positions as in training (see adapters)
@@ -245,9 +254,10 @@ def policy_outputs(
         )
     # logits_to_keep: the LM head runs on the R + 1 last positions only, never on the prompt (with a
     # 150k vocabulary and long prompts that is most of the logits memory).
-    logits = model(**inputs, use_cache=False, logits_to_keep=R + 1).logits[:, :-1].float() / temperature
-    logp = logprobs_of(logits, response)
-    return logp, (entropy_from_logits(logits) if with_entropy else None)
+    out = model(**inputs, use_cache=False, logits_to_keep=R + 1, output_hidden_states=with_hidden)
+    logits = out.logits[:, :-1].float() / temperature
+    # hidden_states[-1] is the final (normed) hidden state the LM head reads, at every position
+    return logits, (out.hidden_states[-1][:, -(R + 1) : -1] if with_hidden else None)
 
 
 def with_few_shot(prompt: Messages, shots: list[Messages]) -> Messages:

@@ -22,6 +22,7 @@ from rlhf import distributed
 from rlhf.config_rl import PPORecipe
 from rlhf.distributed import build_deepspeed_config, world_size
 from rlhf.models import load_model, merged_weights
+from rlhf.stages.ppo import value_head
 
 if TYPE_CHECKING:  # annotations only: importing deepspeed or transformers here would slow `import rlhf`
     from deepspeed import DeepSpeedEngine
@@ -56,11 +57,18 @@ class Models:
 
     actor: DeepSpeedEngine  # training engine around the policy (a PeftModel under LoRA)
     critic: DeepSpeedEngine | None  # training engine around TokenValues (per-token values); None if critic-free
+    # or shared (below)
     reference: PreTrainedModel | None  # frozen SFT policy; None under LoRA (the adapter-disabled actor)
     reward: PreTrainedModel | None  # frozen scalar-head reward model; None when rewards come from functions only
     tokenizer: PreTrainedTokenizerBase
     device: torch.device
     autocast: bool  # forward passes under bf16 autocast (recipe.model.autocast)
+    shared_critic: bool = False  # values come from a head on the actor's trunk (ppo.critic_trunk=shared)
+
+    @property
+    def has_values(self) -> bool:
+        """Whether the run has a critic at all: its own model, or a head on the actor."""
+        return self.critic is not None or self.shared_critic
 
 
 def device_of_rank() -> torch.device:
@@ -167,9 +175,13 @@ def build_models(recipe: PPORecipe, tokenizer) -> Models:
         torch.cuda.set_device(device)
     pad = tokenizer.pad_token_id
     policy = with_lora(load_policy(recipe.sft_dir, recipe), recipe, "CAUSAL_LM")
-    actor = training_engine(policy, recipe, recipe.train.learning_rate)
+    shared = recipe.ppo.needs_critic and recipe.ppo.critic_trunk == "shared"
+    head = value_head.attach(policy) if shared else None  # after LoRA wrapping: trained in full
+    actor = training_engine(
+        policy, recipe, recipe.train.learning_rate, head=head, head_learning_rate=recipe.ppo.critic_learning_rate
+    )
     critic = None  # critic-free estimators (GRPO, RLOO, REINFORCE++) hold no value model at all
-    if recipe.ppo.needs_critic:
+    if recipe.ppo.separate_critic:
         critic_src = recipe.reward_dir if recipe.ppo.critic_init == "reward" else recipe.sft_dir
         scorer = with_lora(load_scorer(critic_src, recipe, pad), recipe, "SEQ_CLS")
         critic = training_engine(TokenValues(scorer), recipe, recipe.ppo.critic_learning_rate)
@@ -179,7 +191,7 @@ def build_models(recipe: PPORecipe, tokenizer) -> Models:
     if recipe.reward_dir is not None:
         reward = inference_model(load_scorer(recipe.reward_dir, recipe, pad), recipe, device)
     autocast = resolve_autocast(recipe.model.autocast, device)
-    return Models(actor, critic, reference, reward, tokenizer, device, autocast)
+    return Models(actor, critic, reference, reward, tokenizer, device, autocast, shared_critic=shared)
 
 
 @contextlib.contextmanager
@@ -199,7 +211,7 @@ def export_policy(engine, recipe: PPORecipe, out) -> dict[str, Any] | None:
     from rlhf.distributed import is_main
 
     if not recipe.peft.enabled:
-        state = full_state_dict(engine, recipe.deepspeed.zero_stage)
+        state = value_head.without_value_head(full_state_dict(engine, recipe.deepspeed.zero_stage))
         if is_main():
             engine.module.save_pretrained(out, state_dict=state)
         return None
@@ -238,8 +250,16 @@ def _adamw(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def training_engine(model: nn.Module, recipe: PPORecipe, learning_rate: float):
-    """deepspeed.initialize with AdamW and the recipe's schedule over train.max_steps PPO steps."""
+def training_engine(
+    model: nn.Module,
+    recipe: PPORecipe,
+    learning_rate: float,
+    head: nn.Module | None = None,
+    head_learning_rate: float | None = None,
+):
+    """deepspeed.initialize with AdamW and the recipe's schedule over train.max_steps PPO steps.
+    `head` (a submodule of `model`: the shared value head) gets a parameter group of its own at
+    `head_learning_rate`; the schedule scales both groups alike."""
     import deepspeed
     from transformers import get_scheduler
 
@@ -252,7 +272,13 @@ def training_engine(model: nn.Module, recipe: PPORecipe, learning_rate: float):
         optimizer={"lr": learning_rate, "weight_decay": train.weight_decay} if offload else None,
     )
     config["zero_allow_untested_optimizer"] = True
-    params = [p for p in model.parameters() if p.requires_grad]
+    params: list = [p for p in model.parameters() if p.requires_grad]
+    if head is not None:
+        own = {id(p) for p in head.parameters()}
+        params = [
+            {"params": [p for p in params if id(p) not in own]},
+            {"params": list(head.parameters()), "lr": head_learning_rate},
+        ]
     optimizer = None if offload else _adamw(params, learning_rate, train.weight_decay)
     # Scheduler steps once per optimizer step: PPO epochs x mini-batches per PPO step.
     minis = recipe.ppo.rollout_batch_size // (train.micro_batch_size * train.gradient_accumulation_steps)

@@ -26,7 +26,7 @@ from rlhf.sampling import (
     response_mask_of,
     score_responses,
 )
-from rlhf.stages.ppo import advantages, engines, losses, scoring
+from rlhf.stages.ppo import advantages, engines, losses, scoring, value_head
 
 
 @dataclass
@@ -115,10 +115,14 @@ def _score(m: engines.Models, recipe: PPORecipe, batch: tuple, prompts: list[Mes
     dev, temperature, P = m.device, recipe.generation.temperature, batch[0].shape[1] - batch[3].shape[1]
     on = [x.to(dev) for x in batch]
     with engines.compute(m):
-        logp, entropy = policy_outputs(m.actor.module, *on, temperature, with_entropy=True)
+        values = None
+        if m.shared_critic:  # the values come from the actor's own forward pass
+            logp, entropy, values = value_head.outputs_with_values(m.actor.module, *on, temperature, with_entropy=True)
+            values = values.cpu()
+        else:
+            logp, entropy = policy_outputs(m.actor.module, *on, temperature, with_entropy=True)
         with engines.as_reference(m.actor.module, m.reference) as reference:
             ref_logp, _ = policy_outputs(reference, *on, temperature)
-        values = None
         if m.critic is not None:
             m.critic.module.eval()
             values = m.critic.module(on[0], on[1], on[2])[:, P - 1 : -1].float().cpu()

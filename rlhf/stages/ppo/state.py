@@ -82,9 +82,9 @@ def load_state(path: Path, actor, critic) -> dict[str, Any]:
     has_critic = (path / "critic").is_dir()
     if has_critic != (critic is not None):
         raise HandoffError(
-            f"{path} was saved by a run {'with' if has_critic else 'without'} a critic, but this recipe's "
-            f"estimator {'does not use' if has_critic else 'needs'} one; resume with the recipe that "
-            "made it, or start over with resume=never (or another output_dir)"
+            f"{path} was saved by a run {'with' if has_critic else 'without'} a critic model of its own, but "
+            f"this recipe {'has none' if has_critic else 'has one'} (ppo.advantage_estimator, ppo.critic_trunk); "
+            "resume with the recipe that made it, or start over with resume=never (or another output_dir)"
         )
     actor.load_checkpoint(str(path / "actor"), tag="state")
     if critic is not None:

@@ -28,6 +28,7 @@ from rlhf.errors import HandoffError, TrainingAborted
 from rlhf.models import load_tokenizer
 from rlhf.stages import common
 from rlhf.stages.ppo import engines, losses
+from rlhf.stages.ppo.advantages import ESTIMATORS
 from rlhf.stages.ppo.data import Data, prepare_data, rollout_prompts, stream_batch
 from rlhf.stages.ppo.rollout import Rollout, is_finite, make_rollout, rollout_metrics
 from rlhf.stages.ppo.scoring import CodeRewards
@@ -100,6 +101,14 @@ def continued_state(recipe: PPORecipe) -> Path:
                 f"(set continue_from.{name}=false)"
             )
     then = manifest.get("recipe", {})
+    had_head = _value_head_in_actor(then.get("ppo", {}))
+    if c.actor and had_head != _value_head_in_actor(vars(recipe.ppo)):
+        # the actor's state holds the shared value head exactly when its run had one
+        raise HandoffError(
+            f"continue_from.path {c.path} trained its actor {'with' if had_head else 'without'} "
+            "a shared value head (ppo.critic_trunk=shared with a critic), and this run's recipe differs; "
+            "use the same ppo.critic_trunk, or set continue_from.actor=false"
+        )
     if c.actor and recipe.peft.enabled and then.get("sft_dir") != recipe.sft_dir:
         # Under LoRA the state holds base + adapter; the base must be the one this run builds on.
         raise HandoffError(
@@ -107,6 +116,12 @@ def continued_state(recipe: PPORecipe) -> Path:
             f"{recipe.sft_dir}; continue the actor only on the same base (or set continue_from.actor=false)"
         )
     return states[-1][1]
+
+
+def _value_head_in_actor(ppo: dict) -> bool:
+    """Whether a run's actor holds a value head, from its recipe's `ppo` section (as saved in a manifest)."""
+    estimator = ESTIMATORS.get(ppo.get("advantage_estimator", "gae"))
+    return ppo.get("critic_trunk", "separate") == "shared" and estimator is not None and estimator.needs_critic
 
 
 def _carry(recipe: PPORecipe, m: engines.Models, state: RunState) -> None:
@@ -214,7 +229,7 @@ def train_step(
             step,
             recipe.ppo.max_minibatch_kl,
         )
-    local = {**rollout_metrics(ro, state.kl_ctl.value, with_critic=m.critic is not None), **update}
+    local = {**rollout_metrics(ro, state.kl_ctl.value, with_critic=m.has_values), **update}
     metrics = _reduced_metrics(ro, local)
     # 6. Statistics from every rank: the normaliser sees all ranks' scores, the controller the mean KL.
     if recipe.ppo.reward_normalization == "running":

@@ -15,7 +15,7 @@ from rlhf import distributed
 from rlhf.config_rl import PPORecipe
 from rlhf.data.formats import Messages
 from rlhf.sampling import policy_outputs, render_for_loss, right_pad
-from rlhf.stages.ppo import engines, losses, undo
+from rlhf.stages.ppo import engines, losses, undo, value_head
 from rlhf.stages.ppo.rollout import Rollout
 
 STATS = (
@@ -56,6 +56,7 @@ def ptx_stream_index(step: int, epoch: int, k: int, ppo_epochs: int, minibatches
 class MinibatchLosses:
     policy: losses.PolicyLossOut  # clipped surrogate and its diagnostics
     total: torch.Tensor  # scalar actor loss: policy (+ KL loss) - entropy bonus + ptx_coef * ptx
+    # (+ value_loss_coef * value under a shared critic trunk)
     value: torch.Tensor | None  # scalar clipped value loss (None without a critic)
     value_clip_fraction: torch.Tensor | None  # share of tokens where the clipped value branch was taken
     ptx: torch.Tensor | None  # scalar SFT loss on demonstrations (PPO-ptx), when mixed in
@@ -71,7 +72,13 @@ def minibatch_losses(
     on, mask = _inputs(mb, dev)
     sequence = ppo.importance_ratio == "sequence"
     with engines.compute(m):
-        logp, ent = policy_outputs(m.actor, *on, recipe.generation.temperature, with_entropy=ppo.entropy_coef > 0)
+        shared_values = None
+        if m.shared_critic:  # one forward pass gives the log-probs and the values
+            logp, ent, shared_values = value_head.outputs_with_values(
+                m.actor, *on, recipe.generation.temperature, with_entropy=ppo.entropy_coef > 0
+            )
+        else:
+            logp, ent = policy_outputs(m.actor, *on, recipe.generation.temperature, with_entropy=ppo.entropy_coef > 0)
         pl = losses.policy_loss(
             logp,
             mb.logprobs.to(dev),
@@ -90,9 +97,13 @@ def minibatch_losses(
             ptx = m.actor(**ptx_batch(m.tokenizer, ptx_rows, dev), use_cache=False).loss
             total = total + ppo.ptx_coef * ptx
         vl = vclip = None
-        if m.critic is not None:
-            values = m.critic(on[0], on[1], on[2])[:, mb.prompt_width - 1 : -1]
+        if m.has_values:
+            values = shared_values
+            if values is None:
+                values = m.critic(on[0], on[1], on[2])[:, mb.prompt_width - 1 : -1]
             vl, vclip = losses.value_loss(values, mb.values.to(dev), mb.returns.to(dev), mask, ppo.value_clip)
+            if m.shared_critic:  # one loss, one backward through the shared trunk
+                total = total + ppo.value_loss_coef * vl
     dev_log = (logp.detach() - mb.logprobs.to(dev)).abs() * mask
     return MinibatchLosses(pl, total, vl, vclip, ptx, float(dev_log.max()) if mask.any() else 0.0)
 
@@ -146,7 +157,7 @@ def _record(stats: dict[str, list[float]], out: MinibatchLosses) -> None:
 
 
 def _apply(m: engines.Models, out: MinibatchLosses) -> None:
-    """One optimizer step of the actor (and of the critic) on a mini-batch's losses."""
+    """One optimizer step of the actor (and of a separate critic) on a mini-batch's losses."""
     m.actor.backward(out.total)
     m.actor.step()
     if m.critic is not None:

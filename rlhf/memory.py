@@ -174,8 +174,9 @@ def _ppo_estimate(fit: _Fit, r, head: int) -> dict[str, float]:
     # frozen weights at the training precision (fp32 on a CPU), partitioned at ZeRO-3
     frozen = _width(r.train.precision) / (world if z3 else 1)
     actor = fit.states(r, shape.params)
-    # critic-free estimators build no critic, and rewards from functions alone no reward model
-    critic = fit.states(r, shape.params - head) if r.ppo.needs_critic else {"gpu": 0.0, "cpu": 0.0}
+    # critic-free estimators build no critic (nor does a shared trunk: its head is hidden + 1 weights
+    # on the actor), and rewards from functions alone no reward model
+    critic = fit.states(r, shape.params - head) if r.ppo.separate_critic else {"gpu": 0.0, "cpu": 0.0}
     seq = r.prompts.max_length + r.generation.max_new_tokens
     ref = 0 if r.peft.enabled else frozen * shape.params  # LoRA: the adapter-disabled actor
     rm = frozen * (shape.params - head) if r.reward_dir is not None else 0

@@ -3,6 +3,7 @@
     .venv/bin/python scripts/bench_ppo.py [--steps 10] [--rounds 2] [--out runs/bench/ppo.json]
     .venv/bin/python scripts/bench_ppo.py --sft runs/smollm2/sft --reward runs/smollm2/reward \
         --prompts runs/smollm2/data/prompts.jsonl --lr 1e-5 --steps 3 --rounds 1   # any model pair
+    .venv/bin/python scripts/bench_ppo.py --shape mid --variant shared ppo.critic_trunk=shared   # + a row
 
 Both run the same models (by default the demo SFT policy and reward model, built first if missing;
 or any SFT / reward pair given with --sft --reward --prompts) at matched settings: by default
@@ -14,7 +15,8 @@ rate at which the guard does not trip). TRL runs in its own virtual environment
 (runs/bench/trl-1.0.0-venv, made here on first use) with the versions it was released against. The
 runs alternate (ours, TRL, ours, TRL, ...) so machine noise hits both alike; the first step of each
 run (warm-up) is dropped and the median of the rest is compared. Prints a table (ratio, our phase
-breakdown, peak memory) and writes JSON.
+breakdown, peak memory) and writes JSON. `--variant LABEL KEY=VALUE...` adds runs of ours with other
+settings to every round (best-settings rows, kept apart from the matched one).
 """
 
 from __future__ import annotations
@@ -185,6 +187,15 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="a recipe override for our side only, e.g. ppo.kl_rollback=never (a best-settings row, not matched)",
     )
+    ap.add_argument(
+        "--variant",
+        action="append",
+        nargs="+",
+        default=[],
+        metavar="LABEL KEY=VALUE",
+        help="one more run of ours in every round, side by side, with these overrides on top of --ours-set, "
+        "e.g. --variant shared ppo.critic_trunk=shared (not matched: a best-settings row)",
+    )
     ap.add_argument("--ours-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     given_settings = {
@@ -253,39 +264,56 @@ def main() -> None:
         "--seed",
         str(m["seed"]),
     ]
-    runs: dict[str, list[dict]] = {"ours": [], "trl": []}
-    for r in range(args.rounds):
-        for name, cmd in (("ours", ours_cmd), ("trl", trl_cmd)):
+    variants = {label: [*ours_cmd, *[f"--ours-set={x}" for x in sets]] for label, *sets in args.variant}
+    if "ours" in variants or "trl" in variants:
+        ap.error("--variant: 'ours' and 'trl' name the matched runs; give the variant another label")
+    runs: dict[str, list[dict]] = {"ours": [], **{k: [] for k in variants}, "trl": []}
+    for r in range(args.rounds):  # alternating, so that the machine's drift hits every row alike
+        for name, cmd in (("ours", ours_cmd), *variants.items(), ("trl", trl_cmd)):
             print(f"[bench] round {r + 1}/{args.rounds}: {name}", flush=True)
             runs[name].append(child(cmd))
     steady = {k: [s for run in v for s in run["step_seconds"][1:]] for k, v in runs.items()}
     med = {k: statistics.median(v) for k, v in steady.items()}
-    phases = {
-        p: statistics.median([s for run in runs["ours"] for s in run["phases"][p][1:]])
-        for p in ("generation", "scoring", "training")
+    ours_rows = [k for k in runs if k != "trl"]
+    phases_of = {
+        k: {
+            p: statistics.median([s for run in runs[k] for s in run["phases"][p][1:]])
+            for p in ("generation", "scoring", "training")
+        }
+        for k in ours_rows
     }
+    phases = phases_of["ours"]
     peak = {k: max(run["peak_rss_mb"] for run in v) for k, v in runs.items()}
     ratio = med["ours"] / med["trl"]
     print(
         f"\nPPO step, matched settings {m}, {args.rounds} rounds x {args.steps} steps (first step of each run dropped)"
     )
-    print(f"{'':<22}{'ours':>10}{'TRL 1.0.0':>12}")
-    print(f"{'seconds / step (med)':<22}{med['ours']:>10.3f}{med['trl']:>12.3f}")
-    print(f"{'peak RSS (MB)':<22}{peak['ours']:>10.0f}{peak['trl']:>12.0f}")
-    print(f"ratio ours / TRL: {ratio:.2f} (goal: <= 0.50)")
-    updates = sorted({u for run in runs["ours"] for u in run["updates"]})
-    print(f"our updates per step: {updates} (TRL: {m['ppo_epochs'] * m['mini_batches']})")
-    print("our phases (median s): " + ", ".join(f"{p} {v:.3f}" for p, v in phases.items()))
+    print(f"{'run':<16}{'s / step (med)':>16}{'/ TRL':>8}{'peak RSS MB':>13}  phases gen / score / train s, updates")
+    for k in [*ours_rows, "trl"]:
+        line = f"{k:<16}{med[k]:>16.3f}{med[k] / med['trl']:>8.2f}{peak[k]:>13.0f}"
+        if k != "trl":
+            updates = sorted({u for run in runs[k] for u in run["updates"]})
+            line += "  " + " / ".join(f"{v:.2f}" for v in phases_of[k].values()) + f", {updates}"
+        print(line)
+    print(
+        f"ratio ours (matched) / TRL: {ratio:.2f} (goal: <= 0.50); "
+        f"TRL's updates per step: {m['ppo_epochs'] * m['mini_batches']}"
+    )
+    for label, *sets in args.variant:
+        print(f"variant {label}: {' '.join(sets)} (ratio {med[label] / med['trl']:.2f}; not matched)")
     result = {
         "models": {"sft": str(sft), "reward": str(reward), "prompts": str(prompts), "shape": args.shape},
         "matched": m,
         "ours_overrides": args.ours_set,
+        "variants": {label: sets for label, *sets in args.variant},
         "trl_config": runs["trl"][0].get("config"),
         "steps": args.steps,
         "rounds": args.rounds,
         "median_step_seconds": med,
         "ratio_ours_over_trl": ratio,
+        "ratios_over_trl": {k: med[k] / med["trl"] for k in ours_rows},
         "our_phases_median_seconds": phases,
+        "phases_median_seconds": phases_of,
         "peak_rss_mb": peak,
         "peer_versions": {k: runs["trl"][0][k] for k in ("trl", "transformers", "torch")},
         "runs": runs,

@@ -98,7 +98,7 @@ def test_memory_estimate_fits_the_gpu_and_is_written_in_the_recipe(d):
 
 def test_the_ppo_estimate_counts_what_the_run_builds():
     """kl_rollback's copy (trainable weights + AdamW states) while training; no critic for a
-    critic-free estimator; no reward model for rewards from functions alone."""
+    critic-free estimator or a shared trunk; no reward model for rewards from functions alone."""
     from dataclasses import replace
 
     from transformers import AutoConfig
@@ -120,6 +120,8 @@ def test_the_ppo_estimate_counts_what_the_run_builds():
     assert never["kl_rollback"] == 0 and auto["total"] - never["total"] == pytest.approx(auto["kl_rollback"])
     grpo = replace(r, ppo=replace(r.ppo, advantage_estimator="grpo", rollouts_per_prompt=4))
     assert ppo(grpo)[1]["model_states"] == pytest.approx(auto["model_states"] / 2, rel=0.01)  # no critic
+    shared = replace(r, ppo=replace(r.ppo, critic_trunk="shared"))  # the critic is a head on the actor
+    assert ppo(shared)[1]["model_states"] == pytest.approx(auto["model_states"] / 2, rel=0.01)
     functions_only = replace(grpo, reward_dir=None, reward_functions=[RewardFunction("m:f")])
     assert ppo(functions_only)[1]["frozen_models"] == pytest.approx(ppo(grpo)[1]["frozen_models"] / 2, rel=0.01)
 

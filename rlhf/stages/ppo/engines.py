@@ -1,5 +1,5 @@
-"""The four PPO models and the DeepSpeed engines around them (fewer for critic-free estimators
-and for rewards from functions alone).
+"""The four PPO models and the DeepSpeed engines around them (fewer for critic-free estimators,
+for a critic that is a head on the actor (`value_head`), and for rewards from functions alone).
 
 actor (SFT weights, trained) and critic (reward-model weights, trained) are DeepSpeed training
 engines; the reference (SFT) and the reward model are frozen and inference-only: partitioned
@@ -56,8 +56,8 @@ class Models:
     """The four models of one RL run on this rank."""
 
     actor: DeepSpeedEngine  # training engine around the policy (a PeftModel under LoRA)
-    critic: DeepSpeedEngine | None  # training engine around TokenValues (per-token values); None if critic-free
-    # or shared (below)
+    # training engine around TokenValues (per-token values); None if critic-free or shared (below)
+    critic: DeepSpeedEngine | None
     reference: PreTrainedModel | None  # frozen SFT policy; None under LoRA (the adapter-disabled actor)
     reward: PreTrainedModel | None  # frozen scalar-head reward model; None when rewards come from functions only
     tokenizer: PreTrainedTokenizerBase

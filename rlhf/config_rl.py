@@ -88,7 +88,8 @@ class PPOSettings:
     ptx_coef: float = 0.0
     """Weight of the SFT loss on SFT data mixed into the policy loss (PPO-ptx, against forgetting)."""
     critic_init: Literal["reward", "sft"] = "reward"
-    """Initialise the critic from the reward model (default) or from the SFT model with a new head."""
+    """Initialise the critic from the reward model (default) or from the SFT model with a new head
+    (a separate critic only: a shared trunk's head starts at zero)."""
     critic_learning_rate: float = 1e-4
     """Learning rate of the critic (the actor's is train.learning_rate)."""
     critic_trunk: Literal["separate", "shared"] = "separate"
@@ -232,7 +233,8 @@ class ContinueFrom:
     when sft_dir is already that run's exported policy (the previous policy as the reference)."""
     critic: bool = False
     """The critic's weights. false: a fresh critic from reward_dir (ppo.critic_init), fitted to the
-    new reward model rather than the one the old critic learned."""
+    new reward model rather than the one the old critic learned (under ppo.critic_trunk=shared: the
+    value head back at zero on the carried actor; true keeps it)."""
     optimizer: bool = False
     """The Adam moments of the carried models (the learning-rate schedule restarts either way)."""
     kl_controller: bool = False
@@ -349,10 +351,12 @@ class PPORecipe:
             raise ConfigError(
                 f"continue_from.critic: ppo.advantage_estimator={self.ppo.advantage_estimator} has no critic to carry"
             )
-        if self.continue_from and self.continue_from.critic and not self.ppo.separate_critic:
+        c = self.continue_from
+        if c and c.critic and self.ppo.needs_critic and not self.ppo.separate_critic and not c.actor:
             raise ConfigError(
-                "continue_from.critic: under ppo.critic_trunk=shared the value head is part of the actor, "
-                "so continue_from.actor carries it; set continue_from.critic=false"
+                "continue_from.critic: under ppo.critic_trunk=shared the critic is a head on the actor, so "
+                "carrying it needs continue_from.actor=true (in `rlhf rounds`: carry.critic=continue needs "
+                "carry.reference=sft)"
             )
 
 

@@ -254,10 +254,19 @@ def response_logits(
         )
     # logits_to_keep: the LM head runs on the R + 1 last positions only, never on the prompt (with a
     # 150k vocabulary and long prompts that is most of the logits memory).
-    out = model(**inputs, use_cache=False, logits_to_keep=R + 1, output_hidden_states=with_hidden)
+    seen: list[torch.Tensor] = []
+    # The hidden states are taken as the LM head's own input: the final (normed) states at exactly
+    # the positions it reads, whatever the architecture, without output_hidden_states keeping every
+    # layer's states alive through a no-grad scoring pass.
+    head = model.get_output_embeddings()
+    hook = head.register_forward_pre_hook(lambda _, args: seen.append(args[0])) if with_hidden else None
+    try:
+        out = model(**inputs, use_cache=False, logits_to_keep=R + 1)
+    finally:
+        if hook is not None:
+            hook.remove()
     logits = out.logits[:, :-1].float() / temperature
-    # hidden_states[-1] is the final (normed) hidden state the LM head reads, at every position
-    return logits, (out.hidden_states[-1][:, -(R + 1) : -1] if with_hidden else None)
+    return logits, (seen[-1][:, :-1] if with_hidden else None)
 
 
 def with_few_shot(prompt: Messages, shots: list[Messages]) -> Messages:

@@ -265,8 +265,11 @@ def main() -> None:
         str(m["seed"]),
     ]
     variants = {label: [*ours_cmd, *[f"--ours-set={x}" for x in sets]] for label, *sets in args.variant}
-    if "ours" in variants or "trl" in variants:
-        ap.error("--variant: 'ours' and 'trl' name the matched runs; give the variant another label")
+    labels = [label for label, *_ in args.variant]
+    if {"ours", "trl"} & set(labels) or len(set(labels)) < len(labels):
+        ap.error("--variant: each label once, and not 'ours' or 'trl' (the matched runs)")
+    if any(len(v) < 2 for v in args.variant):
+        ap.error("--variant LABEL KEY=VALUE...: give at least one override (without one it repeats the matched run)")
     runs: dict[str, list[dict]] = {"ours": [], **{k: [] for k in variants}, "trl": []}
     for r in range(args.rounds):  # alternating, so that the machine's drift hits every row alike
         for name, cmd in (("ours", ours_cmd), *variants.items(), ("trl", trl_cmd)):

@@ -71,6 +71,22 @@ def test_one_forward_gives_the_policys_exact_logprobs_and_zero_first_values(demo
     assert not any(k.startswith("value_head") for k in state) and len(state) == len(policy.state_dict()) - 2
 
 
+def test_the_value_loss_reaches_the_trunk_through_the_head(demo_assets, sft_dir, reward_dir):
+    """Shared means shared: the value loss's gradient flows into the actor's layers (once the head
+    is nonzero), not into the head alone."""
+    r = recipe(demo_assets, sft_dir, reward_dir, demo_assets / "unused")
+    policy = engines.load_policy(str(sft_dir), r)
+    head = value_head.attach(policy)
+    with torch.no_grad():
+        head.weight.normal_(generator=torch.Generator().manual_seed(0))
+    ids, mask, pos, response = _batch()
+    _, _, values = value_head.outputs_with_values(policy, ids, mask, pos, response, 1.0)
+    values.square().mean().backward()
+    assert head.weight.grad is not None and torch.count_nonzero(head.weight.grad) > 0
+    trunk = [p for n, p in policy.named_parameters() if "layers.0." in n and p.grad is not None]
+    assert trunk and any(torch.count_nonzero(p.grad) > 0 for p in trunk), "the values were detached from the trunk"
+
+
 def test_config_errors_name_the_setting(demo_assets, sft_dir, reward_dir, tmp_path):
     base = ppo_overrides(demo_assets, sft_dir, reward_dir, tmp_path)
     with pytest.raises(ConfigError, match="ppo.critic_trunk=shared .* ppo.advantage_estimator=grpo uses no critic"):
@@ -81,11 +97,11 @@ def test_config_errors_name_the_setting(demo_assets, sft_dir, reward_dir, tmp_pa
         )
     with pytest.raises(ConfigError, match="ppo.value_loss_coef must be >= 0"):
         load_recipe(PPORecipe, REPO / "recipes/demo/ppo.yaml", base + SHARED + ["ppo.value_loss_coef=-1"])
-    with pytest.raises(ConfigError, match="continue_from.actor carries it"):
+    with pytest.raises(ConfigError, match="critic is a head on the actor, so carrying it needs continue_from.actor"):
         load_recipe(
             PPORecipe,
             REPO / "recipes/demo/ppo.yaml",
-            base + SHARED + [f"continue_from={{path: {tmp_path}, critic: true}}"],
+            base + SHARED + [f"continue_from={{path: {tmp_path}, critic: true, actor: false}}"],
         )
     # a shared trunk needs no reward model to start its critic from
     r = load_recipe(
@@ -125,7 +141,11 @@ def test_shared_run_logs_values_exports_a_plain_policy_and_keeps_no_critic(share
     for row in rows:
         for key in ("value_loss", "explained_variance", "policy_loss", "kl"):
             assert math.isfinite(row[key]), (row["step"], key)
+    assert rows[0]["explained_variance"] == pytest.approx(0.0, abs=1e-6), "step 1's values come from a zero head"
     state = shared_run / "checkpoints" / "step-6"
+    assert json.loads((state / "trainer_state.json").read_text())["value_head"]
+    saved = torch.load(state / "actor" / "state" / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    assert torch.count_nonzero(saved["value_head.weight"]) > 0, "the head was trained and checkpointed"
     assert (state / "actor").is_dir() and not (state / "critic").exists()
     manifest = json.loads((shared_run / MANIFEST).read_text())
     assert manifest["recipe"]["ppo"]["critic_trunk"] == "shared"
@@ -154,11 +174,43 @@ def test_shared_run_resumes_exactly(demo_assets, sft_dir, reward_dir, shared_run
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-5, abs=1e-6), (step, key)
 
 
+@pytest.mark.parametrize("keep", [False, True])
+def test_continue_from_resets_the_head_unless_it_carries_the_critic(
+    demo_assets, sft_dir, reward_dir, shared_run, tmp_path, keep
+):
+    from safetensors.torch import load_file
+
+    r = recipe(demo_assets, sft_dir, reward_dir, tmp_path, f"continue_from={{path: {shared_run}, critic: {keep}}}")
+    tok, _ = ppo.check_handoff(r)
+    m = engines.build_models(r, tok)
+    ppo.resume(r, m, tmp_path / "no-states-yet")
+    head = value_head.head_of(m.actor)
+    lora_free = load_file(shared_run / "model.safetensors")
+    carried = "model.layers.0.self_attn.q_proj.weight"
+    assert torch.equal(m.actor.module.state_dict()[carried], lora_free[carried]), "the actor was carried"
+    if keep:
+        assert torch.count_nonzero(head.weight) > 0, "continue_from.critic keeps the trained head"
+    else:
+        assert torch.count_nonzero(head.weight) == 0 and torch.count_nonzero(head.bias) == 0
+        assert all(not m.actor.optimizer.state.get(p) for p in head.parameters())
+
+
+def test_resuming_across_trunk_layouts_fails_clearly(demo_assets, sft_dir, reward_dir, shared_run, tmp_path):
+    separate = load_recipe(
+        PPORecipe, REPO / "recipes/demo/ppo.yaml", ppo_overrides(demo_assets, sft_dir, reward_dir, tmp_path)
+    )
+    tok, _ = ppo.check_handoff(separate)
+    m = engines.build_models(separate, tok)
+    with pytest.raises(HandoffError, match="saved by a run with a shared value head .* resume=never"):
+        ppo.resume(separate, m, shared_run / "checkpoints")
+
+
 def test_continuing_across_trunk_layouts_fails_clearly(demo_assets, sft_dir, reward_dir, shared_run, tmp_path):
     overrides = ppo_overrides(demo_assets, sft_dir, reward_dir, tmp_path) + [f"continue_from={{path: {shared_run}}}"]
     separate = load_recipe(PPORecipe, REPO / "recipes/demo/ppo.yaml", overrides)
-    with pytest.raises(HandoffError, match="with a shared value head .* use the same ppo.critic_trunk"):
+    with pytest.raises(HandoffError, match="with a shared value head") as e:
         ppo.continued_state(separate)
+    assert f"sft_dir={shared_run}, continue_from.actor=false" in str(e.value)
     same = load_recipe(PPORecipe, REPO / "recipes/demo/ppo.yaml", overrides + SHARED)
     assert ppo.continued_state(same).name == "step-6"
 

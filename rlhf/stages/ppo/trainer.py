@@ -27,7 +27,7 @@ from rlhf.config_rl import PPORecipe
 from rlhf.errors import HandoffError, TrainingAborted
 from rlhf.models import load_tokenizer
 from rlhf.stages import common
-from rlhf.stages.ppo import engines, losses
+from rlhf.stages.ppo import engines, losses, value_head
 from rlhf.stages.ppo.advantages import ESTIMATORS
 from rlhf.stages.ppo.data import Data, prepare_data, rollout_prompts, stream_batch
 from rlhf.stages.ppo.rollout import Rollout, is_finite, make_rollout, rollout_metrics
@@ -94,7 +94,8 @@ def continued_state(recipe: PPORecipe) -> Path:
             f"continue_from.path {c.path}: no final training state in {Path(c.path) / 'checkpoints'} "
             "(the run keeps it unless its checkpoints were deleted)"
         )
-    for name, wanted in (("actor", c.actor), ("critic", c.critic)):
+    # under a shared trunk the critic is in the actor's state (the layout check below)
+    for name, wanted in (("actor", c.actor), ("critic", c.critic and recipe.ppo.separate_critic)):
         if wanted and not (states[-1][1] / name).is_dir():
             raise HandoffError(
                 f"continue_from.path {c.path}: its final state {states[-1][1]} has no {name} to continue "
@@ -105,9 +106,11 @@ def continued_state(recipe: PPORecipe) -> Path:
     if c.actor and had_head != _value_head_in_actor(vars(recipe.ppo)):
         # the actor's state holds the shared value head exactly when its run had one
         raise HandoffError(
-            f"continue_from.path {c.path} trained its actor {'with' if had_head else 'without'} "
-            "a shared value head (ppo.critic_trunk=shared with a critic), and this run's recipe differs; "
-            "use the same ppo.critic_trunk, or set continue_from.actor=false"
+            f"continue_from.path {c.path} trained its actor {'with' if had_head else 'without'} a shared "
+            f"value head (ppo.critic_trunk=shared with a critic), and this run's actor has "
+            f"{'none' if had_head else 'one'}: a training state does not carry across the two layouts. Start "
+            f"from that run's exported policy instead (sft_dir={c.path}, continue_from.actor=false), or use "
+            "the same ppo.critic_trunk and estimator"
         )
     if c.actor and recipe.peft.enabled and then.get("sft_dir") != recipe.sft_dir:
         # Under LoRA the state holds base + adapter; the base must be the one this run builds on.
@@ -130,7 +133,9 @@ def _carry(recipe: PPORecipe, m: engines.Models, state: RunState) -> None:
     assert c is not None
     path = continued_state(recipe)
     carried = [
-        (name, engine) for name, engine, on in (("actor", m.actor, c.actor), ("critic", m.critic, c.critic)) if on
+        (name, engine)
+        for name, engine, on in (("actor", m.actor, c.actor), ("critic", m.critic, c.critic))
+        if on and engine is not None  # a shared trunk's critic comes with the actor
     ]
     for name, engine in carried:
         loaded, _ = engine.load_checkpoint(
@@ -145,12 +150,15 @@ def _carry(recipe: PPORecipe, m: engines.Models, state: RunState) -> None:
         if c.optimizer:  # the loaded optimizer brings the old run's last learning rate; this run's schedule rules
             for group, lr in zip(engine.optimizer.param_groups, engine.lr_scheduler.get_last_lr()):
                 group["lr"] = lr
+    if m.shared_critic and c.actor and not c.critic:
+        value_head.reset(m.actor)  # a fresh critic, as a separate one would start from reward_dir
     if c.kl_controller:
         state.kl_ctl.load_state_dict(json.loads((path / STATE_FILE).read_text())["kl_controller"])
+    names = [n for n, _ in carried] + (["its value head"] if m.shared_critic and c.actor and c.critic else [])
     log.info(
         "continuing from %s: %s%s%s",
         path,
-        ", ".join(n for n, _ in carried) or "nothing of the models",
+        ", ".join(names) or "nothing of the models",
         " with optimizer states" if c.optimizer else "",
         ", KL controller" if c.kl_controller else "",
     )
@@ -165,6 +173,13 @@ def resume(recipe: PPORecipe, m: engines.Models, checkpoints: Path, code: CodeRe
         if recipe.continue_from is not None:
             _carry(recipe, m, state)
         return state
+    had_head = json.loads((states[-1][1] / STATE_FILE).read_text()).get("value_head", m.shared_critic)
+    if had_head != m.shared_critic:  # the actor's weights differ by the head: say so before DeepSpeed fails
+        raise HandoffError(
+            f"{states[-1][1]} was saved by a run {'with' if had_head else 'without'} a shared value head "
+            f"(ppo.critic_trunk=shared), and this recipe's actor has {'none' if had_head else 'one'}; resume "
+            "with the recipe that made it, or start over with resume=never (or another output_dir)"
+        )
     saved = load_state(states[-1][1], m.actor, m.critic)
     state.start_step, state.bad_steps = saved["step"], saved["bad_steps"]
     state.kl_ctl.load_state_dict(saved["kl_controller"])
@@ -398,7 +413,8 @@ def _train(
         # 8. Save the full state every train.save_steps and at the end.
         stop = bool(on_step_end and on_step_end(step + 1, metrics))
         if (step + 1) % recipe.train.save_steps == 0 or step + 1 == recipe.train.max_steps or stop:
-            save_state(dirs.checkpoints, step + 1, m.actor, m.critic, state.saved(), recipe.keep_checkpoints)
+            saved = {**state.saved(), "value_head": m.shared_critic}
+            save_state(dirs.checkpoints, step + 1, m.actor, m.critic, saved, recipe.keep_checkpoints)
             marks.mark("checkpoint")
         if stop:
             tracker.finish()

@@ -17,7 +17,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rlhf.errors import HandoffError
 from rlhf.sampling import entropy_from_logits, logprobs_of, response_logits
+from rlhf.stages.ppo.undo import base_optimizer
 
 NAME = "value_head"
 
@@ -26,9 +28,9 @@ def attach(policy: nn.Module) -> nn.Linear:
     """Add a zero-initialised (hidden -> 1) head to `policy` (a causal LM or a PeftModel around
     one) as its `value_head` submodule, trainable. Zero weights: the first values are 0, and no
     gradient reaches the trunk through the head until it has learned something."""
-    hidden = policy.config.hidden_size
-    like = next(p for p in policy.parameters())
-    head = nn.Linear(hidden, 1, dtype=like.dtype, device=like.device)
+    lm_head = policy.get_output_embeddings()  # what the head shares: the LM head's input
+    like = lm_head.weight
+    head = nn.Linear(lm_head.in_features, 1, dtype=like.dtype, device=like.device)
     nn.init.zeros_(head.weight)
     nn.init.zeros_(head.bias)
     policy.add_module(NAME, head)
@@ -72,3 +74,24 @@ def outputs_with_values(
     values = head_of(policy)(hidden).squeeze(-1).float()
     logp = logprobs_of(logits, response)
     return logp, (entropy_from_logits(logits) if with_entropy else None), values
+
+
+@torch.no_grad()
+def reset(engine) -> None:
+    """A fresh critic on a carried actor (continue_from.actor without continue_from.critic): the
+    head back to zeros, and its optimizer state forgotten. Raises where that state cannot be told
+    apart (ZeRO-1/2 and bf16 master weights keep all parameters in flat buffers)."""
+    params = list(head_of(engine).parameters())
+    opt = base_optimizer(engine)
+    own = {id(p) for group in opt.param_groups for p in group["params"]}
+    if not all(id(p) in own for p in params) and any(opt.state.values()):
+        raise HandoffError(
+            "continue_from carried the actor's optimizer state, which holds the shared value head's "
+            "inside flat buffers (ZeRO-1/2 or bf16 master weights) that cannot be reset alone: set "
+            "continue_from.critic=true (keep the head) or continue_from.optimizer=false"
+        )
+    for p in params:
+        p.zero_()
+        opt.state.pop(p, None)
+    if hasattr(engine.optimizer, "refresh_fp32_params"):  # master copies follow the module's weights
+        engine.optimizer.refresh_fp32_params()

@@ -187,6 +187,11 @@ class PPOSettings:
         """Whether the run holds a critic model of its own (not a value head on the actor)."""
         return self.needs_critic and self.critic_trunk == "separate"
 
+    @property
+    def shared_critic(self) -> bool:
+        """Whether the critic is a value head on the actor (ppo.critic_trunk=shared with a critic)."""
+        return self.needs_critic and self.critic_trunk == "shared"
+
     def rolls_back(self, zero_stage: int) -> bool:
         """Whether updates past max_minibatch_kl are taken back (kl_rollback resolved)."""
         from rlhf.stages.ppo import undo
@@ -294,6 +299,13 @@ class PPORecipe:
     """Carry parts of a finished RL run into this one (see ContinueFrom); null: a fresh start."""
 
     def __post_init__(self) -> None:
+        self._check_rewards()
+        self._check_batching()
+        self._check_rl_settings()
+        self._check_continue_from()
+
+    def _check_rewards(self) -> None:
+        """A reward source, and a reward model where the critic starts from one."""
         if self.reward_dir is None and not self.reward_functions:
             raise ConfigError("no reward: set reward_dir (a reward model) and/or reward_functions")
         if self.ppo.separate_critic and self.ppo.critic_init == "reward" and self.reward_dir is None:
@@ -301,6 +313,9 @@ class PPORecipe:
                 "ppo.advantage_estimator=gae initialises its critic from the reward model, but there is "
                 "no reward_dir: set ppo.critic_init=sft, or use a critic-free estimator (e.g. grpo)"
             )
+
+    def _check_batching(self) -> None:
+        """Steps, and mini-batches that divide the rollout batch one optimizer step each."""
         if self.train.max_steps < 1:
             raise ConfigError("train.max_steps must be set (>= 1) for PPO: it counts PPO steps")
         if self.train.gradient_accumulation_steps != 1:
@@ -318,6 +333,9 @@ class PPORecipe:
                 f"ppo.rollout_batch_size ({self.ppo.rollout_batch_size}) must be a multiple of "
                 f"train.micro_batch_size x train.gradient_accumulation_steps ({mini})"
             )
+
+    def _check_rl_settings(self) -> None:
+        """Settings that other stages allow but RL cannot honour (engines, sampling, adapters, rollback)."""
         if self.ppo.ptx_coef > 0 and self.ptx_data is None:
             raise ConfigError("ppo.ptx_coef > 0 needs ptx_data (SFT demonstrations)")
         if not self.deepspeed.enabled:
@@ -347,12 +365,15 @@ class PPORecipe:
             )
         if self.ppo.kl_rollback == "always" and self.ppo.max_minibatch_kl is None:
             raise ConfigError("ppo.kl_rollback=always takes back updates past ppo.max_minibatch_kl, but that is null")
+
+    def _check_continue_from(self) -> None:
+        """What continue_from carries must exist in this run's layout."""
         if self.continue_from and self.continue_from.critic and not self.ppo.needs_critic:
             raise ConfigError(
                 f"continue_from.critic: ppo.advantage_estimator={self.ppo.advantage_estimator} has no critic to carry"
             )
         c = self.continue_from
-        if c and c.critic and self.ppo.needs_critic and not self.ppo.separate_critic and not c.actor:
+        if c and c.critic and self.ppo.shared_critic and not c.actor:
             raise ConfigError(
                 "continue_from.critic: under ppo.critic_trunk=shared the critic is a head on the actor, so "
                 "carrying it needs continue_from.actor=true (in `rlhf rounds`: carry.critic=continue needs "

@@ -175,7 +175,7 @@ def build_models(recipe: PPORecipe, tokenizer) -> Models:
         torch.cuda.set_device(device)
     pad = tokenizer.pad_token_id
     policy = with_lora(load_policy(recipe.sft_dir, recipe), recipe, "CAUSAL_LM")
-    shared = recipe.ppo.needs_critic and recipe.ppo.critic_trunk == "shared"
+    shared = recipe.ppo.shared_critic
     head = value_head.attach(policy) if shared else None  # after LoRA wrapping: trained in full
     actor = training_engine(
         policy, recipe, recipe.train.learning_rate, head=head, head_learning_rate=recipe.ppo.critic_learning_rate

@@ -103,7 +103,7 @@ def continued_state(recipe: PPORecipe) -> Path:
             )
     then = manifest.get("recipe", {})
     had_head = _value_head_in_actor(then.get("ppo", {}))
-    if c.actor and had_head != _value_head_in_actor(vars(recipe.ppo)):
+    if c.actor and had_head != recipe.ppo.shared_critic:
         # the actor's state holds the shared value head exactly when its run had one
         raise HandoffError(
             f"continue_from.path {c.path} trained its actor {'with' if had_head else 'without'} a shared "
@@ -122,7 +122,8 @@ def continued_state(recipe: PPORecipe) -> Path:
 
 
 def _value_head_in_actor(ppo: dict) -> bool:
-    """Whether a run's actor holds a value head, from its recipe's `ppo` section (as saved in a manifest)."""
+    """Whether an earlier run's actor held a value head, from the `ppo` section its manifest saved
+    (`PPOSettings.shared_critic` of that recipe, read from JSON)."""
     estimator = ESTIMATORS.get(ppo.get("advantage_estimator", "gae"))
     return ppo.get("critic_trunk", "separate") == "shared" and estimator is not None and estimator.needs_critic
 

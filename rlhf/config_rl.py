@@ -42,7 +42,7 @@ class RLModelConfig:
     Ampere+ GPUs. Rollout and update use the same autocast, so the first ratio is 1 within bf16
     rounding. Without such hardware bf16 is emulated and far slower than fp32 (a SmolLM2-135M step
     went from 26 s to over 7 minutes on an AVX2-only CPU), so `auto` turns it on only where the
-    device has native bf16 (`rlhf.stages.ppo.engines.native_bf16`) and says which it chose."""
+    device has native bf16 (`rlhf.autocast.native_bf16`) and says which it chose."""
 
 
 @dataclass

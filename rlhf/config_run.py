@@ -68,6 +68,10 @@ class EvalRecipe:
     are not samples of the policy, so `kl_to_sft` is not estimated (nan)."""
     batch_size: int = 64
     """Sequences per forward pass when sampling and scoring."""
+    generation_autocast: Literal["none", "bf16", "auto"] = "none"
+    """Sample every policy's answers under bf16 autocast (`auto`: where the hardware has native
+    bf16, see `rlhf.autocast`): about 1.6x faster sampling there. Scoring, the KL estimate and the
+    forgetting measure stay in the models' own precision, so those numbers do not move with it."""
     ground_truth: Literal["none", "demo", "demo_no_repeats", "instruct", "arithmetic", "reverse", "pick"] = "none"
     """Also grade responses with a task's ground-truth scorer (0-100, `rlhf.tasks.GRADERS`):
     'demo' for the demo task ('demo_no_repeats': the rounds demo's, see docs/rounds.md), 'instruct'

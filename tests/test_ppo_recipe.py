@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from conftest import REPO, ppo_overrides
+from rlhf import autocast
 from rlhf.checkpoint import MANIFEST, HandoffError
 from rlhf.config import load_recipe
 from rlhf.config_rl import PPORecipe
@@ -318,12 +319,12 @@ def test_autocast_auto_follows_native_bf16(caplog):
     avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
     sapphire = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile amx_bf16\n"
     graviton = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
-    assert not engines.native_bf16(cpu, avx2)
-    assert engines.native_bf16(cpu, sapphire) and engines.native_bf16(cpu, graviton)
-    assert not engines.native_bf16(cpu, "")  # no flags line at all: say no
-    assert engines.resolve_autocast("bf16", cpu) and not engines.resolve_autocast("none", cpu)
+    assert not autocast.native_bf16(cpu, avx2)
+    assert autocast.native_bf16(cpu, sapphire) and autocast.native_bf16(cpu, graviton)
+    assert not autocast.native_bf16(cpu, "")  # no flags line at all: say no
+    assert autocast.resolve_autocast("bf16", cpu) and not autocast.resolve_autocast("none", cpu)
     with caplog.at_level("INFO", logger="rlhf"):
-        chosen = engines.resolve_autocast("auto", cpu)
-    assert chosen == engines.native_bf16(cpu)  # this machine's own answer, and the log says which
+        chosen = autocast.resolve_autocast("auto", cpu)
+    assert chosen == autocast.native_bf16(cpu)  # this machine's own answer, and the log says which
     assert "model.autocast=auto: " + ("bf16" if chosen else "off (no native bf16)") in caplog.text
     assert load_recipe(PPORecipe, REPO / "recipes/smollm2-135m/ppo.yaml").model.autocast == "auto"

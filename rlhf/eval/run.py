@@ -23,6 +23,7 @@ from rlhf.config_run import EvalRecipe
 from rlhf.data.formats import Messages, normalize_prompt, normalize_sft
 from rlhf.data.prepare import prepare_splits, read_whole
 from rlhf.eval import metrics, report
+from rlhf import autocast
 from rlhf.eval.forgetting import nll_per_token, perplexity_rise, reference_answers
 from rlhf.models import default_device, load_model, load_tokenizer
 from rlhf.sampling import Samples, render_prompt, sample, score_responses, sequence_logprobs, with_few_shot
@@ -117,17 +118,18 @@ def evaluate_policy(p: Policy, recipe: EvalRecipe, tok, prompts: list[Messages],
     shown = [render_prompt(tok, with_few_shot(m, shots)) for m in prompts] if shots else plain
     model = _load(p.path, "policy", device)
     bs = recipe.batch_size
-    s: Samples = sample(
-        model,
-        tok,
-        shown,
-        recipe.samples_per_prompt * p.best_of,
-        recipe.generation,
-        recipe.seed,
-        bs,
-        device,
-        greedy=recipe.greedy,
-    )
+    with autocast.context(autocast.resolve_autocast(recipe.generation_autocast, device, "generation_autocast"), device):
+        s: Samples = sample(
+            model,
+            tok,
+            shown,
+            recipe.samples_per_prompt * p.best_of,
+            recipe.generation,
+            recipe.seed,
+            bs,
+            device,
+            greedy=recipe.greedy,
+        )
     rewards = _rewards(judges["reward"], tok, [prompts[i] for i in s.prompt_index], s, device, bs)
     if p.best_of > 1:
         s, rewards = _best_of(s, rewards, p.best_of)
@@ -255,7 +257,11 @@ def run_eval(recipe: EvalRecipe) -> Path:
         recipe=to_dict(recipe),
         started_at=started_at,
         parents=parents,
-        metrics={"headline": summary, "seconds": time.perf_counter() - t0},
+        metrics={
+            "headline": summary,
+            "seconds": time.perf_counter() - t0,
+            "generation_bf16_autocast": autocast.resolve_autocast(recipe.generation_autocast, device),
+        },
         datasets={"prompts": len(prompts)},
     )
     report.log_to_wandb(out, recipe, summary)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf import distributed
+from rlhf import autocast, distributed
 from rlhf.checkpoint import latest_checkpoint, now, write_manifest
 from rlhf.config import (
     ConfigError,
@@ -150,6 +150,13 @@ def train(trainer, recipe, dirs: StageDirs) -> tuple[Any, float] | None:
     """Train, resuming from the newest checkpoint when there is one (recipe.resume); returns the
     Trainer's result and the seconds it took, or None when training was interrupted (the stage
     then stays resumable and must write no manifest)."""
+    if autocast.resolve_autocast(recipe.model.autocast, trainer.args.device):
+        # Before train(): every later forward (training, evaluation, the stage's own test metrics
+        # on trainer.model) then runs the same way, inside DeepSpeed's engine or without it.
+        # DPO's separate reference computes the same way, so its first log-ratio is still 0.
+        for model in (trainer.model, getattr(trainer, "ref_model", None)):
+            if model is not None:
+                autocast.autocast_forward(model, trainer.args.device)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from(recipe.resume, dirs.checkpoints))
     seconds = time.perf_counter() - start

@@ -16,6 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from rlhf import autocast
 from rlhf import handoff
 from rlhf.checkpoint import parent_ref
 from rlhf.config_dpo import DPORecipe
@@ -200,6 +201,7 @@ def run_dpo(recipe: DPORecipe, extra_callbacks: list | None = None) -> Path:
         "global_step": trainer.state.global_step,
         "train_seconds": round(seconds, 2),
         **common.peak_memory(trainer.args.device),
+        "bf16_autocast": autocast.is_wrapped(trainer.model),  # what model.autocast (auto: by the hardware) chose
         "best_checkpoint": trainer.state.best_model_checkpoint,
         **_split_metrics(trainer, test_ds),
     }

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from rlhf import autocast
 from rlhf import distributed, handoff
 from rlhf.checkpoint import parent_ref
 from rlhf.config import RewardRecipe
@@ -251,6 +252,7 @@ def run_reward(recipe: RewardRecipe, extra_callbacks: list | None = None) -> Pat
         "train_seconds": round(seconds, 2),
         "best_checkpoint": trainer.state.best_model_checkpoint,
         **common.peak_memory(trainer.args.device),
+        "bf16_autocast": autocast.is_wrapped(trainer.model),  # what model.autocast (auto: by the hardware) chose
         **evaluation,
     }
 

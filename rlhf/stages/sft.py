@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from rlhf import autocast
 from rlhf.config import SFTRecipe
 from rlhf.data.formats import Messages, normalize_sft
 from rlhf.data.io import DataError
@@ -104,6 +105,7 @@ def _final_metrics(trainer, result, train_seconds: float, tokens_per_epoch: int)
         "trainable_parameters": trainable,
         "total_parameters": total,
         **common.peak_memory(trainer.args.device),
+        "bf16_autocast": autocast.is_wrapped(trainer.model),  # what model.autocast (auto: by the hardware) chose
     }
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from rlhf import distributed
+from rlhf import autocast, distributed
 from rlhf.config_rl import PPORecipe
 from rlhf.distributed import build_deepspeed_config, world_size
 from rlhf.models import load_model, merged_weights
@@ -76,38 +76,10 @@ def device_of_rank() -> torch.device:
     return torch.device("cuda", distributed.local_rank()) if torch.cuda.is_available() else torch.device("cpu")
 
 
-def native_bf16(device: torch.device, cpuinfo: str | None = None) -> bool:
-    """Whether `device` computes bf16 in hardware: an Ampere+ GPU, or a CPU whose flags list
-    avx512_bf16 or amx_bf16 (x86) or bf16 (Arm). Elsewhere torch emulates bf16, far slower than
-    fp32. `cpuinfo` is the text of /proc/cpuinfo (read when None; absent off Linux: no)."""
-    if device.type == "cuda":  # without including_emulation=False, pre-Ampere GPUs answer True
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    if device.type != "cpu":
-        return False
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    flags = {f for line in cpuinfo.splitlines() if line.lower().startswith(("flags", "features")) for f in line.split()}
-    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
-
-
-def resolve_autocast(setting: str, device: torch.device) -> bool:
-    """recipe.model.autocast -> whether forward passes run under bf16 autocast."""
-    if setting != "auto":
-        return setting == "bf16"
-    on = native_bf16(device)
-    log.info("model.autocast=auto: %s on %s", "bf16" if on else "off (no native bf16)", device.type)
-    return on
-
-
 def compute(m: Models):
     """Context for every forward pass of the run: bf16 autocast when the recipe asks, else nothing.
     Rollout and update both enter it, so they compute log-probs the same way."""
-    if not m.autocast:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=m.device.type, dtype=torch.bfloat16)
+    return autocast.context(m.autocast, m.device)
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
@@ -190,8 +162,8 @@ def build_models(recipe: PPORecipe, tokenizer) -> Models:
     reward = None  # rewards from functions alone need no reward model
     if recipe.reward_dir is not None:
         reward = inference_model(load_scorer(recipe.reward_dir, recipe, pad), recipe, device)
-    autocast = resolve_autocast(recipe.model.autocast, device)
-    return Models(actor, critic, reference, reward, tokenizer, device, autocast, shared_critic=shared)
+    bf16 = autocast.resolve_autocast(recipe.model.autocast, device)
+    return Models(actor, critic, reference, reward, tokenizer, device, bf16, shared_critic=shared)
 
 
 @contextlib.contextmanager

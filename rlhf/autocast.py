@@ -1,0 +1,112 @@
+"""bf16 autocast for every stage: where the hardware has it, how to turn it on, and around what.
+
+One home for the `autocast: none | bf16 | auto` setting that the PPO family (`model.autocast`), the
+HF-Trainer stages (SFT, reward, DPO: `model.autocast`) and the evaluation (`generation_autocast`)
+share. Weights and optimizer states stay in `train.precision` (fp32 by default): autocast only
+runs the matrix products in bf16, which is what makes a CPU with avx512_bf16/AMX (or an Ampere+
+GPU) about 1.6x faster per forward pass, and what keeps the first PPO ratio at 1 (rollout and
+update compute the same way).
+
+Why not `train.precision: bf16` for the HF stages: under DeepSpeed that stores the weights in bf16
+(with fp32 master copies in the optimizer), a different recipe from the fp32 run, and HF's
+Trainer only autocasts when DeepSpeed is off. Patching the module's `forward` works the same with
+and without DeepSpeed, in training and in evaluation, as accelerate does for its mixed precision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger("rlhf")
+
+# Modules a scalar-head model (HF `*ForSequenceClassification`) keeps its head under.
+SCALAR_HEADS = ("score", "classifier")
+
+
+def native_bf16(device: torch.device, cpuinfo: str | None = None) -> bool:
+    """Whether `device` computes bf16 in hardware: an Ampere+ GPU, or a CPU whose flags list
+    avx512_bf16 or amx_bf16 (x86) or bf16 (Arm). Elsewhere torch emulates bf16, far slower than
+    fp32. `cpuinfo` is the text of /proc/cpuinfo (read when None; absent off Linux: no)."""
+    if device.type == "cuda":  # without including_emulation=False, pre-Ampere GPUs answer True
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type != "cpu":
+        return False
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    flags = {f for line in cpuinfo.splitlines() if line.lower().startswith(("flags", "features")) for f in line.split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_autocast(setting: str, device: torch.device, key: str = "model.autocast") -> bool:
+    """An `autocast` setting -> whether forward passes run under bf16 autocast ('auto': where the
+    device has native bf16; the log says which it chose, naming `key`)."""
+    if setting != "auto":
+        return setting == "bf16"
+    on = native_bf16(device)
+    log.info("%s=auto: %s on %s", key, "bf16" if on else "off (no native bf16)", device.type)
+    return on
+
+
+def context(on: bool, device: torch.device):
+    """bf16 autocast on `device` when `on`, else nothing."""
+    if not on:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def autocast_forward(module: nn.Module, device: torch.device) -> nn.Module:
+    """Run every call of `module` under bf16 autocast, by wrapping its `forward` (in place; returns
+    it). Scalar heads (`score`, `classifier`) inside it keep computing in fp32, see `fp32_forward`.
+    Idempotent: a module already wrapped is left as it is."""
+    if is_wrapped(module):
+        return module
+    for name, sub in module.named_modules():
+        if name.rsplit(".", 1)[-1] in SCALAR_HEADS and not _inside_head(name):
+            fp32_forward(sub, device)
+    forward = module.forward
+
+    @functools.wraps(forward)
+    def under_autocast(*args, **kwargs):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
+            return forward(*args, **kwargs)
+
+    under_autocast._rlhf_autocast = True  # type: ignore[attr-defined]
+    module.forward = under_autocast  # an instance attribute: nn.Module.__call__ finds it first
+    return module
+
+
+def is_wrapped(module: nn.Module) -> bool:
+    """Whether `autocast_forward` wrapped this module (for the manifest: what `auto` chose)."""
+    return bool(getattr(module.forward, "_rlhf_autocast", False))
+
+
+def fp32_forward(module: nn.Module, device: torch.device) -> nn.Module:
+    """Run `module` in fp32 even inside autocast, on fp32 inputs. For a reward model's scalar head:
+    a bf16 score keeps 8 bits of mantissa (steps of 0.03 at a score of 5), too coarse for the
+    chosen-minus-rejected margins the loss and the accuracy are made of; the head is one small
+    matrix, so fp32 there costs nothing measurable."""
+    forward = module.forward
+
+    @functools.wraps(forward)
+    def in_fp32(x, *args, **kwargs):
+        with torch.autocast(device_type=device.type, enabled=False):
+            return forward(x.float() if torch.is_floating_point(x) else x, *args, **kwargs)
+
+    module.forward = in_fp32
+    return module
+
+
+def _inside_head(name: str) -> bool:
+    """Whether a module path lies below a scalar head (PEFT keeps copies of a trained head inside
+    its wrapper: `score.modules_to_save.default`, `score.original_module`); only the outermost is
+    wrapped, which covers them."""
+    return any(part in SCALAR_HEADS for part in name.split(".")[:-1])

@@ -1,0 +1,178 @@
+"""bf16 autocast outside PPO: the forward wrapper (`rlhf.autocast`), the SFT, reward and DPO
+stages' `model.autocast`, and the evaluation's `generation_autocast`."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from conftest import REPO, SFT_QUICK, demo_overrides, reward_overrides
+from rlhf import autocast
+from rlhf.checkpoint import MANIFEST
+from rlhf.config import RewardRecipe, SFTRecipe, load_recipe
+from rlhf.stages import common
+
+CPU = torch.device("cpu")
+
+
+def tiny(kind: str):
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_labels=1,
+        pad_token_id=0,
+    )
+    return (LlamaForCausalLM if kind == "lm" else LlamaForSequenceClassification)(cfg).eval()
+
+
+def output_dtypes(model) -> dict[str, torch.dtype]:
+    """The dtype each watched module's output had in the last forward pass."""
+    seen: dict[str, torch.dtype] = {}
+    for name, mod in model.named_modules():
+        if name.endswith(("mlp.down_proj", "score", "lm_head")) and not name.endswith("base_layer"):
+            mod.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o.dtype))
+    return seen
+
+
+def test_the_wrapper_runs_the_trunk_in_bf16_and_matches_fp32_within_rounding():
+    model = tiny("lm")
+    ids = torch.randint(1, 64, (3, 9))
+    with torch.no_grad():
+        exact = model(input_ids=ids).logits
+    seen = output_dtypes(model)
+    assert not autocast.is_wrapped(model)
+    assert autocast.autocast_forward(model, CPU) is model and autocast.is_wrapped(model)
+    with torch.no_grad():
+        approx = model(input_ids=ids).logits
+    assert seen["model.layers.0.mlp.down_proj"] == torch.bfloat16 and seen["lm_head"] == torch.bfloat16
+    assert not torch.equal(approx.float(), exact)  # it did compute differently...
+    assert torch.allclose(approx.float(), exact, atol=0.05, rtol=0.05)  # ...within bf16 rounding
+    forward = model.forward
+    autocast.autocast_forward(model, CPU)
+    assert model.forward is forward  # idempotent: one wrapper, not two
+
+
+def test_a_scalar_head_stays_fp32_under_autocast_also_inside_a_peft_wrapper():
+    from peft import LoraConfig, get_peft_model
+
+    for model in (tiny("scorer"), get_peft_model(tiny("scorer"), LoraConfig(task_type="SEQ_CLS", r=4))):
+        seen = output_dtypes(model)
+        autocast.autocast_forward(model, CPU)
+        with torch.no_grad():
+            score = model(input_ids=torch.randint(1, 64, (2, 7))).logits
+        layer = next(k for k in seen if k.endswith("layers.0.mlp.down_proj"))
+        assert seen[layer] == torch.bfloat16
+        heads = {k: v for k, v in seen.items() if k.endswith("score")}
+        assert heads and set(heads.values()) == {torch.float32}, seen
+        assert score.dtype == torch.float32
+
+
+def test_common_train_wraps_the_model_and_a_separate_reference_only_when_asked(tmp_path):
+    """The HF stages' one entry into training: model.autocast decides, for DPO's reference too."""
+
+    class Trainer:
+        def __init__(self):
+            self.model, self.ref_model = tiny("lm"), tiny("lm")
+            self.args = SimpleNamespace(device=CPU)
+            self.state = SimpleNamespace(global_step=1, max_steps=1)
+            self.control = SimpleNamespace(should_training_stop=False)
+
+        def train(self, resume_from_checkpoint=None):
+            return "trained"
+
+    for setting, wrapped in (("none", False), ("bf16", True)):
+        recipe = SimpleNamespace(
+            model=SimpleNamespace(autocast=setting),
+            resume="never",
+            train=SimpleNamespace(early_stopping_patience=0),
+        )
+        trainer = Trainer()
+        result, _ = common.train(trainer, recipe, SimpleNamespace(checkpoints=tmp_path))
+        assert result == "trained"
+        assert autocast.is_wrapped(trainer.model) is wrapped and autocast.is_wrapped(trainer.ref_model) is wrapped
+
+
+def test_model_autocast_is_a_known_key_with_a_checked_value(demo_assets, tmp_path):
+    from rlhf.config import ConfigError
+
+    base = REPO / "recipes/demo/sft.yaml"
+    assert load_recipe(SFTRecipe, base, demo_overrides(demo_assets, tmp_path)).model.autocast == "none"
+    with pytest.raises(ConfigError, match="model.autocast"):
+        load_recipe(SFTRecipe, base, demo_overrides(demo_assets, tmp_path) + ["model.autocast=fp8"])
+    for name in ("sft", "reward"):
+        r = load_recipe(SFTRecipe if name == "sft" else RewardRecipe, REPO / f"recipes/smollm2-135m/{name}.yaml")
+        assert r.model.autocast == "auto", name  # the CPU recipes: bf16 where the hardware has it
+
+
+def test_sft_and_reward_train_under_autocast_and_say_so(demo_assets, sft_dir, tmp_path):
+    from rlhf.stages.reward import run_reward
+    from rlhf.stages.sft import run_sft
+
+    quick = [q for q in SFT_QUICK if not q.startswith("train.max_steps")] + ["train.max_steps=6"]
+    sft = run_sft(
+        load_recipe(
+            SFTRecipe,
+            REPO / "recipes/demo/sft.yaml",
+            demo_overrides(demo_assets, tmp_path / "s") + quick + ["model.autocast=bf16"],
+        )
+    )
+    m = json.loads((sft / MANIFEST).read_text())["metrics"]
+    assert m["bf16_autocast"] is True and math.isfinite(m["test_loss"])
+    assert m["last_logged_loss"] < m["first_logged_loss"]
+    reward = run_reward(
+        load_recipe(
+            RewardRecipe,
+            REPO / "recipes/demo/reward.yaml",
+            reward_overrides(demo_assets, sft_dir, tmp_path / "r")
+            + ["train.max_steps=6", "train.eval_steps=3", "train.save_steps=3", "model.autocast=bf16"],
+        )
+    )
+    r = json.loads((reward / MANIFEST).read_text())["metrics"]
+    assert r["bf16_autocast"] is True
+    # The stage's own evaluation scored with the wrapped model: finite margins, an fp32 head.
+    assert r["validation"]["pairs"] > 0 and math.isfinite(r["validation"]["mean_margin"])
+
+
+def test_eval_samples_under_autocast_and_records_it(demo_assets, sft_dir, reward_dir, tmp_path):
+    from rlhf.config_run import EvalRecipe
+    from rlhf.eval.run import run_eval
+
+    def run(out, setting):
+        recipe = load_recipe(
+            EvalRecipe,
+            REPO / "recipes/demo/eval.yaml",
+            [
+                f"demo_assets={demo_assets}",
+                "base_dir=null",
+                "base_few_shot=0",
+                f"sft_dir={sft_dir}",
+                "ppo_dir=null",
+                f"reward_dir={reward_dir}",
+                f"prompts.sources.0.path={demo_assets / 'data/heldout_prompts.jsonl'}",
+                f"output_dir={out}",
+                "tracking.wandb=false",
+                "samples_per_prompt=2",
+                "generation.max_new_tokens=12",
+                f"generation_autocast={setting}",
+            ],
+        )
+        got = run_eval(recipe)
+        return json.loads((got / MANIFEST).read_text())["metrics"], json.loads((got / "report.json").read_text())
+
+    m32, r32 = run(tmp_path / "fp32", "none")
+    m16, r16 = run(tmp_path / "bf16", "bf16")
+    assert m32["generation_bf16_autocast"] is False and m16["generation_bf16_autocast"] is True
+    assert len(r16["samples"]) == len(r32["samples"])
+    # SFT's KL to itself is 0 however it sampled: scoring stayed with the models' own precision.
+    assert r16["summary"]["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-6)

@@ -16,9 +16,9 @@ and without DeepSpeed, in training and in evaluation, as accelerate does for its
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 from pathlib import Path
+from types import MethodType
 
 import torch
 from torch import nn
@@ -72,37 +72,43 @@ def autocast_forward(module: nn.Module, device: torch.device) -> nn.Module:
     for name, sub in module.named_modules():
         if name.rsplit(".", 1)[-1] in SCALAR_HEADS and not _inside_head(name):
             fp32_forward(sub, device)
-    forward = module.forward
-
-    @functools.wraps(forward)
-    def under_autocast(*args, **kwargs):
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16):
-            return forward(*args, **kwargs)
-
-    under_autocast._rlhf_autocast = True  # type: ignore[attr-defined]
-    module.forward = under_autocast  # an instance attribute: nn.Module.__call__ finds it first
+    _rebind(module, _forward_under_autocast, device)
     return module
 
 
 def is_wrapped(module: nn.Module) -> bool:
     """Whether `autocast_forward` wrapped this module (for the manifest: what `auto` chose)."""
-    return bool(getattr(module.forward, "_rlhf_autocast", False))
+    return getattr(module.forward, "__func__", None) is _forward_under_autocast
 
 
 def fp32_forward(module: nn.Module, device: torch.device) -> nn.Module:
-    """Run `module` in fp32 even inside autocast, on fp32 inputs. For a reward model's scalar head:
-    a bf16 score keeps 8 bits of mantissa (steps of 0.03 at a score of 5), too coarse for the
-    chosen-minus-rejected margins the loss and the accuracy are made of; the head is one small
-    matrix, so fp32 there costs nothing measurable."""
-    forward = module.forward
-
-    @functools.wraps(forward)
-    def in_fp32(x, *args, **kwargs):
-        with torch.autocast(device_type=device.type, enabled=False):
-            return forward(x.float() if torch.is_floating_point(x) else x, *args, **kwargs)
-
-    module.forward = in_fp32
+    """Run `module` outside autocast, in its weights' own precision (fp32 in the CPU recipes). For a
+    reward model's scalar head: a bf16 score keeps 8 bits of mantissa (steps of 0.03 at a score of
+    5), too coarse for the chosen-minus-rejected margins the loss and the accuracy are made of; the
+    head is one small matrix, so fp32 there costs nothing measurable. With bf16 or fp16 weights
+    (`train.precision`) the input is cast to theirs, the head then computing as it is stored."""
+    _rebind(module, _forward_in_weight_dtype, device)
     return module
+
+
+def _rebind(module: nn.Module, wrapper, device: torch.device) -> None:
+    """Make `wrapper` the module's forward, as a method bound to the module (so a deepcopy or a
+    pickle of the module carries a wrapper of the copy, not of the original), keeping the forward
+    it wraps in `_rlhf_inner_forward` (accelerate keeps its mixed-precision forward the same way)."""
+    module._rlhf_inner_forward = module.forward
+    module._rlhf_autocast_device = device.type
+    module.forward = MethodType(wrapper, module)  # an instance attribute: nn.Module.__call__ finds it first
+
+
+def _forward_under_autocast(self, *args, **kwargs):
+    with torch.autocast(device_type=self._rlhf_autocast_device, dtype=torch.bfloat16):
+        return self._rlhf_inner_forward(*args, **kwargs)
+
+
+def _forward_in_weight_dtype(self, x, *args, **kwargs):
+    dtype = next((p.dtype for p in self.parameters() if torch.is_floating_point(p)), torch.float32)
+    with torch.autocast(device_type=self._rlhf_autocast_device, enabled=False):
+        return self._rlhf_inner_forward(x.to(dtype) if torch.is_floating_point(x) else x, *args, **kwargs)
 
 
 def _inside_head(name: str) -> bool:

@@ -35,7 +35,8 @@ class ModelConfig:
     and optimizer staying in `train.precision`; a scalar head stays fp32. About 1.6x faster forward
     passes on CPUs with avx512_bf16/AMX and on Ampere+ GPUs; `auto` turns it on only there, since
     emulated bf16 is far slower than fp32 (see `rlhf.autocast`). The PPO family's `model.autocast`
-    means the same."""
+    decides the same way, but there every forward, the reward model's and the critic's heads
+    included, runs under autocast."""
 
     def __post_init__(self) -> None:
         if not self.name_or_path:

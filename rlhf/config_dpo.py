@@ -113,6 +113,12 @@ class DPORecipe:
                 "pass, so the test split could not be scored at the end; use LoRA (the reference is "
                 "the adapter switched off) or data.test_fraction: 0"
             )
+        if self.precompute_ref_log_probs and self.model.autocast != "none":
+            raise ConfigError(
+                "precompute_ref_log_probs computes the reference log-probs while the trainer is built, "
+                "before model.autocast applies, so reference and policy would compute in different "
+                "precisions: set model.autocast: none, or precompute_ref_log_probs: false"
+            )
         if self.method == "kto" and self.loss_type == "kto" and self.train.micro_batch_size < 2:
             raise ConfigError(
                 "KTO estimates its KL term from mismatched responses within a batch: "

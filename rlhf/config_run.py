@@ -71,7 +71,8 @@ class EvalRecipe:
     generation_autocast: Literal["none", "bf16", "auto"] = "none"
     """Sample every policy's answers under bf16 autocast (`auto`: where the hardware has native
     bf16, see `rlhf.autocast`): about 1.6x faster sampling there. Scoring, the KL estimate and the
-    forgetting measure stay in the models' own precision, so those numbers do not move with it."""
+    forgetting measure still compute in the models' own precision; the answers they measure are
+    other samples, though, so the numbers differ as another seed's would."""
     ground_truth: Literal["none", "demo", "demo_no_repeats", "instruct", "arithmetic", "reverse", "pick"] = "none"
     """Also grade responses with a task's ground-truth scorer (0-100, `rlhf.tasks.GRADERS`):
     'demo' for the demo task ('demo_no_repeats': the rounds demo's, see docs/rounds.md), 'instruct'

@@ -78,6 +78,22 @@ def test_a_scalar_head_stays_fp32_under_autocast_also_inside_a_peft_wrapper():
         assert score.dtype == torch.float32
 
 
+def test_a_wrapped_copy_computes_with_its_own_weights_and_a_bf16_head_does_not_break():
+    import copy
+
+    model = autocast.autocast_forward(tiny("scorer"), CPU)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin.score.weight.mul_(2.0)  # the copy's head only
+        ids = torch.randint(1, 64, (2, 7))
+        assert autocast.is_wrapped(twin)
+        assert torch.allclose(twin(input_ids=ids).logits, 2 * model(input_ids=ids).logits, rtol=1e-5, atol=1e-6)
+    # Weights stored in bf16 (train.precision: bf16): the head computes in bf16, as it is stored.
+    low = autocast.autocast_forward(tiny("scorer").to(torch.bfloat16), CPU)
+    with torch.no_grad():
+        assert low(input_ids=ids).logits.dtype == torch.bfloat16
+
+
 def test_common_train_wraps_the_model_and_a_separate_reference_only_when_asked(tmp_path):
     """The HF stages' one entry into training: model.autocast decides, for DPO's reference too."""
 
@@ -110,9 +126,43 @@ def test_model_autocast_is_a_known_key_with_a_checked_value(demo_assets, tmp_pat
     assert load_recipe(SFTRecipe, base, demo_overrides(demo_assets, tmp_path)).model.autocast == "none"
     with pytest.raises(ConfigError, match="model.autocast"):
         load_recipe(SFTRecipe, base, demo_overrides(demo_assets, tmp_path) + ["model.autocast=fp8"])
+    from rlhf.config_dpo import DPORecipe
+
+    with pytest.raises(ConfigError, match="precompute_ref_log_probs computes the reference"):
+        load_recipe(
+            DPORecipe,
+            REPO / "recipes/smollm2-135m/dpo.yaml",
+            ["model.autocast=auto", "precompute_ref_log_probs=true", "peft.enabled=true"],
+        )
     for name in ("sft", "reward"):
         r = load_recipe(SFTRecipe if name == "sft" else RewardRecipe, REPO / f"recipes/smollm2-135m/{name}.yaml")
         assert r.model.autocast == "auto", name  # the CPU recipes: bf16 where the hardware has it
+
+
+class DtypeWatch:
+    """A TrainerCallback that records, while training steps run, the dtype of the outputs of a
+    trunk matrix (layer 0's down_proj) and of a scalar head: what the forward really computed in."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        self.seen: dict[str, set] = {"trunk": set(), "head": set()}
+        watch = self
+
+        class Callback(TrainerCallback):
+            def on_train_begin(self, args, state, control, model=None, **kwargs):
+                for name, mod in model.named_modules():
+                    kind = (
+                        "trunk"
+                        if name.endswith("layers.0.mlp.down_proj")
+                        else "head"
+                        if name.endswith("score")
+                        else None
+                    )
+                    if kind:
+                        mod.register_forward_hook(lambda m, i, o, kind=kind: watch.seen[kind].add(o.dtype))
+
+        self.callback = Callback()
 
 
 def test_sft_and_reward_train_under_autocast_and_say_so(demo_assets, sft_dir, tmp_path):
@@ -120,46 +170,73 @@ def test_sft_and_reward_train_under_autocast_and_say_so(demo_assets, sft_dir, tm
     from rlhf.stages.sft import run_sft
 
     quick = [q for q in SFT_QUICK if not q.startswith("train.max_steps")] + ["train.max_steps=6"]
+    watch = DtypeWatch()
     sft = run_sft(
         load_recipe(
             SFTRecipe,
             REPO / "recipes/demo/sft.yaml",
             demo_overrides(demo_assets, tmp_path / "s") + quick + ["model.autocast=bf16"],
-        )
+        ),
+        extra_callbacks=[watch.callback],
     )
     m = json.loads((sft / MANIFEST).read_text())["metrics"]
     assert m["bf16_autocast"] is True and math.isfinite(m["test_loss"])
-    assert m["last_logged_loss"] < m["first_logged_loss"]
+    assert watch.seen["trunk"] == {torch.bfloat16}, watch.seen
+    watch = DtypeWatch()
     reward = run_reward(
         load_recipe(
             RewardRecipe,
             REPO / "recipes/demo/reward.yaml",
             reward_overrides(demo_assets, sft_dir, tmp_path / "r")
             + ["train.max_steps=6", "train.eval_steps=3", "train.save_steps=3", "model.autocast=bf16"],
-        )
+        ),
+        extra_callbacks=[watch.callback],
     )
     r = json.loads((reward / MANIFEST).read_text())["metrics"]
     assert r["bf16_autocast"] is True
-    # The stage's own evaluation scored with the wrapped model: finite margins, an fp32 head.
+    assert watch.seen == {"trunk": {torch.bfloat16}, "head": {torch.float32}}, watch.seen
     assert r["validation"]["pairs"] > 0 and math.isfinite(r["validation"]["mean_margin"])
+    # model.autocast: none (the default) leaves every forward in fp32.
+    watch = DtypeWatch()
+    run_sft(
+        load_recipe(SFTRecipe, REPO / "recipes/demo/sft.yaml", demo_overrides(demo_assets, tmp_path / "n") + quick),
+        extra_callbacks=[watch.callback],
+    )
+    assert watch.seen["trunk"] == {torch.float32}, watch.seen
 
 
-def test_eval_samples_under_autocast_and_records_it(demo_assets, sft_dir, reward_dir, tmp_path):
+def test_eval_samples_under_autocast_and_scores_without_it(demo_assets, sft_dir, reward_dir, tmp_path, monkeypatch):
+    """generation_autocast covers sampling only: the reward model's scores, the KL estimate and the
+    forgetting measure are computed as before (seen from inside each call, not from the manifest)."""
     from rlhf.config_run import EvalRecipe
-    from rlhf.eval.run import run_eval
+    from rlhf.eval import run as eval_run
+
+    state: dict[str, set] = {}
+
+    def watched(name, fn):
+        def call(*args, **kwargs):
+            state.setdefault(name, set()).add(torch.is_autocast_enabled("cpu"))
+            return fn(*args, **kwargs)
+
+        return call
+
+    for name in ("sample", "score_responses", "sequence_logprobs", "nll_per_token"):
+        monkeypatch.setattr(eval_run, name, watched(name, getattr(eval_run, name)))
 
     def run(out, setting):
+        state.clear()
         recipe = load_recipe(
             EvalRecipe,
             REPO / "recipes/demo/eval.yaml",
             [
                 f"demo_assets={demo_assets}",
-                "base_dir=null",
+                f"base_dir={demo_assets / 'base'}",
                 "base_few_shot=0",
                 f"sft_dir={sft_dir}",
                 "ppo_dir=null",
                 f"reward_dir={reward_dir}",
                 f"prompts.sources.0.path={demo_assets / 'data/heldout_prompts.jsonl'}",
+                f"forgetting_prompts={{path: {demo_assets / 'data/heldout_prompts.jsonl'}}}",
                 f"output_dir={out}",
                 "tracking.wandb=false",
                 "samples_per_prompt=2",
@@ -167,12 +244,12 @@ def test_eval_samples_under_autocast_and_records_it(demo_assets, sft_dir, reward
                 f"generation_autocast={setting}",
             ],
         )
-        got = run_eval(recipe)
-        return json.loads((got / MANIFEST).read_text())["metrics"], json.loads((got / "report.json").read_text())
+        got = eval_run.run_eval(recipe)
+        return json.loads((got / MANIFEST).read_text())["metrics"], dict(state)
 
-    m32, r32 = run(tmp_path / "fp32", "none")
-    m16, r16 = run(tmp_path / "bf16", "bf16")
+    m32, seen32 = run(tmp_path / "fp32", "none")
+    m16, seen16 = run(tmp_path / "bf16", "bf16")
     assert m32["generation_bf16_autocast"] is False and m16["generation_bf16_autocast"] is True
-    assert len(r16["samples"]) == len(r32["samples"])
-    # SFT's KL to itself is 0 however it sampled: scoring stayed with the models' own precision.
-    assert r16["summary"]["sft"]["kl_to_sft"] == pytest.approx(0.0, abs=1e-6)
+    assert seen32["sample"] == {False} and seen16["sample"] == {True}
+    for name in ("score_responses", "sequence_logprobs", "nll_per_token"):
+        assert seen16.get(name) == {False}, (name, seen16)  # called, and outside autocast

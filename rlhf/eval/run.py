@@ -111,14 +111,17 @@ def _best_of(s: Samples, rewards: list[float], n: int) -> tuple[Samples, list[fl
     return picked, [rewards[i] for i in keep]
 
 
-def evaluate_policy(p: Policy, recipe: EvalRecipe, tok, prompts: list[Messages], judges: dict, device) -> dict:
-    """Sample one policy on every prompt and measure it; returns its metrics and samples."""
+def evaluate_policy(
+    p: Policy, recipe: EvalRecipe, tok, prompts: list[Messages], judges: dict, device, bf16_sampling: bool = False
+) -> dict:
+    """Sample one policy on every prompt (under bf16 autocast when `bf16_sampling`) and measure it;
+    returns its metrics and samples."""
     plain = [render_prompt(tok, m) for m in prompts]
     shots = load_shots(recipe, p.few_shot)
     shown = [render_prompt(tok, with_few_shot(m, shots)) for m in prompts] if shots else plain
     model = _load(p.path, "policy", device)
     bs = recipe.batch_size
-    with autocast.context(autocast.resolve_autocast(recipe.generation_autocast, device, "generation_autocast"), device):
+    with autocast.context(bf16_sampling, device):
         s: Samples = sample(
             model,
             tok,
@@ -222,6 +225,8 @@ def run_eval(recipe: EvalRecipe) -> Path:
     prompts = load_prompts(recipe, tok)
     device = default_device()
     torch.manual_seed(recipe.seed)
+    # Sampling only: the judges, the KL estimate and the forgetting measure compute as before.
+    bf16_sampling = autocast.resolve_autocast(recipe.generation_autocast, device, "generation_autocast")
     judges = {
         "reward": _load(recipe.reward_dir, "scorer", device) if recipe.reward_dir else None,
         "reference": _load(recipe.sft_dir, "policy", device),
@@ -234,7 +239,7 @@ def run_eval(recipe: EvalRecipe) -> Path:
 
     results = []
     for p in tqdm(policies, desc="eval"):
-        results.append(evaluate_policy(p, recipe, tok, prompts, judges, device))
+        results.append(evaluate_policy(p, recipe, tok, prompts, judges, device, bf16_sampling))
         log.info("%s: reward %.3f, KL to SFT %.2f", p.name, results[-1]["reward_mean"], results[-1]["kl_to_sft"])
     base_nll = next((r["forgetting_nll"] for r in results if r["name"] == "base" and "forgetting_nll" in r), None)
     for r in results:
@@ -260,7 +265,7 @@ def run_eval(recipe: EvalRecipe) -> Path:
         metrics={
             "headline": summary,
             "seconds": time.perf_counter() - t0,
-            "generation_bf16_autocast": autocast.resolve_autocast(recipe.generation_autocast, device),
+            "generation_bf16_autocast": bf16_sampling,
         },
         datasets={"prompts": len(prompts)},
     )

@@ -150,12 +150,17 @@ def train(trainer, recipe, dirs: StageDirs) -> tuple[Any, float] | None:
     """Train, resuming from the newest checkpoint when there is one (recipe.resume); returns the
     Trainer's result and the seconds it took, or None when training was interrupted (the stage
     then stays resumable and must write no manifest)."""
+    import torch
+
     if autocast.resolve_autocast(recipe.model.autocast, trainer.args.device):
         # Before train(): every later forward (training, evaluation, the stage's own test metrics
         # on trainer.model) then runs the same way, inside DeepSpeed's engine or without it.
-        # DPO's separate reference computes the same way, so its first log-ratio is still 0.
-        for model in (trainer.model, getattr(trainer, "ref_model", None)):
-            if model is not None:
+        # DPO's separate reference computes the same way, so its first log-ratio is still 0. TRL
+        # has already put it inside a DeepSpeed engine, whose own forward turns autocast off on a
+        # GPU when the engine's config has no torch_autocast section: wrap the module inside it.
+        ref = getattr(trainer, "ref_model", None)
+        for model in (trainer.model, getattr(ref, "module", ref)):
+            if isinstance(model, torch.nn.Module):
                 autocast.autocast_forward(model, trainer.args.device)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from(recipe.resume, dirs.checkpoints))

@@ -16,14 +16,13 @@ from pathlib import Path
 
 import torch
 
-from rlhf import handoff
+from rlhf import autocast, handoff
 from rlhf.checkpoint import MANIFEST, now, parent_ref, write_manifest
 from rlhf.config import ConfigError, to_dict
 from rlhf.config_run import EvalRecipe
 from rlhf.data.formats import Messages, normalize_prompt, normalize_sft
 from rlhf.data.prepare import prepare_splits, read_whole
 from rlhf.eval import metrics, report
-from rlhf import autocast
 from rlhf.eval.forgetting import nll_per_token, perplexity_rise, reference_answers
 from rlhf.models import default_device, load_model, load_tokenizer
 from rlhf.sampling import Samples, render_prompt, sample, score_responses, sequence_logprobs, with_few_shot

@@ -16,8 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from rlhf import autocast
-from rlhf import handoff
+from rlhf import autocast, handoff
 from rlhf.checkpoint import parent_ref
 from rlhf.config_dpo import DPORecipe
 from rlhf.data.formats import normalize_preference, normalize_unpaired, unpair

@@ -14,8 +14,7 @@ from typing import Any
 
 import torch
 
-from rlhf import autocast
-from rlhf import distributed, handoff
+from rlhf import autocast, distributed, handoff
 from rlhf.checkpoint import parent_ref
 from rlhf.config import RewardRecipe
 from rlhf.data.formats import Messages, RowError, normalize_labelled, normalize_preference

@@ -116,3 +116,40 @@ def _inside_head(name: str) -> bool:
     its wrapper: `score.modules_to_save.default`, `score.original_module`); only the outermost is
     wrapped, which covers them."""
     return any(part in SCALAR_HEADS for part in name.split(".")[:-1])
+
+
+# Longest sequence (tokens) for which `attn_implementation: auto` picks eager attention on a CPU in
+# bf16. scripts/bench_attention.py, SmolLM2-135M under LoRA, batch 8, forward + backward, on a
+# 2-core avx512_bf16 CPU: eager / sdpa 0.88-0.90 at 128 tokens, 0.96 at 224, 0.99 at 320, 1.04 at
+# 512 (eager materialises the T x T scores; torch's CPU flash kernel, which sdpa runs, has a slow
+# bf16 backward pass, which only dominates at short lengths). In fp32 sdpa wins at every length.
+EAGER_MAX_TOKENS = 256
+
+
+def attention_kernel(setting: str | None, device: torch.device, bf16: bool, max_tokens: int) -> str | None:
+    """A recipe's `attn_implementation` -> the kernel to run. 'auto': eager for bf16 compute on a
+    CPU with sequences of at most EAGER_MAX_TOKENS, sdpa everywhere else (GPUs, fp32, long rows).
+    Any other value (or None: transformers' own default) is kept as the recipe gives it."""
+    if setting != "auto":
+        return setting
+    return "eager" if device.type == "cpu" and bf16 and max_tokens <= EAGER_MAX_TOKENS else "sdpa"
+
+
+def use_attention(module: nn.Module, kernel: str | None) -> None:
+    """Switch every transformers model inside `module` (through PEFT wrappers, value wrappers,
+    DeepSpeed engines) to attention `kernel`, in place. transformers reads the kernel from the
+    config at each forward pass, so this works after loading and after engine construction."""
+    if kernel is None:
+        return
+    from transformers import PreTrainedModel
+
+    for sub in module.modules():
+        if isinstance(sub, PreTrainedModel) and sub.config._attn_implementation != kernel:
+            sub.set_attn_implementation(kernel)
+
+
+def attention_of(module: nn.Module) -> str | None:
+    """The attention kernel the first transformers model inside `module` runs (for manifests)."""
+    from transformers import PreTrainedModel
+
+    return next((sub.config._attn_implementation for sub in module.modules() if isinstance(sub, PreTrainedModel)), None)

@@ -26,8 +26,11 @@ class ModelConfig:
     """Tokenizer directory when it differs from `name_or_path`."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about a third more compute."""
-    attn_implementation: str | None = "sdpa"
-    """Attention kernel passed to `from_pretrained` (sdpa, eager, flash_attention_2, ...)."""
+    attn_implementation: str | None = "auto"
+    """Attention kernel (sdpa, eager, flash_attention_2, ...). 'auto': eager when the forward passes
+    run in bf16 (`autocast` or `train.precision: bf16`) on a CPU with rows of at most 256 tokens
+    (`data.max_length`), where it is about 10% faster per training step than sdpa; sdpa elsewhere
+    (`rlhf.autocast.attention_kernel`, measured by scripts/bench_attention.py)."""
     trust_remote_code: bool = False
     """Allow model code shipped inside the model directory."""
     autocast: Literal["none", "bf16", "auto"] = "none"

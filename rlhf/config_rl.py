@@ -28,8 +28,10 @@ class RLModelConfig:
 
     gradient_checkpointing: bool = False
     """Recompute the actor's and critic's activations in the backward pass: less memory, more compute."""
-    attn_implementation: str | None = "sdpa"
-    """Attention kernel passed to `from_pretrained` (sdpa, eager, flash_attention_2, ...)."""
+    attn_implementation: str | None = "auto"
+    """Attention kernel (sdpa, eager, flash_attention_2, ...). 'auto': eager when the forward passes
+    run in bf16 (`autocast` or `train.precision: bf16`) on a CPU and prompt plus response fit in
+    256 tokens, sdpa elsewhere (`rlhf.autocast.attention_kernel`)."""
     trust_remote_code: bool = False
     """Allow model code shipped inside the model directories."""
     disable_dropout: bool = True

@@ -137,7 +137,9 @@ def load_model(
     if model is not None:
         kwargs["trust_remote_code"] = model.trust_remote_code
         if model.attn_implementation:
-            kwargs["attn_implementation"] = model.attn_implementation
+            # 'auto' loads with sdpa; the stage switches once it knows its compute dtype and device
+            # (rlhf.autocast.attention_kernel)
+            kwargs["attn_implementation"] = "sdpa" if model.attn_implementation == "auto" else model.attn_implementation
     quant = quantization_config(lora, precision, zero_stage) if lora is not None else None
     if quant is not None:
         kwargs["quantization_config"] = quant

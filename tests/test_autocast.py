@@ -107,16 +107,52 @@ def test_common_train_wraps_the_model_and_a_separate_reference_only_when_asked(t
         def train(self, resume_from_checkpoint=None):
             return "trained"
 
-    for setting, wrapped in (("none", False), ("bf16", True)):
+    # attn_implementation auto: eager only for bf16 compute (autocast, or bf16 weights) on rows of at
+    # most 256 tokens on a CPU; an explicit kernel is kept as given
+    for setting, precision, max_length, attention, wrapped, kernel in (
+        ("none", "fp32", 64, "auto", False, "sdpa"),
+        ("bf16", "fp32", 64, "auto", True, "eager"),
+        ("bf16", "fp32", 512, "auto", True, "sdpa"),
+        ("none", "bf16", 64, "auto", False, "eager"),
+        ("bf16", "fp32", 64, "sdpa", True, "sdpa"),
+    ):
         recipe = SimpleNamespace(
-            model=SimpleNamespace(autocast=setting),
+            model=SimpleNamespace(autocast=setting, attn_implementation=attention),
             resume="never",
-            train=SimpleNamespace(early_stopping_patience=0),
+            train=SimpleNamespace(early_stopping_patience=0, precision=precision),
+            data=SimpleNamespace(max_length=max_length),
         )
         trainer = Trainer()
+        trainer.model.set_attn_implementation("sdpa")
         result, _ = common.train(trainer, recipe, SimpleNamespace(checkpoints=tmp_path))
         assert result == "trained"
         assert autocast.is_wrapped(trainer.model) is wrapped and autocast.is_wrapped(trainer.ref_model) is wrapped
+        assert autocast.attention_of(trainer.model) == autocast.attention_of(trainer.ref_model) == kernel, recipe
+
+
+def test_attention_kernel_auto_is_eager_only_for_short_bf16_rows_on_a_cpu():
+    gpu = torch.device("cuda", 0)
+    assert autocast.attention_kernel("auto", CPU, True, 128) == "eager"
+    assert autocast.attention_kernel("auto", CPU, True, autocast.EAGER_MAX_TOKENS) == "eager"
+    assert autocast.attention_kernel("auto", CPU, True, autocast.EAGER_MAX_TOKENS + 1) == "sdpa"
+    assert autocast.attention_kernel("auto", CPU, False, 128) == "sdpa"
+    assert autocast.attention_kernel("auto", gpu, True, 128) == "sdpa"
+    assert autocast.attention_kernel("flash_attention_2", CPU, True, 128) == "flash_attention_2"
+    assert autocast.attention_kernel(None, CPU, True, 128) is None
+    # the switch reaches a model inside PEFT's wrapper, and both kernels compute the same function
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny("lm"), LoraConfig(r=4, target_modules="all-linear"))
+    autocast.use_attention(model, "sdpa")
+    ids = torch.randint(1, 64, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    with torch.no_grad():
+        sdpa = model(input_ids=ids, attention_mask=mask).logits
+        autocast.use_attention(model, "eager")
+        assert autocast.attention_of(model) == "eager"
+        eager = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(eager[mask.bool()], sdpa[mask.bool()], atol=1e-5, rtol=1e-5)
 
 
 def test_model_autocast_is_a_known_key_with_a_checked_value(demo_assets, tmp_path):
@@ -182,6 +218,7 @@ def test_sft_and_reward_train_under_autocast_and_say_so(demo_assets, sft_dir, tm
     )
     m = json.loads((sft / MANIFEST).read_text())["metrics"]
     assert m["bf16_autocast"] is True and math.isfinite(m["test_loss"])
+    assert m["attention"] == "eager"  # attn_implementation auto, bf16 on a CPU, short rows
     assert watch.seen["trunk"] == {torch.bfloat16}, watch.seen
     watch = DtypeWatch()
     reward = run_reward(

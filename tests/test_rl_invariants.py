@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO, ppo_overrides
+from rlhf import autocast
 from rlhf.config import GenerationSettings, load_recipe
 from rlhf.config_rl import PPORecipe
 from rlhf.errors import ConfigError, HandoffError
@@ -75,6 +76,9 @@ def test_first_minibatch_ratio_is_one_and_step0_kl_is_zero(demo_assets, sft_dir,
     )
     tok, _ = ppo.check_handoff(r)
     m = engines.build_models(r, tok)
+    # attn_implementation auto: eager for bf16 compute on a CPU, sdpa in fp32, all models alike
+    kernels = {autocast.attention_of(x) for x in (m.actor.module, m.critic.module, m.reward)}
+    assert kernels == {"eager" if variant == "bf16-autocast" else "sdpa"}, (variant, kernels)
     ro = rollout.make_rollout(m, r, PROMPTS, (0.0, 1.0), 0.05, {})
     mask = ro.response_mask.bool()
     # KL to the reference before any update: the actor *is* the reference (or the adapter is zero).

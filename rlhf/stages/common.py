@@ -152,16 +152,25 @@ def train(trainer, recipe, dirs: StageDirs) -> tuple[Any, float] | None:
     then stays resumable and must write no manifest)."""
     import torch
 
-    if autocast.resolve_autocast(recipe.model.autocast, trainer.args.device):
+    ref = getattr(trainer, "ref_model", None)
+    models = [m for m in (trainer.model, getattr(ref, "module", ref)) if isinstance(m, torch.nn.Module)]
+    bf16 = autocast.resolve_autocast(recipe.model.autocast, trainer.args.device)
+    if bf16:
         # Before train(): every later forward (training, evaluation, the stage's own test metrics
         # on trainer.model) then runs the same way, inside DeepSpeed's engine or without it.
         # DPO's separate reference computes the same way, so its first log-ratio is still 0. TRL
         # has already put it inside a DeepSpeed engine, whose own forward turns autocast off on a
         # GPU when the engine's config has no torch_autocast section: wrap the module inside it.
-        ref = getattr(trainer, "ref_model", None)
-        for model in (trainer.model, getattr(ref, "module", ref)):
-            if isinstance(model, torch.nn.Module):
-                autocast.autocast_forward(model, trainer.args.device)
+        for model in models:
+            autocast.autocast_forward(model, trainer.args.device)
+    kernel = autocast.attention_kernel(
+        recipe.model.attn_implementation,
+        trainer.args.device,
+        bf16 or recipe.train.precision == "bf16",
+        recipe.data.max_length,
+    )
+    for model in models:  # the reference computes as the policy does (DPO's first log-ratio 0)
+        autocast.use_attention(model, kernel)
     start = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=resume_from(recipe.resume, dirs.checkpoints))
     seconds = time.perf_counter() - start

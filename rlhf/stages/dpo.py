@@ -201,6 +201,7 @@ def run_dpo(recipe: DPORecipe, extra_callbacks: list | None = None) -> Path:
         "train_seconds": round(seconds, 2),
         **common.peak_memory(trainer.args.device),
         "bf16_autocast": autocast.is_wrapped(trainer.model),  # what model.autocast (auto: by the hardware) chose
+        "attention": autocast.attention_of(trainer.model),  # what attn_implementation (auto: by dtype and device) chose
         "best_checkpoint": trainer.state.best_model_checkpoint,
         **_split_metrics(trainer, test_ds),
     }

@@ -252,6 +252,7 @@ def run_reward(recipe: RewardRecipe, extra_callbacks: list | None = None) -> Pat
         "best_checkpoint": trainer.state.best_model_checkpoint,
         **common.peak_memory(trainer.args.device),
         "bf16_autocast": autocast.is_wrapped(trainer.model),  # what model.autocast (auto: by the hardware) chose
+        "attention": autocast.attention_of(trainer.model),  # what attn_implementation (auto: by dtype and device) chose
         **evaluation,
     }
 

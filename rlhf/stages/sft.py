@@ -106,6 +106,7 @@ def _final_metrics(trainer, result, train_seconds: float, tokens_per_epoch: int)
         "total_parameters": total,
         **common.peak_memory(trainer.args.device),
         "bf16_autocast": autocast.is_wrapped(trainer.model),  # what model.autocast (auto: by the hardware) chose
+        "attention": autocast.attention_of(trainer.model),  # what attn_implementation (auto: by dtype and device) chose
     }
 
 

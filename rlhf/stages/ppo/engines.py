@@ -163,6 +163,13 @@ def build_models(recipe: PPORecipe, tokenizer) -> Models:
     if recipe.reward_dir is not None:
         reward = inference_model(load_scorer(recipe.reward_dir, recipe, pad), recipe, device)
     bf16 = autocast.resolve_autocast(recipe.model.autocast, device)
+    longest = recipe.prompts.max_length + recipe.generation.max_new_tokens
+    kernel = autocast.attention_kernel(
+        recipe.model.attn_implementation, device, bf16 or recipe.train.precision == "bf16", longest
+    )
+    for model in (actor.module, critic.module if critic is not None else None, reference, reward):
+        if model is not None:  # all four alike: rollout, reference and update compute the same way
+            autocast.use_attention(model, kernel)
     return Models(actor, critic, reference, reward, tokenizer, device, bf16, shared_critic=shared)
 
 

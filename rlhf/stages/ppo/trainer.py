@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from rlhf import distributed, handoff
+from rlhf import autocast, distributed, handoff
 from rlhf.checkpoint import parent_ref, write_manifest
 from rlhf.config import to_dict
 from rlhf.config_rl import PPORecipe
@@ -351,6 +351,7 @@ def export(
                 "steps": recipe.train.max_steps,
                 "train_seconds": seconds,
                 "bf16_autocast": m.autocast,  # what model.autocast (auto: by the hardware) chose
+                "attention": autocast.attention_of(m.actor.module),  # what attn_implementation (auto) chose
                 **common.peak_memory(m.device),
                 # the main rank's memory at this process's named points (its first step's phases; under
                 # ZeRO-3 the export's gather lands on this rank): see common.MemoryMarks

@@ -153,3 +153,28 @@ def attention_of(module: nn.Module) -> str | None:
     from transformers import PreTrainedModel
 
     return next((sub.config._attn_implementation for sub in module.modules() if isinstance(sub, PreTrainedModel)), None)
+
+
+def store_frozen_in_bf16(module: nn.Module) -> int:
+    """Store the frozen weights (and biases) of `module`'s linear layers in bf16, in place; returns
+    how many layers changed. For modules that run only under bf16 autocast: autocast casts an fp32
+    weight to bf16 at every call, and caches the cast only for weights that require grad, so a
+    frozen weight (a LoRA base, a reference, a reward model) was cast again for every forward pass
+    and every generated token. Stored in bf16 it computes bit for bit the same (the same cast, made
+    once) in half the memory. Tied weights (an lm_head sharing the embedding matrix) are left as
+    they are, because the embedding lookup is not autocast. A forward pass outside autocast then
+    fails on the dtype instead of computing differently."""
+    uses: dict[int, int] = {}
+    for _, p in module.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    changed = 0
+    for sub in module.modules():
+        if type(sub) is not nn.Linear:
+            continue
+        params = [p for p in (sub.weight, sub.bias) if p is not None]
+        if any(p.requires_grad or p.dtype != torch.float32 or uses.get(id(p), 0) > 1 for p in params):
+            continue
+        for p in params:
+            p.data = p.data.to(torch.bfloat16)
+        changed += 1
+    return changed

@@ -45,6 +45,12 @@ class RLModelConfig:
     rounding. Without such hardware bf16 is emulated and far slower than fp32 (a SmolLM2-135M step
     went from 26 s to over 7 minutes on an AVX2-only CPU), so `auto` turns it on only where the
     device has native bf16 (`rlhf.autocast.native_bf16`) and says which it chose."""
+    frozen_bf16: bool = True
+    """Under autocast (ZeRO 0-2), store the frozen linear weights (LoRA bases, the reference, the
+    reward model) in bf16. Autocast casts them to bf16 at every forward pass and generated token
+    anyway (it caches casts only for weights that train), so they compute bit for bit the same, in
+    half the memory, without the per-call cast (`rlhf.autocast.store_frozen_in_bf16`). A state saved
+    so is not resumed by a run in fp32. false keeps them in fp32."""
 
 
 @dataclass

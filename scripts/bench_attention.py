@@ -84,7 +84,8 @@ def main() -> None:
             cell = {r["kernel"]: r["seconds"] for r in results if r["length"] == length and r["compute"] == compute}
             shape = f"{args.batch}x{length}"
             print(
-                f"{shape:>12} {compute:>14} {cell['sdpa']:8.3f} {cell['eager']:8.3f} {cell['eager'] / cell['sdpa']:10.2f}"
+                f"{shape:>12} {compute:>14} {cell['sdpa']:8.3f} {cell['eager']:8.3f} "
+                f"{cell['eager'] / cell['sdpa']:10.2f}"
             )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -291,3 +291,54 @@ def test_eval_samples_under_autocast_and_scores_without_it(demo_assets, sft_dir,
     assert seen32["sample"] == {False} and seen16["sample"] == {True}
     for name in ("score_responses", "sequence_logprobs", "nll_per_token"):
         assert seen16.get(name) == {False}, (name, seen16)  # called, and outside autocast
+
+
+def test_frozen_weights_in_bf16_compute_bit_for_bit_as_autocast_casts_them(tmp_path):
+    """PPO under autocast stores its frozen linear weights in bf16 (once, instead of a cast at every
+    forward pass and generated token): the same numbers, trainable and tied weights untouched."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        pad_token_id=0,
+    )
+    model = get_peft_model(LlamaForCausalLM(cfg).eval(), LoraConfig(r=4, target_modules="all-linear"))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.1)  # a trained adapter, so that it takes part
+    ids = torch.randint(1, 64, (3, 9))
+    with torch.no_grad(), autocast.context(True, CPU):
+        before = model(input_ids=ids).logits
+    assert autocast.store_frozen_in_bf16(model) == 2 * 7  # q k v o gate up down, per layer
+    with torch.no_grad(), autocast.context(True, CPU):
+        after = model(input_ids=ids).logits
+    assert torch.equal(before, after)
+    dtypes = {n: p.dtype for n, p in model.named_parameters(remove_duplicate=False)}
+    assert all(d == torch.float32 for n, d in dtypes.items() if "lora_" in n)  # trained: fp32 as before
+    assert dtypes["base_model.model.model.layers.0.mlp.down_proj.base_layer.weight"] == torch.bfloat16
+    inner = model.get_base_model()
+    assert inner.lm_head.weight is inner.model.embed_tokens.weight and inner.lm_head.weight.dtype == torch.float32
+    with pytest.raises(RuntimeError):  # outside autocast it fails loudly instead of computing differently
+        model(input_ids=ids)
+
+
+def test_a_state_with_bf16_frozen_weights_is_not_resumed_in_fp32(tmp_path):
+    from rlhf.errors import HandoffError
+    from rlhf.stages.ppo.state import STATE_FILE
+    from rlhf.stages.ppo.trainer import frozen_dtype_matches
+
+    (tmp_path / STATE_FILE).write_text(json.dumps({"step": 3, "frozen_bf16": True}))
+    frozen_dtype_matches(tmp_path, SimpleNamespace(frozen_bf16=True), "fix")  # same run: fine
+    with pytest.raises(HandoffError, match="frozen weights .* stored in bf16.*resume with the same"):
+        frozen_dtype_matches(tmp_path, SimpleNamespace(frozen_bf16=False), "resume with the same model.autocast")
+    (tmp_path / STATE_FILE).write_text(json.dumps({"step": 3}))  # older states, or fp32 runs
+    frozen_dtype_matches(tmp_path, SimpleNamespace(frozen_bf16=False), "fix")
+    frozen_dtype_matches(tmp_path, SimpleNamespace(frozen_bf16=True), "fix")

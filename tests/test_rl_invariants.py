@@ -79,6 +79,7 @@ def test_first_minibatch_ratio_is_one_and_step0_kl_is_zero(demo_assets, sft_dir,
     # attn_implementation auto: eager for bf16 compute on a CPU, sdpa in fp32, all models alike
     kernels = {autocast.attention_of(x) for x in (m.actor.module, m.critic.module, m.reward)}
     assert kernels == {"eager" if variant == "bf16-autocast" else "sdpa"}, (variant, kernels)
+    assert m.frozen_bf16 is (variant == "bf16-autocast")  # the frozen weights stored as autocast casts them
     ro = rollout.make_rollout(m, r, PROMPTS, (0.0, 1.0), 0.05, {})
     mask = ro.response_mask.bool()
     # KL to the reference before any update: the actor *is* the reference (or the adapter is zero).

@@ -64,6 +64,7 @@ class Models:
     device: torch.device
     autocast: bool  # forward passes under bf16 autocast (recipe.model.autocast)
     shared_critic: bool = False  # values come from a head on the actor's trunk (ppo.critic_trunk=shared)
+    frozen_bf16: bool = False  # frozen linear weights stored in bf16 (autocast.store_frozen_in_bf16)
 
     @property
     def has_values(self) -> bool:
@@ -167,10 +168,17 @@ def build_models(recipe: PPORecipe, tokenizer) -> Models:
     kernel = autocast.attention_kernel(
         recipe.model.attn_implementation, device, bf16 or recipe.train.precision == "bf16", longest
     )
+    # Every forward pass of the run is under autocast when bf16 is on, so frozen weights can be
+    # stored as autocast would cast them (not under ZeRO-3: it partitions parameters of one dtype).
+    frozen_bf16 = bf16 and recipe.model.frozen_bf16 and recipe.deepspeed.zero_stage < 3
     for model in (actor.module, critic.module if critic is not None else None, reference, reward):
         if model is not None:  # all four alike: rollout, reference and update compute the same way
             autocast.use_attention(model, kernel)
-    return Models(actor, critic, reference, reward, tokenizer, device, bf16, shared_critic=shared)
+            if frozen_bf16:
+                autocast.store_frozen_in_bf16(model)
+    return Models(
+        actor, critic, reference, reward, tokenizer, device, bf16, shared_critic=shared, frozen_bf16=frozen_bf16
+    )
 
 
 @contextlib.contextmanager

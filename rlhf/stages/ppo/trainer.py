@@ -133,6 +133,7 @@ def _carry(recipe: PPORecipe, m: engines.Models, state: RunState) -> None:
     c = recipe.continue_from
     assert c is not None
     path = continued_state(recipe)
+    frozen_dtype_matches(path, m, "continue with model.autocast on as well")
     carried = [
         (name, engine)
         for name, engine, on in (("actor", m.actor, c.actor), ("critic", m.critic, c.critic))
@@ -165,6 +166,18 @@ def _carry(recipe: PPORecipe, m: engines.Models, state: RunState) -> None:
     )
 
 
+def frozen_dtype_matches(path: Path, m: engines.Models, fix: str) -> None:
+    """A state saved with frozen weights in bf16 (`Models.frozen_bf16`) holds them rounded: loaded
+    into a run that computes in fp32, its reference and LoRA bases would no longer be the models it
+    names. Refused with a HandoffError saying `fix`. The other way round (fp32 state, bf16 run)
+    rounds them exactly as the run itself does, and is allowed."""
+    if json.loads((path / STATE_FILE).read_text()).get("frozen_bf16", False) and not m.frozen_bf16:
+        raise HandoffError(
+            f"{path} was saved by a run under bf16 autocast, with its frozen weights (LoRA bases, reference, "
+            f"reward model) stored in bf16, and this run computes in fp32 (model.autocast resolved off); {fix}"
+        )
+
+
 def resume(recipe: PPORecipe, m: engines.Models, checkpoints: Path, code: CodeRewards | None = None) -> RunState:
     """The newest complete state when `resume: auto` finds one; else what continue_from carries
     (see ContinueFrom); else a fresh start."""
@@ -181,6 +194,7 @@ def resume(recipe: PPORecipe, m: engines.Models, checkpoints: Path, code: CodeRe
             f"(ppo.critic_trunk=shared), and this recipe's actor has {'none' if had_head else 'one'}; resume "
             "with the recipe that made it, or start over with resume=never (or another output_dir)"
         )
+    frozen_dtype_matches(states[-1][1], m, "resume with the same model.autocast, or start over with resume=never")
     saved = load_state(states[-1][1], m.actor, m.critic)
     state.start_step, state.bad_steps = saved["step"], saved["bad_steps"]
     state.kl_ctl.load_state_dict(saved["kl_controller"])
@@ -352,6 +366,7 @@ def export(
                 "train_seconds": seconds,
                 "bf16_autocast": m.autocast,  # what model.autocast (auto: by the hardware) chose
                 "attention": autocast.attention_of(m.actor.module),  # what attn_implementation (auto) chose
+                "frozen_weights_bf16": m.frozen_bf16,  # stored as autocast casts them (bit-identical compute)
                 **common.peak_memory(m.device),
                 # the main rank's memory at this process's named points (its first step's phases; under
                 # ZeRO-3 the export's gather lands on this rank): see common.MemoryMarks
@@ -415,7 +430,7 @@ def _train(
         # 8. Save the full state every train.save_steps and at the end.
         stop = bool(on_step_end and on_step_end(step + 1, metrics))
         if (step + 1) % recipe.train.save_steps == 0 or step + 1 == recipe.train.max_steps or stop:
-            saved = {**state.saved(), "value_head": m.shared_critic}
+            saved = {**state.saved(), "value_head": m.shared_critic, "frozen_bf16": m.frozen_bf16}
             save_state(dirs.checkpoints, step + 1, m.actor, m.critic, saved, recipe.keep_checkpoints)
             marks.mark("checkpoint")
         if stop:
